@@ -1,0 +1,36 @@
+"""Install the R1 recipe: the top-level packages and the train.py CLI.
+
+Install the CPU build of torch first (`pip install torch==2.13.0`) or a CUDA build of the same
+version on GPU machines; an unpinned torch requirement would otherwise pull the newest CUDA wheel.
+"""
+from setuptools import setup
+
+PACKAGES = ["model", "kernels", "sampling", "evaluation", "verify", "sft", "rl", "data", "runtime"]
+
+setup(
+    name="r1-recipe",
+    version="0.1.0",
+    description="The DeepSeek-R1 recipe (GRPO, cold-start SFT, rejection sampling, distillation, "
+                "evaluation) as one readable PyTorch codebase",
+    python_requires=">=3.10",
+    packages=PACKAGES,
+    py_modules=["train"],
+    install_requires=[
+        "torch>=2.6",
+        'triton>=3.2; platform_system == "Linux"',
+        "safetensors>=0.4",
+        "tokenizers>=0.20",
+        "numpy>=1.26",
+        "sympy>=1.13",
+        "lark>=1.1",  # backend of sympy's LaTeX parser, used by verify/
+        "jinja2>=3.1",  # checkpoints' own chat templates
+    ],
+    extras_require={
+        # transformers is a test oracle only: no package code imports it
+        "test": ["pytest>=8", "transformers>=4.50"],
+        # side-by-side comparisons in bench/
+        "bench": ["transformers>=4.50", "trl>=0.20"],
+        "plot": ["matplotlib>=3.8"],
+    },
+    entry_points={"console_scripts": ["r1-train=train:main"]},
+)
