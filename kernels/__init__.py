@@ -1,4 +1,15 @@
-"""Triton kernels, each with a plain-torch twin (the spec, the CPU path and the test oracle): fused token log-probs, the GRPO per-token objective, flash attention, RMSNorm.
+"""Triton kernels, each with a plain-torch twin (the spec, the CPU path and the test oracle).
 
-Not built yet: the kernels issue adds token_logprobs, grpo_token_loss, flash_attention and rms_norm here.
+Public functions (autograd-aware; the backend is chosen per call by KERNELS_BACKEND=auto|triton|torch,
+see kernels.backend: auto runs Triton on CUDA tensors and the torch twin on CPU tensors):
+
+    rms_norm(x[..., D], weight[D], eps=1e-6) -> y[..., D]                         kernels/norm.py
+
+Each module holds, in order: jit kernels, host launchers, the autograd.Function, the torch twin
+(`<name>_torch`), the Triton entry point (`<name>_triton`), the public function, and
+`compile_specs()` (the launch configurations that `python -m kernels.compile_check` builds for a
+GPU target without a GPU). This package imports only torch and triton.
 """
+from kernels.norm import rms_norm
+
+__all__ = ["rms_norm"]
