@@ -3,6 +3,8 @@
 Public functions (autograd-aware; the backend is chosen per call by KERNELS_BACKEND=auto|triton|torch,
 see kernels.backend: auto runs Triton on CUDA tensors and the torch twin on CPU tensors):
 
+    token_logprobs(hidden[N, D], weight[V, D], targets[N], temperature=1.0, with_entropy=False)
+        -> logp[N] fp32 (, entropy[N] fp32); never holds [N, V] logits          kernels/logprobs.py
     rms_norm(x[..., D], weight[D], eps=1e-6) -> y[..., D]                         kernels/norm.py
 
 Each module holds, in order: jit kernels, host launchers, the autograd.Function, the torch twin
@@ -10,6 +12,7 @@ Each module holds, in order: jit kernels, host launchers, the autograd.Function,
 `compile_specs()` (the launch configurations that `python -m kernels.compile_check` builds for a
 GPU target without a GPU). This package imports only torch and triton.
 """
+from kernels.logprobs import token_logprobs
 from kernels.norm import rms_norm
 
-__all__ = ["rms_norm"]
+__all__ = ["token_logprobs", "rms_norm"]

@@ -38,9 +38,9 @@ class CompileSpec:
 
 
 def all_specs() -> list[CompileSpec]:
-    from kernels import norm
+    from kernels import logprobs, norm
     specs = []
-    for module in (norm,):
+    for module in (norm, logprobs):
         specs.extend(module.compile_specs())
     return specs
 
