@@ -5,6 +5,9 @@ see kernels.backend: auto runs Triton on CUDA tensors and the torch twin on CPU 
 
     token_logprobs(hidden[N, D], weight[V, D], targets[N], temperature=1.0, with_entropy=False)
         -> logp[N] fp32 (, entropy[N] fp32); never holds [N, V] logits          kernels/logprobs.py
+    grpo_token_loss(log_ratio, advantages, mask, *, eps_low=0.2, eps_high=0.2, dual_clip=None, beta=0.0,
+                    logp=None, ref_logp=None, kl_estimator="k3", is_weight=None)
+        -> GRPOTokenLoss(loss, clipped_low, clipped_high, clipped_dual, kl), per token  kernels/grpo_loss.py
     rms_norm(x[..., D], weight[D], eps=1e-6) -> y[..., D]                         kernels/norm.py
 
 Each module holds, in order: jit kernels, host launchers, the autograd.Function, the torch twin
@@ -12,7 +15,8 @@ Each module holds, in order: jit kernels, host launchers, the autograd.Function,
 `compile_specs()` (the launch configurations that `python -m kernels.compile_check` builds for a
 GPU target without a GPU). This package imports only torch and triton.
 """
+from kernels.grpo_loss import GRPOTokenLoss, grpo_token_loss
 from kernels.logprobs import token_logprobs
 from kernels.norm import rms_norm
 
-__all__ = ["token_logprobs", "rms_norm"]
+__all__ = ["token_logprobs", "grpo_token_loss", "GRPOTokenLoss", "rms_norm"]

@@ -38,9 +38,9 @@ class CompileSpec:
 
 
 def all_specs() -> list[CompileSpec]:
-    from kernels import logprobs, norm
+    from kernels import grpo_loss, logprobs, norm
     specs = []
-    for module in (norm, logprobs):
+    for module in (norm, logprobs, grpo_loss):
         specs.extend(module.compile_specs())
     return specs
 

@@ -13,7 +13,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 # the kernels the package must build, each in all three dtypes
-EXPECTED = {"rms_norm_fwd", "rms_norm_bwd", "token_logprobs_lse_tile", "token_logprobs_dz_tile"}
+EXPECTED = {"rms_norm_fwd", "rms_norm_bwd", "token_logprobs_lse_tile", "token_logprobs_dz_tile",
+            "grpo_token_loss_fwd", "grpo_token_loss_bwd"}
 
 
 def test_all_kernels_compile_for_sm90():
