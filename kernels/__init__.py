@@ -5,6 +5,9 @@ see kernels.backend: auto runs Triton on CUDA tensors and the torch twin on CPU 
 
     token_logprobs(hidden[N, D], weight[V, D], targets[N], temperature=1.0, with_entropy=False)
         -> logp[N] fp32 (, entropy[N] fp32); never holds [N, V] logits          kernels/logprobs.py
+    flash_attention(q[B, T, H, Dqk], k[B, S, Hkv, Dqk], v[B, S, Hkv, Dv], causal=True, softmax_scale=None,
+                    cu_seqlens=None) -> o[B, T, H, Dv]; packed [total, heads, dim] with cu_seqlens;
+        causal mask aligned bottom-right when T < S                             kernels/attention.py
     grpo_token_loss(log_ratio, advantages, mask, *, eps_low=0.2, eps_high=0.2, dual_clip=None, beta=0.0,
                     logp=None, ref_logp=None, kl_estimator="k3", is_weight=None)
         -> GRPOTokenLoss(loss, clipped_low, clipped_high, clipped_dual, kl), per token  kernels/grpo_loss.py
@@ -15,8 +18,9 @@ Each module holds, in order: jit kernels, host launchers, the autograd.Function,
 `compile_specs()` (the launch configurations that `python -m kernels.compile_check` builds for a
 GPU target without a GPU). This package imports only torch and triton.
 """
+from kernels.attention import flash_attention
 from kernels.grpo_loss import GRPOTokenLoss, grpo_token_loss
 from kernels.logprobs import token_logprobs
 from kernels.norm import rms_norm
 
-__all__ = ["token_logprobs", "grpo_token_loss", "GRPOTokenLoss", "rms_norm"]
+__all__ = ["token_logprobs", "flash_attention", "grpo_token_loss", "GRPOTokenLoss", "rms_norm"]

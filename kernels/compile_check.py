@@ -38,9 +38,9 @@ class CompileSpec:
 
 
 def all_specs() -> list[CompileSpec]:
-    from kernels import grpo_loss, logprobs, norm
+    from kernels import attention, grpo_loss, logprobs, norm
     specs = []
-    for module in (norm, logprobs, grpo_loss):
+    for module in (norm, logprobs, grpo_loss, attention):
         specs.extend(module.compile_specs())
     return specs
 

@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # the kernels the package must build, each in all three dtypes
 EXPECTED = {"rms_norm_fwd", "rms_norm_bwd", "token_logprobs_lse_tile", "token_logprobs_dz_tile",
-            "grpo_token_loss_fwd", "grpo_token_loss_bwd"}
+            "grpo_token_loss_fwd", "grpo_token_loss_bwd"} | {
+    f"flash_attention_{k}_{d}" for k in ("fwd", "bwd_dkdv", "bwd_dq") for d in ("128x128", "192x128", "64x64")}
 
 
 def test_all_kernels_compile_for_sm90():
