@@ -26,13 +26,10 @@ are padded to the next one with masked loads (192 runs as 256).
 Layout: jit kernels, host launchers, autograd.Function, the torch twin, the public functions,
 compile_specs().
 """
-import math
-
 import torch
-import triton
-import triton.language as tl
 
 from kernels.backend import use_triton
+from kernels.triton_import import tl, triton
 
 LOG2E = 1.4426950408889634
 

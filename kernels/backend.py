@@ -7,12 +7,16 @@
                             interpreter, what the kernel tests use).
     KERNELS_BACKEND=torch   always the plain-torch twin (the spec), on any device.
 
+Without Triton installed (it ships for Linux only), auto always picks the torch twins.
+
 The variable is read on every call, so a test or a benchmark can switch it with monkeypatch or
 os.environ without re-importing anything.
 """
 import os
 
 import torch
+
+from kernels.triton_import import HAVE_TRITON
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -31,7 +35,10 @@ def use_triton(x: torch.Tensor) -> bool:
     if name == "torch":
         return False
     if name == "auto":
-        return x.is_cuda
+        return x.is_cuda and HAVE_TRITON
+    if not HAVE_TRITON:
+        raise ValueError("KERNELS_BACKEND=triton but Triton is not installed (it ships for Linux); "
+                         "use KERNELS_BACKEND=auto or torch")
     if not x.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
         raise ValueError(
             f"KERNELS_BACKEND=triton got a tensor on {x.device}: Triton runs on CUDA tensors, or on CPU "

@@ -31,10 +31,9 @@ public functions, compile_specs().
 from typing import NamedTuple
 
 import torch
-import triton
-import triton.language as tl
 
 from kernels.backend import use_triton
+from kernels.triton_import import tl, triton
 
 LOG_RATIO_CLAMP = 20.0
 KL_ESTIMATORS = {"k1": 1, "k2": 2, "k3": 3}

@@ -31,10 +31,9 @@ Layout: jit kernels (the two row-wise tile passes), host launchers, the chunk lo
 paths, the autograd.Function, the public functions, compile_specs().
 """
 import torch
-import triton
-import triton.language as tl
 
 from kernels.backend import use_triton
+from kernels.triton_import import tl, triton
 
 # default tile: C * Vb <= TILE_ELEMENTS (64 MiB of fp32 logits); Vb <= VOCAB_BLOCK
 TILE_ELEMENTS = 1 << 24

@@ -16,10 +16,9 @@ dweight per program; the partials are summed on the host (deterministic, no atom
 Layout: jit kernels, host launchers, autograd.Function, the torch twin, the public function.
 """
 import torch
-import triton
-import triton.language as tl
 
 from kernels.backend import use_triton
+from kernels.triton_import import tl, triton
 
 
 # ---------------------------------------------------------------- jit kernels
