@@ -118,35 +118,49 @@ def _dz_tile_triton(z, targets, lse, ez, g_lp, g_ent, row0, v0, inv_temp):
 
 
 def _lse_tile_torch(z, targets, state, row0, v0, inv_temp):
-    """The spec of _lse_tile_kernel: the same online update, a whole tile at a time."""
+    """The spec of _lse_tile_kernel: the same online update, a whole tile at a time. The tile is a
+    scratch buffer and is overwritten (in-place passes keep the CPU path close to memory speed)."""
     m, s, a, zt = (x[row0:row0 + z.shape[0]] for x in state)  # views into the [N] state
-    zs = z.float() * inv_temp                                  # [C, Vb]
-    m_new = torch.maximum(m, zs.max(dim=1).values)             # [C]
+    zs = z if z.dtype == torch.float32 else z.float()          # [C, Vb]
+    if inv_temp != 1.0:
+        zs.mul_(inv_temp)
+    t = targets[row0:row0 + z.shape[0]] - v0
+    rows = ((t >= 0) & (t < z.shape[1])).nonzero().squeeze(1)
+    target_logit = zs[rows, t[rows]]                           # before zs is shifted below
+    m_new = torch.maximum(m, zs.amax(dim=1))                   # [C]
     scale = torch.exp(m - m_new)
-    zs -= m_new[:, None]                                       # z - m_new
+    zs.sub_(m_new[:, None])                                    # z - m_new
     e = torch.exp(zs)
     shift = s * torch.where(s > 0, m - m_new, torch.zeros_like(s))  # s == 0 while m = -inf
-    a.copy_(scale * (a + shift) + (e * zs).sum(dim=1))
+    a.copy_(scale * (a + shift) + torch.linalg.vecdot(e, zs))  # sum_j e_j (z_j - m_new)
     s.copy_(s * scale + e.sum(dim=1))
     m.copy_(m_new)
-    t = targets[row0:row0 + z.shape[0]] - v0
-    here = (t >= 0) & (t < z.shape[1])
-    rows = here.nonzero().squeeze(1)
-    zt[rows] = zs[rows, t[rows]] + m_new[rows]
+    zt[rows] = target_logit
 
 
 def _dz_tile_torch(z, targets, lse, ez, g_lp, g_ent, row0, v0, inv_temp):
-    """The spec of _dz_tile_kernel; returns dz [C, Vb] in z's dtype."""
+    """The spec of _dz_tile_kernel: overwrites the tile z with dz (in z's dtype) and returns it.
+
+    dz = p * (-g_logp - g_ent * (z - E[z])) + g_logp * onehot, all divided by the temperature;
+    written as p * (c - g_ent * z) with the per-row constant c = -g_logp + g_ent * E[z].
+    """
     rows = slice(row0, row0 + z.shape[0])
-    zs = z.float() * inv_temp                                  # [C, Vb]
-    p = torch.exp(zs - lse[rows, None])
-    dz = p * (-g_lp[rows, None])
+    zs = z if z.dtype == torch.float32 else z.float()          # [C, Vb]
+    if inv_temp != 1.0:
+        zs.mul_(inv_temp)
+    g = g_lp[rows] * inv_temp                                  # [C]
     if g_ent is not None:
-        dz -= g_ent[rows, None] * p * (zs - ez[rows, None])
+        ge = g_ent[rows] * inv_temp
+        coef = torch.addcmul((ez[rows] * ge - g)[:, None], zs, ge[:, None], value=-1.0)  # c - g_ent * z
+        zs.sub_(lse[rows, None]).exp_().mul_(coef)             # p * coef
+    else:
+        zs.sub_(lse[rows, None]).exp_().mul_(-g[:, None])      # -g_logp * p
     t = targets[rows] - v0
     here = ((t >= 0) & (t < z.shape[1])).nonzero().squeeze(1)
-    dz[here, t[here]] += g_lp[rows][here]
-    return (dz * inv_temp).to(z.dtype)
+    zs[here, t[here]] += g[here]
+    if zs is not z:
+        z.copy_(zs)
+    return z
 
 
 # ---------------------------------------------------------------- chunk loop (both paths)
@@ -157,16 +171,23 @@ def _chunks(N: int, V: int, chunk_tokens, chunk_vocab) -> tuple[int, int]:
     return C, Vb
 
 
+def _logits_tile(buf, h, w):
+    """h [c, D] @ w [vb, D].T into the reused scratch buffer (no fresh [c, vb] allocation per tile)."""
+    z = buf[:h.shape[0] * w.shape[0]].view(h.shape[0], w.shape[0])
+    return torch.matmul(h, w.T, out=z)
+
+
 def _forward(hidden, weight, targets, inv_temp, C, Vb, tri):
     N, V = hidden.shape[0], weight.shape[0]
     f32 = dict(dtype=torch.float32, device=hidden.device)
     state = (torch.full((N,), float("-inf"), **f32), torch.zeros(N, **f32), torch.zeros(N, **f32),
              torch.zeros(N, **f32))  # m, s, a, target logit
     tile_pass = _lse_tile_triton if tri else _lse_tile_torch
+    buf = torch.empty(min(C, N) * min(Vb, V), dtype=hidden.dtype, device=hidden.device)
     for r0 in range(0, N, C):
         h = hidden[r0:r0 + C]                                  # [C, D]
         for v0 in range(0, V, Vb):
-            z = h @ weight[v0:v0 + Vb].T                       # [C, Vb] raw logits, inputs' dtype
+            z = _logits_tile(buf, h, weight[v0:v0 + Vb])       # [C, Vb] raw logits, inputs' dtype
             tile_pass(z, targets, state, r0, v0, inv_temp)
     m, s, a, zt = state
     lse = m + torch.log(s)
@@ -183,12 +204,13 @@ def _backward(hidden, weight, targets, lse, ez, g_lp, g_ent, inv_temp, C, Vb, tr
     d_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device)
     dz_pass = _dz_tile_triton if tri else _dz_tile_torch
     same = hidden.dtype == acc
+    buf = torch.empty(min(C, N) * min(Vb, V), dtype=hidden.dtype, device=hidden.device)
     for r0 in range(0, N, C):
         h = hidden[r0:r0 + C]                                  # [C, D]
         dh = d_hidden[r0:r0 + C]
         for v0 in range(0, V, Vb):
             w = weight[v0:v0 + Vb]                             # [Vb, D]
-            dz = dz_pass(h @ w.T, targets, lse, ez, g_lp, g_ent, r0, v0, inv_temp)  # [C, Vb]
+            dz = dz_pass(_logits_tile(buf, h, w), targets, lse, ez, g_lp, g_ent, r0, v0, inv_temp)  # [C, Vb]
             if same:  # fp32: accumulate straight into the gradients
                 dh.addmm_(dz, w)
                 d_weight[v0:v0 + Vb].addmm_(dz.T, h)
