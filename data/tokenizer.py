@@ -225,7 +225,9 @@ class Tokenizer:
             if backend.token_to_id(entry["content"]) is None:
                 backend.add_tokens([_added_token(entry)])
         extra = config.get("additional_special_tokens") or config.get("extra_special_tokens") or []
-        extra = extra if isinstance(extra, list) else []
+        extra = list(extra.values()) if isinstance(extra, dict) else extra  # v5 may name them
+        if not isinstance(extra, list):
+            raise ValueError(f"{config_file}: 'additional_special_tokens' must be a list of tokens")
         for content in list(named.values()) + [_token_content(t, config_file, "additional_special_tokens")
                                                for t in extra]:
             if content is not None and backend.token_to_id(content) is None:

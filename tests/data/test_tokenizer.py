@@ -251,7 +251,7 @@ def test_config_variants_match_transformers(trained, tmp_path):
                      "pad_token": None, "chat_template": templates, "add_bos_token": True, "add_eos_token": True},
                     {}),
         "flags off": ({"bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "add_bos_token": False,
-                       "add_eos_token": True}, {}),
+                       "add_eos_token": True, "additional_special_tokens": ["<|extra|>"]}, {}),
         # legacy: no added_tokens_decoder, so special_tokens_map.json overrides the config's names
         "legacy map": ({"bos_token": BOS_TOKEN, "eos_token": "<|pad|>"},
                        {"special_tokens_map__json": {"eos_token": {"content": EOS_TOKEN}, "pad_token": PAD_TOKEN}}),
@@ -268,10 +268,13 @@ def test_config_variants_match_transformers(trained, tmp_path):
             (oracle.bos_token, oracle.eos_token, oracle.pad_token), name
         expected_template = oracle.get_chat_template() if oracle.chat_template is not None else None
         assert ours.chat_template == expected_template, name
-        for text in SAMPLES[1:5]:
+        assert ours.vocab_size == len(oracle), name
+        for text in SAMPLES[1:5] + ["x<|extra|>y"]:
             assert ours.encode(text, add_special_tokens=True) == oracle(text)["input_ids"], name
             assert ours.encode(text) == oracle(text, add_special_tokens=False)["input_ids"], name
     assert Tokenizer.from_pretrained(tmp_path / "case2").eos_token == EOS_TOKEN
+    extra = Tokenizer.from_pretrained(tmp_path / "case1")
+    assert extra.vocab_size == trained.vocab_size + 1 and extra.token_to_id("<|extra|>") in extra.special_ids
     for k in (0, 1):  # the post-processor of tokenizer.json (bos only) is what counts
         assert Tokenizer.from_pretrained(tmp_path / f"case{k}").encode("hi", add_special_tokens=True) == \
             [trained.bos_id] + trained.encode("hi")
