@@ -487,6 +487,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--min-frequency", type=int, default=2, help="least count of a pair to merge it")
     p.add_argument("--chat-template", default="r1-zero", help="r1-zero | chatml | path to a Jinja file")
+    p.add_argument("--force", action="store_true", help="replace the tokenizer files already in --out")
     p = sub.add_parser("encode", help="print the tokens of a text")
     p.add_argument("--tokenizer", required=True, help="tokenizer directory")
     p.add_argument("text")
@@ -494,6 +495,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "train":
+            existing = Path(args.out) / "tokenizer.json"
+            if existing.exists() and not args.force:
+                # a model trained with the old tokenizer would silently decode garbage with a new one
+                raise ValueError(f"{existing} already exists: refusing to replace it (pass --force)")
             template = _chat_template_arg(args.chat_template)
             n_docs = 0
 

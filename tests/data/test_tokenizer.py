@@ -359,6 +359,14 @@ def test_cli_trains_and_saves(tmp_path):
                  "--chat-template", "chatml"]) == 0
     assert Tokenizer.from_pretrained(tmp_path / "tok3").chat_template == CHATML_TEMPLATE
 
+    # an existing tokenizer is never replaced without --force
+    before = (out / "tokenizer.json").read_bytes()
+    run = _run_cli("train", "--data", data, "--vocab-size", 300, "--out", out)
+    assert run.returncode == 1 and "already exists: refusing to replace it (pass --force)" in run.stderr
+    assert (out / "tokenizer.json").read_bytes() == before
+    assert main(["train", "--data", str(data), "--vocab-size", "300", "--out", str(out), "--force"]) == 0
+    assert Tokenizer.from_pretrained(out).vocab_size <= 300
+
 
 def test_cli_reports_malformed_lines(tmp_path, capsys):
     data = tmp_path / "bad.jsonl"
