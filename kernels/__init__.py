@@ -15,8 +15,11 @@ see kernels.backend: auto runs Triton on CUDA tensors and the torch twin on CPU 
 
 Each module holds, in order: jit kernels, host launchers, the autograd.Function, the torch twin
 (`<name>_torch`), the Triton entry point (`<name>_triton`), the public function, and
-`compile_specs()` (the launch configurations that `python -m kernels.compile_check` builds for a
-GPU target without a GPU). This package imports only torch and triton.
+`compile_specs()`, the launch configurations that `python -m kernels.compile_check` builds for a
+GPU target without a GPU (sm_90 by default). `python -m kernels.bench [name]` times the twins
+against Triton (and flash-attn / Liger when installed on a GPU). kernels.triton_import lets the
+package load, and the torch twins run, where Triton is not installed. This package imports only
+torch and triton.
 """
 from kernels.attention import flash_attention
 from kernels.grpo_loss import GRPOTokenLoss, grpo_token_loss
