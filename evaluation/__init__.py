@@ -1,4 +1,5 @@
 """Accuracy, pass@k and maj@k of a model on a problem set, used during training and by the eval stage.
 
-Not built yet: the sampling/evaluation issue adds evaluate() here.
+Built so far: evaluation.metrics (pass@1, unbiased pass@k, maj@k with answers grouped by an
+equivalence callback). The sampling/evaluation issue adds evaluate() here.
 """
