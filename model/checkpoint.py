@@ -240,7 +240,8 @@ def load_pretrained(path, dtype: torch.dtype = torch.float32, device="cpu", *, s
         model = Transformer(config)
     model.to(dtype)
     expected = model.state_dict(keep_vars=True)  # name -> meta tensor, shapes and dtypes only
-    plan = _plan_load(model, config, expected, files, located, block, strict)
+    declared_mtp = raw_config.get("num_nextn_predict_layers", raw_config.get("num_mtp_layers")) or 0
+    plan = _plan_load(config, declared_mtp, expected, files, located, block, strict)
 
     model.to_empty(device=device)
     if plan.uninitialised:
@@ -258,7 +259,7 @@ def load_pretrained(path, dtype: torch.dtype = torch.float32, device="cpu", *, s
                         _read_fp8(file, f, name, scale, block, expected[name].data, staging)
                     else:
                         _read_tensor(file, f, name, expected[name].data, staging)
-    _reset_buffers(model)
+    _finish(model)
     return model.eval()
 
 
@@ -309,7 +310,8 @@ def _fp8_block_size(raw_config: dict, source: Path) -> tuple[int, int]:
     return tuple(block)
 
 
-def _plan_load(model, config: ModelConfig, expected: dict, files, located: dict, block, strict: bool) -> _LoadPlan:
+def _plan_load(config: ModelConfig, declared_mtp: int, expected: dict, files, located: dict, block,
+               strict: bool) -> _LoadPlan:
     """Match checkpoint tensors to the model's state dict before anything is allocated, so every
     naming or shape problem is reported at once, cheaply."""
     plan = _LoadPlan()
@@ -327,14 +329,25 @@ def _plan_load(model, config: ModelConfig, expected: dict, files, located: dict,
     unpaired = sorted(n for n in scale_names if n.removesuffix("_scale_inv") not in plan.fp8_scales)
     loaded = {n: f for n, f in ckpt.items() if n not in scale_names or n in unpaired}
 
-    # Names that alias one tensor (tied embeddings) need only one of them on disk.
+    # MTP modules that config_overrides removed (fewer num_nextn_predict_layers than config.json
+    # declares): their tensors are skipped, as transformers skips DeepSeek-V3's.
+    first_dropped = config.num_hidden_layers + config.num_nextn_predict_layers
+    dropped = tuple(f"model.layers.{i}." for i in range(first_dropped, config.num_hidden_layers + declared_mtp))
+    if dropped:
+        loaded = {n: f for n, f in loaded.items() if not n.startswith(dropped)}
+
+    # Names of one shared tensor (tied embeddings; the MTP modules' embed_tokens and shared_head.head)
+    # need only one of them on disk; the first present in state-dict order is read, the others skipped.
     aliases: dict[int, list[str]] = {}
     for name, t in expected.items():
         aliases.setdefault(id(t), []).append(name)
     missing = []
     for names in aliases.values():
-        if not any(n in loaded for n in names):
+        present = [n for n in names if n in loaded]
+        if not present:
             missing += names
+        for n in present[1:]:
+            del loaded[n]
     unexpected = sorted(n for n in loaded if n not in expected)
 
     # MTP modules: published checkpoints hold them, transformers-saved ones do not.
@@ -451,13 +464,14 @@ def _init_weights(model) -> None:
         init()
 
 
-def _reset_buffers(model) -> None:
-    """Recompute the non-persistent buffers (rope caches), which to_empty left uninitialised."""
-    reset = getattr(model, "reset_buffers", None)
-    if reset is None:
-        raise TypeError(f"{type(model).__name__} has no reset_buffers() method, needed after loading to "
-                        f"recompute the rope caches")
-    reset()
+def _finish(model) -> None:
+    """Rebuild what to_empty cannot: the rope tables (model.rope, not a buffer), whose frequencies
+    were computed on the meta device; then check that no tensor was left on meta."""
+    from model.rope import RotaryEmbedding
+
+    model.rope = RotaryEmbedding(model.config)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    assert not left, f"tensors left on the meta device after loading: {left[:10]}"
 
 
 # ================================================================================================
@@ -510,7 +524,9 @@ def save_pretrained(model, path, tokenizer=None, *, max_shard_bytes: int = DEFAU
                     pass
         if rank == 0:
             if len(shards) > 1:
-                _write_json(tmp / INDEX_FILE, {"metadata": {"total_size": total}, "weight_map": weight_map})
+                n_params = sum(math.prod(shape) for _, _, shape in specs)
+                _write_json(tmp / INDEX_FILE, {"metadata": {"total_parameters": n_params, "total_size": total},
+                                               "weight_map": weight_map})
             stored = dtype or _main_dtype(specs)
             hf = config.to_hf_config()
             hf["torch_dtype"] = hf["dtype"] = str(stored).removeprefix("torch.")
