@@ -208,7 +208,15 @@ class RewardPool:
             groups = prompt_groups(n, columns) if getattr(fn, "groupwise", False) else [[i] for i in range(n)]
             units += [(name, spec, idx) for idx in groups if idx]
         results = {name: [None] * n for name in named}
-        self._run(units, completions, columns, results)
+        try:
+            self._run(units, completions, columns, results)
+        except BaseException:
+            # Interrupted mid-batch (Ctrl-C, a worker that failed to start): a busy worker would answer
+            # a unit of this batch during the next one, so replace every busy worker.
+            for w in list(self._workers):
+                if w.unit is not None:
+                    self._replace(w)
+            raise
         return results
 
     @staticmethod
@@ -230,18 +238,22 @@ class RewardPool:
         pending = deque(range(len(units)))
         errors: list[str] = []
 
-        def settle(unit_id: int, values: list, failed: str | None = None) -> None:
-            name, spec, idx = units[unit_id]
-            if failed is not None:   # a timeout or a crash: every completion of the unit gets the timeout value
-                value = getattr(get_reward(spec), "timeout_reward", None)
-                values = [value] * len(idx)
-                setattr(self.stats, failed, getattr(self.stats, failed) + len(idx))
-                if failed == "timeouts":
-                    self.stats.timeouts_by_reward[name] += len(idx)
+        def settle(unit_id: int, values: list) -> None:
+            name, _, idx = units[unit_id]
             for i, v in zip(idx, values):
                 results[name][i] = v
             self.stats.units += 1
             self.stats.items += len(idx)
+
+        def fail(unit_id: int, timed_out: bool) -> None:
+            """A timeout or a crash: every completion of the unit gets the reward's timeout value."""
+            name, spec, idx = units[unit_id]
+            if timed_out:
+                self.stats.timeouts += len(idx)
+                self.stats.timeouts_by_reward[name] += len(idx)
+            else:
+                self.stats.crashes += len(idx)
+            settle(unit_id, [getattr(get_reward(spec), "timeout_reward", None)] * len(idx))
 
         while True:
             now = time.monotonic()
@@ -269,7 +281,7 @@ class RewardPool:
                         raise RuntimeError(f"reward worker {w.process.pid} exited (code {w.process.exitcode}) "
                                            f"while starting; can it import verify.pool and the preload modules?")
                     if w.unit is not None:
-                        settle(w.unit, [], failed="crashes")
+                        fail(w.unit, timed_out=False)
                     self._replace(w)
                     continue
                 if message[0] == "ready":
@@ -287,7 +299,7 @@ class RewardPool:
             now = time.monotonic()
             for w in list(self._workers):
                 if w.unit is not None and now >= w.deadline:
-                    settle(w.unit, [], failed="timeouts")
+                    fail(w.unit, timed_out=True)
                     self._replace(w)
                 elif not w.ready and now >= w.started + self.start_timeout_s:
                     raise RuntimeError(f"reward worker {w.process.pid} did not start within {self.start_timeout_s} s")

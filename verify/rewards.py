@@ -48,6 +48,7 @@ module stays cheap (no sympy) and the shape rewards work without them.
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import itertools
 import math
@@ -363,6 +364,7 @@ _SCRIPT_RANGES = (
 _UNSPACED = ("cjk", "thai")   # scripts written without spaces: every character counts as a word
 
 
+@functools.lru_cache(maxsize=4096)
 def _script_of(ch: str) -> str:
     code = ord(ch)
     for lo, hi, script in _SCRIPT_RANGES:

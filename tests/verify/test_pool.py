@@ -107,7 +107,7 @@ def test_hung_item_times_out_and_worker_is_replaced(helper):
         got = pool.score([f"{helper}:sleepy"], completions)
         elapsed = time.monotonic() - start
         assert got == {f"{helper}:sleepy": [1.0, 2.0, None, 3.0, 4.0, 5.0]}   # None: the reward's timeout value
-        assert elapsed < timeout + 1.5, f"batch took {elapsed:.2f} s with a {timeout} s timeout"
+        assert elapsed < timeout + 2.0, f"batch took {elapsed:.2f} s with a {timeout} s timeout"
         assert pool.stats.timeouts == 1 and pool.stats.restarts == 1
         assert pool.stats.timeouts_by_reward == {f"{helper}:sleepy": 1}
         after = pool.pids
