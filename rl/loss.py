@@ -28,8 +28,9 @@ with each):
     Dr. GRPO (Liu et al. 2025, "Understanding R1-Zero-Like Training"): agg="seq_mean_token_sum_norm"
         with max_tokens = the generation budget, advantages scale="none", beta=0.
     GSPO (Zheng et al. 2025): ratio_level="sequence", agg="seq_mean_token_mean", eps_low=3e-4,
-        eps_high=4e-4 (the paper's ranges: a sequence ratio is a geometric mean, so it sits much
-        closer to 1 than token ratios do), beta=0.
+        eps_high=4e-4 (the paper's ranges, section 5.1 of v2: a sequence ratio is a geometric mean of
+        token ratios, so it sits much closer to 1 and needs a far narrower clip), beta=0. Like every
+        ratio, it only departs from 1 once training is off-policy (several updates per rollout batch).
     Dual clip (Ye et al. 2020): dual_clip=c (e.g. 3.0) bounds the loss of negative-advantage tokens
         whose ratio exceeds c by -c * A.
     TIS (Yao et al. 2025, "Your efficient RL framework secretly brings you off-policy RL training"):
@@ -40,12 +41,12 @@ GSPO's sequence ratio. s_i = exp(sum_t m_it (logp_it - old_logp_it) / |o_i|), an
 log r_it = sg(log s_i) + logp_it - sg(logp_it) (sg = stop gradient): GSPO-token's form, equal to s_i in
 value, with d r_it / d logp_it = s_i. With per-sequence advantages and seq_mean_token_mean this has
 exactly GSPO's value and gradient, -(1/S) sum_i A_i s_i (1/|o_i|) sum_t grad logp_it where the clip
-does not bind (paper, eq. 10 and section 4.3); the clip acts on s_i, so it keeps or drops whole
-sequences. With another agg it is GSPO-token with that aggregation.
+does not bind; the clip acts on s_i, so it keeps or drops whole sequences. With another agg it is the
+paper's GSPO-token objective with that aggregation.
 
 Departures and conventions:
-- Defaults are DAPO's token_mean with beta=0 (TRL's defaults too), not DeepSeekMath's: pick a
-  VARIANTS entry to reproduce a paper.
+- Defaults are DAPO's token_mean (TRL's loss_type="dapo") with beta=0 (TRL's default), not
+  DeepSeekMath's seq_mean_token_mean with beta=0.04: pick a VARIANTS entry to reproduce a paper.
 - The KL term is aggregated with the same agg as the policy term (as in DeepSeekMath's objective,
   where it sits inside the per-token sum), and the entropy bonus too (as verl does): loss -= entropy_coef
   * agg(entropy). No GRPO paper uses an entropy bonus; it is off unless entropy_coef != 0.
@@ -68,6 +69,7 @@ ranks, so under them multiply the loss by the world size (or all-reduce with SUM
 import math
 
 import torch
+import torch.distributed as dist
 
 from kernels import grpo_token_loss
 
@@ -75,6 +77,9 @@ AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm", 
 KL_ESTIMATORS = ("k1", "k2", "k3")
 RATIO_LEVELS = ("token", "sequence")
 LOG_CLAMP = 20.0  # |log| bound of ratios and IS weights, as kernels/grpo_loss.py clamps the log-ratio
+# How each metric of policy_loss combines over micro-batches and ranks; any other key is a token mean,
+# combined weighted by "tokens".
+METRIC_REDUCTIONS = {"loss": "sum", "pg_loss": "sum", "tokens": "sum", "ratio/min": "min", "ratio/max": "max"}
 
 # Paper option sets: "loss" goes to policy_loss, "advantage" to rl.advantage.group_advantages.
 # Dr. GRPO also needs max_tokens (the generation budget), which is a run setting, not a paper constant.
@@ -159,7 +164,7 @@ def _log_ratio(logp, old_logp, m, ratio_level):
         return token_lr
     seq_lr = (token_lr.detach().float() * m).sum(dim=1) / m.sum(dim=1).clamp(min=1)  # [B] log s_i, fp32
     # value: log s_i on every token; gradient: d/d logp_it of (log s_i + logp_it - sg(logp_it)) = 1 per token,
-    # so d r_it / d logp_it = s_i (GSPO-token, Zheng et al. 2025, section 4.3)
+    # so d r_it / d logp_it = s_i (GSPO-token, Zheng et al. 2025)
     return seq_lr[:, None] + logp - logp.detach()                   # [B, T]
 
 
@@ -204,8 +209,8 @@ def policy_loss(logp, old_logp, advantages, mask, ref_logp=None, *, eps_low=0.2,
                            w = exp(old_logp - rollout_logp); is_cap caps either: w = min(w, is_cap) (TIS)
 
     Returns (loss, metrics): loss a 0-dim fp32 tensor with gradient. metrics: detached 0-dim fp32 tensors
-    on logp's device (no host sync per micro-batch; the loop reduces and converts them), all over this
-    call's masked tokens:
+    on logp's device (no host sync per micro-batch), all over this call's masked tokens; combine_metrics
+    merges the micro-batches of a step and all_reduce_metrics the ranks (METRIC_REDUCTIONS says how):
       loss, pg_loss          the total and the policy term alone (with w, without KL/entropy), both
                              aggregated per agg; with global num_tokens/num_seqs these add up (sum) over
                              micro-batches and ranks to the step's value
@@ -272,3 +277,62 @@ def policy_loss(logp, old_logp, advantages, mask, ref_logp=None, *, eps_low=0.2,
         if w is not None:
             metrics["is_weight/mean"] = _weighted_mean(w if w.dim() == 2 else w[:, None].expand_as(m), m, tokens)
     return loss, metrics
+
+
+# ---------------------------------------------------------------- combining metrics of one optimizer step
+
+def _reduction(name: str) -> str:
+    return METRIC_REDUCTIONS.get(name, "token_mean")
+
+
+def combine_metrics(parts: list[dict]) -> dict:
+    """The metrics of several policy_loss calls (the micro-batches of one step) as those of one call over
+    all their tokens: sums for loss, pg_loss and tokens (the step's loss when the calls were given the
+    step's num_tokens / num_seqs), min / max for ratio/min / ratio/max, token-weighted means for the rest.
+    All calls must report the same keys. Returns detached 0-dim tensors."""
+    if not parts:
+        raise ValueError("rl.loss.combine_metrics: no metrics to combine")
+    keys = set(parts[0])
+    for i, p in enumerate(parts):
+        if set(p) != keys:
+            raise ValueError(f"rl.loss.combine_metrics: part {i} has keys {sorted(p)}, part 0 {sorted(keys)}")
+    counts = torch.stack([p["tokens"] for p in parts])              # [P]
+    total = counts.sum()
+    out = {}
+    for k in keys:
+        vals = torch.stack([p[k] for p in parts])                   # [P]
+        how = _reduction(k)
+        if how == "sum":
+            out[k] = vals.sum()
+        elif how == "min":
+            out[k] = vals.amin()
+        elif how == "max":
+            out[k] = vals.amax()
+        else:
+            out[k] = (vals * counts).sum() / total.clamp(min=1)
+    return out
+
+
+def all_reduce_metrics(metrics: dict, group=None) -> dict:
+    """combine_metrics across the ranks of `group` (every rank gets the result); a copy without a process
+    group. Three collectives (SUM, MIN, MAX) whatever the number of metrics. Every rank must pass the same keys."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return dict(metrics)
+    keys = sorted(metrics)
+    tokens = metrics["tokens"]
+    summed = [k for k in keys if _reduction(k) in ("sum", "token_mean")]
+    # token means travel as token-weighted sums, divided by the global count after the reduction
+    packed = torch.stack([metrics[k] if _reduction(k) == "sum" else metrics[k] * tokens for k in summed])
+    dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
+    out = dict(zip(summed, packed.unbind()))
+    total = out["tokens"].clamp(min=1)
+    for k in summed:
+        if _reduction(k) == "token_mean":
+            out[k] = out[k] / total
+    for how, op in (("min", dist.ReduceOp.MIN), ("max", dist.ReduceOp.MAX)):
+        names = [k for k in keys if _reduction(k) == how]
+        if names:
+            packed = torch.stack([metrics[k] for k in names])
+            dist.all_reduce(packed, op=op, group=group)
+            out.update(zip(names, packed.unbind()))
+    return out

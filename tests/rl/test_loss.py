@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from rl.advantage import group_advantages
-from rl.loss import AGGREGATIONS, VARIANTS, policy_loss
+from rl.loss import AGGREGATIONS, VARIANTS, all_reduce_metrics, combine_metrics, policy_loss
 
 LN = math.log
 ROOT = Path(__file__).resolve().parents[2]
@@ -490,9 +490,13 @@ def test_four_micro_batches_equal_one(name):
     parts = [grad_of_part(p, slice(k, k + 2), opts, num_tokens=n_tok, num_seqs=n_seq) for k in range(0, B, 2)]
     torch.testing.assert_close(sum(g for g, _, _ in parts), g_full, rtol=0, atol=1e-6)
     torch.testing.assert_close(sum(loss for _, loss, _ in parts), loss_full, rtol=0, atol=1e-6)
-    # token-weighted metrics recombine exactly too
-    clip = sum(m["clip_ratio"] * m["tokens"] for _, _, m in parts) / n_tok
-    torch.testing.assert_close(clip, grad_of_part(p, slice(0, B), opts)[2]["clip_ratio"], rtol=0, atol=1e-6)
+    # the metrics of the four calls combine into those of the one call
+    full = grad_of_part(p, slice(0, B), opts, num_tokens=n_tok, num_seqs=n_seq)[2]
+    combined = combine_metrics([m for _, _, m in parts])
+    assert set(combined) == set(full)
+    for k in full:
+        torch.testing.assert_close(combined[k], full[k], rtol=0, atol=1e-6, msg=k)
+    assert 0 < float(full["clip_ratio"]) < 1 and float(full["ratio/min"]) < 1 < float(full["ratio/max"])
 
 
 def test_bnpo_is_per_micro_batch():
@@ -527,9 +531,10 @@ def distributed_worker(out: str) -> None:
             n_seq = torch.tensor(float(half))
             dist.all_reduce(n_tok)
             dist.all_reduce(n_seq)
-            g, _, _ = grad_of_part(p, rows, opts, num_tokens=n_tok, num_seqs=n_seq)
+            g, _, metrics = grad_of_part(p, rows, opts, num_tokens=n_tok, num_seqs=n_seq)
             dist.all_reduce(g)                                       # SUM: each rank's loss is its share
             results[name] = g
+            results[name + "/metrics"] = all_reduce_metrics(metrics)
         if info.rank == 0:
             torch.save(results, out)
     finally:
@@ -546,10 +551,13 @@ def test_two_ranks_equal_one_process(tmp_path):
     got = torch.load(out, weights_only=True)
     p = make_problem()
     B = p["mask"].shape[0]
-    assert set(got) == set(SPLIT_CASES)
+    assert set(got) == set(SPLIT_CASES) | {name + "/metrics" for name in SPLIT_CASES}
     for name, opts in SPLIT_CASES.items():
-        g_full, _, _ = grad_of_part(p, slice(0, B), opts)
+        g_full, _, metrics = grad_of_part(p, slice(0, B), opts)
         torch.testing.assert_close(got[name], g_full, rtol=0, atol=1e-6, msg=name)
+        assert set(got[name + "/metrics"]) == set(metrics)
+        for k, v in metrics.items():
+            torch.testing.assert_close(got[name + "/metrics"][k], v, rtol=0, atol=1e-6, msg=f"{name} {k}")
 
 
 # ---------------------------------------------------------------- presets and errors
@@ -571,6 +579,22 @@ def test_variants_run_and_start_at_minus_mean_advantage(variant):
     scale = T / 10 if opts["agg"] == "seq_mean_token_sum_norm" else 1.0
     check(loss, -float(adv.mean()) * scale)
     check(mt["kl"], 0.0)
+
+
+def test_combine_metrics_by_hand():
+    t = torch.tensor
+    parts = [{"loss": t(0.5), "tokens": t(2.0), "kl": t(0.1), "ratio/min": t(0.9), "ratio/max": t(1.1)},
+             {"loss": t(-0.2), "tokens": t(6.0), "kl": t(0.3), "ratio/min": t(0.7), "ratio/max": t(1.05)},
+             {"loss": t(0.0), "tokens": t(0.0), "kl": t(0.0), "ratio/min": t(math.inf), "ratio/max": t(-math.inf)}]
+    out = combine_metrics(parts)
+    check(out["loss"], 0.3)
+    check(out["tokens"], 8)
+    check(out["kl"], (2 * 0.1 + 6 * 0.3) / 8)                # token-weighted; the empty call weighs nothing
+    check(out["ratio/min"], 0.7)
+    check(out["ratio/max"], 1.1)
+    assert all_reduce_metrics(parts[0]) == parts[0]          # no process group: unchanged
+    with pytest.raises(ValueError, match="part 1 has keys"):
+        combine_metrics([parts[0], {"loss": t(0.0), "tokens": t(1.0)}])
 
 
 def test_bad_input_raises():
