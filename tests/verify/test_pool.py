@@ -98,6 +98,16 @@ def test_scores_equal_serial_scoring_in_order():
     assert got["arithmetic"] == [1.0, 0.0, 1.0, None, 1.0, None, 1.0, 0.0]   # spot check against hand values
 
 
+def test_math_rewards_in_workers_that_preload_sympy():
+    completions = ["\\boxed{\\frac{1}{2}}", "<answer>0.5</answer>", "\\boxed{3}", "no answer", "\\boxed{72}"]
+    columns = {"answer": ["1/2", "1/2", "4", "5", "#### 72"], "prompts": ["a", "a", "a", "b", "b"]}
+    rewards = ["accuracy", "cosine", "length"]
+    with RewardPool(num_workers=1, timeout_s=20.0) as pool:   # preloads verify.math (sympy)
+        got = pool.score(rewards, completions, **columns)
+    assert got == {name: get_reward(name)(completions, **columns) for name in rewards}
+    assert got["accuracy"] == [1.0, 1.0, 0.0, 0.0, 1.0]
+
+
 def test_hung_item_times_out_and_worker_is_replaced(helper):
     timeout = 1.0
     completions = ["a", "bb", "hang", "ccc", "dddd", "eeeee"]

@@ -4,7 +4,7 @@ import pickle
 
 import pytest
 
-from verify.rewards import (REWARDS, CosineReward, format_reward, get_reward, language_reward, make_cosine_reward,
+from verify.rewards import (REWARDS, CosineReward, format_reward, get_reward, gold_answer, language_reward, make_cosine_reward,
                             make_length_reward, make_repetition_reward, make_soft_overlong_reward,
                             prompt_groups, reasoning_steps_reward, reasoning_text, script_word_counts,
                             tag_count_reward, think_format_reward, weighted_sum)
@@ -19,6 +19,39 @@ def answer(text: str, pad: int = 0) -> str:
 
 def ids(n: int) -> list[int]:
     return [0] * n
+
+
+# ----------------------------------------------------------------------------- accuracy
+
+def test_accuracy_math_answers():
+    accuracy = REWARDS["accuracy"]
+    completions = ["so \\boxed{\\frac{1}{2}}", "<answer>0.5</answer>", "\\boxed{3}", "I give up", "\\boxed{1}"]
+    golds = ["1/2", "\\frac12", "4", "5", None]
+    # equivalent forms are right; a wrong value or no answer scores 0; no gold: no signal
+    assert accuracy(completions, answer=golds) == [1.0, 1.0, 0.0, 0.0, None]
+    assert accuracy(["\\boxed{2}"], answer=["  "]) == [None]
+
+
+def test_accuracy_gold_columns_and_worked_solutions():
+    accuracy = REWARDS["accuracy"]
+    gsm8k = "Natalia sold 48/2 = 24 clips in May.\nAltogether she sold 48+24 = 72 clips.\n#### 72"
+    math_solution = "Adding, $5 + 7 = 12$, so the answer is $\\boxed{12}$."
+    assert gold_answer(gsm8k) == "72" and gold_answer(math_solution) == "12" and gold_answer("3/4") == "3/4"
+    assert accuracy(["\\boxed{72}", "\\boxed{12}"], solution=[gsm8k, math_solution]) == [1.0, 1.0]
+    assert accuracy(["\\boxed{72}"], gold=[72]) == [1.0]                       # an int gold column
+    assert accuracy(["\\boxed{72}"], answer=["72"], solution=["#### 71"]) == [1.0]  # `answer` comes first
+    with pytest.raises(ValueError, match="`answer` or `solution` or `gold`"):
+        accuracy(["\\boxed{1}"], prompts=["p"])
+
+
+def test_length_and_cosine_default_to_math_accuracy():
+    completions = ["\\boxed{72}", "\\boxed{7}"]
+    # cosine at 500 tokens: correct 0.75, wrong -0.75 (see test_cosine_values)
+    assert REWARDS["cosine"](completions, answer=["72", "72"], completion_ids=[ids(500), ids(500)]) == \
+        pytest.approx([0.75, -0.75])
+    # length: lambda 0.5 for the shorter (correct), -0.5 for the longer (wrong)
+    assert REWARDS["length"](completions, answer=["72", "72"], prompts=["p", "p"],
+                             completion_ids=[ids(10), ids(20)]) == [0.5, -0.5]
 
 
 # ----------------------------------------------------------------------------- format and tags
