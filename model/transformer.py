@@ -1,0 +1,239 @@
+"""The decoder-only Transformer of every model family in model/: Block and Transformer.
+
+Letters: B batch, T tokens, D model dim, V vocab, N slots of a KV cache, L cache positions.
+
+    h_0 = Emb(x)
+    h_l = h'_l + FFN_l(RMSNorm(h'_l)),  h'_l = h_{l-1} + Attn_l(RMSNorm(h_{l-1}))     (pre-norm)
+    logits = W_out RMSNorm(h_n)
+
+Attn is GQA (qwen2, llama, qwen3) or MLA (deepseek_v3), FFN a SwiGLU MLP or DeepSeekMoE
+(`config.is_moe_layer(i)`). The module tree is Hugging Face's checkpoint layout, so the state
+dict names are the on-disk names: `model.embed_tokens`, `model.layers.{i}.{input_layernorm,
+self_attn.*, post_attention_layernorm, mlp.*}`, `model.norm`, `lm_head`; DeepSeek-V3's MTP modules
+follow the main layers in `model.layers` (model/mtp.py), as in the published checkpoints.
+
+Construction and weights: `Transformer(config)` builds and initialises (normal(0,
+initializer_range) for linear and embedding weights, zero biases, unit norms; `init_weights()`).
+Nothing in the constructor needs real storage, so a loader can build on the meta device and fill
+tensor by tensor:
+
+    with torch.device("meta"):
+        m = Transformer(config)
+    m.to_empty(device="cuda")   # re-ties shared weights (tie_weights) after allocation
+    ... copy every state_dict tensor in ...
+
+Shared weights: with `tie_word_embeddings`, lm_head.weight *is* model.embed_tokens.weight (one
+Parameter; both names appear in state_dict()); each MTP module's `embed_tokens` and
+`shared_head.head` are the main embedding and output head. `tie_weights()` re-establishes these
+after anything that replaces Parameters (to_empty does it itself).
+
+Rope tables are not buffers: `self.rope` (model.rope.RotaryEmbedding) computes them per device.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from model.attention import MLA, Attention
+from model.cache import CacheStep, KVCache
+from model.config import ModelConfig
+from model.layers import MLP, RMSNorm
+from model.moe import MoE
+from model.rope import RotaryEmbedding
+
+
+class Block(nn.Module):
+    """One pre-norm decoder layer: x [B, T, D] -> [B, T, D].
+
+        x = x + self_attn(input_layernorm(x));   x = x + mlp(post_attention_layernorm(x))
+    """
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        D = config.hidden_size
+        self.input_layernorm = RMSNorm(D, config.rms_norm_eps)
+        self.self_attn = MLA(config, layer_idx) if config.is_mla else Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(D, config.rms_norm_eps)
+        if config.is_moe_layer(layer_idx):
+            self.mlp = MoE(config, layer_idx)
+        else:
+            self.mlp = MLP(D, config.intermediate_size, bias=config.mlp_bias)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cu_seqlens: torch.Tensor | None = None, step: CacheStep | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cu_seqlens, step)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    """The `model.` prefix of the checkpoint: embed_tokens, layers (main blocks, then MTP modules), norm."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        from model.mtp import MTPLayer  # model.mtp builds on Block, defined above
+
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        n = config.num_hidden_layers
+        layers = [Block(config, i) for i in range(n)]
+        layers += [MTPLayer(config, n + k) for k in range(config.num_nextn_predict_layers)]
+        self.layers = nn.ModuleList(layers)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class Transformer(nn.Module):
+    """Decoder-only LM. `logits = model(input_ids)`; see `forward_hidden` for every argument."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = Decoder(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.rope = RotaryEmbedding(config)
+        self.init_weights()
+        self.tie_weights()
+
+    # ---- structure -------------------------------------------------------------------------------
+    @property
+    def layers(self) -> nn.ModuleList:
+        """The main blocks (model.layers[:num_hidden_layers])."""
+        return self.model.layers[: self.config.num_hidden_layers]
+
+    @property
+    def mtp(self) -> nn.ModuleList:
+        """The MTP modules (model.layers[num_hidden_layers:]; empty without MTP)."""
+        return self.model.layers[self.config.num_hidden_layers:]
+
+    @property
+    def embed_tokens(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        """W_out [V, D]: lm_head.weight (the embedding itself when tie_word_embeddings)."""
+        return self.lm_head.weight
+
+    def tie_weights(self) -> None:
+        """Make shared weights one Parameter again: lm_head ← embedding (if tied), MTP embed/head ← main."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        for layer in self.mtp:
+            layer.embed_tokens.weight = self.model.embed_tokens.weight
+            layer.shared_head.head.weight = self.lm_head.weight
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Fresh-model values: normal(0, initializer_range) for linear/embedding weights, zero biases,
+        ones for norms, and each other module's own reset_parameters() (e.g. the MoE router)."""
+        std = self.config.initializer_range
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, mean=0.0, std=std)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+            elif m is not self and hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+
+    def to_empty(self, *, device, recurse: bool = True):
+        super().to_empty(device=device, recurse=recurse)
+        self.tie_weights()
+        return self
+
+    # ---- forward ---------------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                cu_seqlens: torch.Tensor | None = None, cache: KVCache | None = None,
+                slots: torch.Tensor | None = None, attn_len: int | None = None) -> torch.Tensor:
+        """input_ids [B, T] -> logits [B, T, V] in the model's dtype. Arguments as forward_hidden."""
+        return self.lm_head(self.forward_hidden(input_ids, position_ids, cu_seqlens, cache, slots, attn_len))
+
+    def forward_hidden(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                       cu_seqlens: torch.Tensor | None = None, cache: KVCache | None = None,
+                       slots: torch.Tensor | None = None, attn_len: int | None = None) -> torch.Tensor:
+        """The final normalised hidden states h [B, T, D] (logits = h @ output_weight.T).
+
+        - input_ids [B, T] int64.
+        - position_ids [B, T]: default 0..T-1 per row (or restarting per document with cu_seqlens).
+          Right-padded batches need nothing: attention is causal, so padding at the end never
+          reaches the real tokens.
+        - cu_seqlens int32 [ndocs + 1]: packed documents in one row (B = 1), attending only within
+          themselves (kernels.flash_attention's varlen path).
+        - cache, slots [B] int64 (default 0..B-1), attn_len: the KV-cached path (model/cache.py).
+          position_ids is then required; row b writes its keys at (slots[b], position_ids[b]) and
+          attends over cache positions 0..attn_len-1 (default max_seq_len) up to its own position.
+          For a static decode step keep B and attn_len fixed.
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
+        B, T = input_ids.shape
+        device = input_ids.device
+        if cache is not None:
+            if cu_seqlens is not None:
+                raise ValueError("cu_seqlens (packed documents) cannot be combined with a KV cache")
+            if position_ids is None:
+                raise ValueError("the KV-cached forward needs position_ids [B, T] (where each token goes in its slot)")
+            if slots is None:
+                slots = torch.arange(B, device=device)
+        if position_ids is None:
+            position_ids = self._default_positions(B, T, cu_seqlens, device)
+        if position_ids.shape != input_ids.shape:
+            raise ValueError(f"position_ids shape {tuple(position_ids.shape)} != input_ids shape {tuple(input_ids.shape)}")
+        if not torch.compiler.is_compiling():
+            self._check_inputs(input_ids, position_ids, cu_seqlens, cache, slots)
+
+        cos, sin = self.rope(position_ids)  # [B, T, R/2] each, fp32
+        step = cache.step(slots, position_ids, attn_len) if cache is not None else None
+        h = self.model.embed_tokens(input_ids)  # [B, T, D]
+        for layer in self.layers:
+            h = layer(h, cos, sin, cu_seqlens, step)
+        return self.model.norm(h)
+
+    def _default_positions(self, B: int, T: int, cu_seqlens: torch.Tensor | None, device) -> torch.Tensor:
+        if cu_seqlens is None:
+            return torch.arange(T, device=device).expand(B, T)
+        if B != 1:
+            raise ValueError(f"packed documents (cu_seqlens) need input_ids of shape [1, total], got batch {B}")
+        cu = cu_seqlens.to(device=device, dtype=torch.long)
+        starts = torch.repeat_interleave(cu[:-1], cu[1:] - cu[:-1])  # [T]: each token's document start
+        return (torch.arange(T, device=device) - starts)[None]
+
+    def _check_inputs(self, input_ids, position_ids, cu_seqlens, cache, slots) -> None:
+        """User-facing checks (one device sync): ids in vocab, positions non-negative and within
+        the cache, slots within the cache, cu_seqlens covering the row."""
+        V = self.config.vocab_size
+        lo, hi, pmin, pmax = torch.stack([input_ids.min(), input_ids.max(),
+                                          position_ids.min(), position_ids.max()]).tolist()
+        if lo < 0 or hi >= V:
+            raise ValueError(f"input_ids out of range: ids span {lo}..{hi} (max id {hi}) but vocab_size is {V} "
+                             f"(valid ids 0..{V - 1})")
+        if pmin < 0:
+            raise ValueError(f"position_ids must be ≥ 0, got {pmin}")
+        if cu_seqlens is not None and (input_ids.shape[0] != 1 or int(cu_seqlens[-1]) != input_ids.shape[1]):
+            raise ValueError(f"cu_seqlens must end at the packed length {input_ids.shape[1]} with batch 1; "
+                             f"got cu_seqlens[-1] = {int(cu_seqlens[-1])}, input_ids {tuple(input_ids.shape)}")
+        if cache is not None:
+            if pmax >= cache.max_seq_len:
+                raise ValueError(f"position {pmax} does not fit the cache (max_seq_len {cache.max_seq_len})")
+            if slots.shape != (input_ids.shape[0],):
+                raise ValueError(f"slots must be [B] = [{input_ids.shape[0]}], got {tuple(slots.shape)}")
+            smin, smax = int(slots.min()), int(slots.max())
+            if smin < 0 or smax >= cache.max_batch_size:
+                raise ValueError(f"slots span {smin}..{smax}; the cache has max_batch_size {cache.max_batch_size}")
+        self.rope.ensure(pmax + 1, input_ids.device)
+
+    # ---- KV cache ---------------------------------------------------------------------------------
+    def make_cache(self, max_batch_size: int, max_seq_len: int, dtype: torch.dtype | None = None,
+                   device: torch.device | str | None = None) -> KVCache:
+        """A static KV cache for this model (dtype/device default to the embedding's); see model/cache.py."""
+        w = self.model.embed_tokens.weight
+        dtype, device = dtype or w.dtype, device or w.device
+        self.rope.ensure(max_seq_len, device)
+        return KVCache(self.config, max_batch_size, max_seq_len, dtype, device)
+
+    # ---- multi-token prediction -----------------------------------------------------------------
+    def mtp_loss(self, hidden: torch.Tensor, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
+                 cu_seqlens: torch.Tensor | None = None, target_mask: torch.Tensor | None = None):
+        """The weighted multi-token-prediction loss (model/mtp.py) from the main model's final hidden
+        states: returns (loss, metrics). See model.mtp.mtp_loss."""
+        from model.mtp import mtp_loss
+
+        return mtp_loss(self, hidden, input_ids, position_ids, cu_seqlens, target_mask)
