@@ -356,11 +356,11 @@ class _Reader:
 
 
 class _Writer:
-    """Writes `data` to a non-blocking fd as the pipe accepts it, then closes it."""
+    """Writes `data` to a pipe (a file object, made non-blocking) as it accepts it, then closes it."""
 
-    def __init__(self, fd: int, data: bytes):
-        os.set_blocking(fd, False)
-        self.fd, self.data, self.eof = fd, memoryview(data), False
+    def __init__(self, file, data: bytes):
+        os.set_blocking(file.fileno(), False)
+        self.file, self.fd, self.data, self.eof = file, file.fileno(), memoryview(data), False
 
     def on_ready(self) -> None:
         try:
@@ -411,7 +411,7 @@ class _Sandbox:
         self.ctl = _Reader(ctl_r, CONTROL_CAP)
         self.stdout = _Reader(self.proc.stdout.fileno(), OUTPUT_CAP)
         self.stderr = _Reader(self.proc.stderr.fileno(), OUTPUT_CAP)
-        self.stdin = _Writer(self.proc.stdin.fileno(), json.dumps(payload).encode())
+        self.stdin = _Writer(self.proc.stdin, json.dumps(payload).encode())
 
     def sources(self) -> list:
         return [self.stdin, self.ctl, self.stdout, self.stderr]
@@ -462,7 +462,7 @@ def _pump(sources: list, deadline: float) -> bool:
                 if key.data.eof:
                     sel.unregister(key.fd)
                     if isinstance(key.data, _Writer):
-                        os.close(key.fd)
+                        key.data.file.close()
         return True
     finally:
         sel.close()
