@@ -42,7 +42,19 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible:
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                      cu_seqlens: torch.Tensor | None) -> torch.Tensor:
     """Causal attention of a call over its own tokens: q [B, T, H, Dqk], k/v [B, T, K, D*] -> [B, T, H, Dv];
-    with cu_seqlens (B must be 1) each packed document attends only within itself."""
+    with cu_seqlens (B must be 1) each packed document attends only within itself.
+
+    kernels.flash_attention takes fp32/fp16/bf16; float64 (exactness checks) goes through
+    masked_attention with the same causal, per-document mask.
+    """
+    if q.dtype == torch.float64:
+        B, T = q.shape[:2]
+        i = torch.arange(T, device=q.device)
+        visible = i[None, :] <= i[:, None]                                      # [T, S=T]
+        if cu_seqlens is not None:
+            doc = torch.bucketize(i, cu_seqlens.to(device=q.device, dtype=torch.long)[1:], right=True)
+            visible = visible & (doc[None, :] == doc[:, None])
+        return masked_attention(q, k, v, visible.expand(B, T, T), scale)
     if cu_seqlens is None:
         return flash_attention(q, k, v, causal=True, softmax_scale=scale)
     assert q.shape[0] == 1, f"packed sequences (cu_seqlens) need batch size 1, got {q.shape[0]}"
