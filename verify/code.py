@@ -162,8 +162,8 @@ def as_test(tests) -> HumanEvalTest | CallTest | IOTest:
 
 def normalise_output(text: str) -> str:
     """Whitespace-insensitive form of program output: words of each line joined by one space,
-    blank lines at the ends dropped."""
-    return "\n".join(" ".join(line.split()) for line in text.strip().splitlines())
+    blank lines dropped."""
+    return "\n".join(" ".join(words) for line in text.splitlines() if (words := line.split()))
 
 
 def values_equal(got, expected, rel_tol: float = 1e-9, abs_tol: float = 1e-9) -> bool:
