@@ -31,9 +31,12 @@ Comparison order, cheapest first (the first that decides wins):
      two rational values compare exactly (so 1/3 != 0.333333 and 0.5 == 1/2), any other constant
      (sqrt 2, pi) compares by value at 30 digits within rel_tol (default 1e-6, relative to the larger
      magnitude) or ABS_TOL (1e-12) near zero
-  4. symbolic: sympy.simplify(pred - gold) == 0, within a share of the time limit
-  5. numeric at random points: both sides at RANDOM_POINTS seeded points (each symbol drawn from
-     [0.5, 2.5], so sqrt(x^2) equals x) agree within rel_tol -> equal
+  4. symbolic: pred - gold, as sympy builds it and then after sympy.simplify (within a share of the
+     time limit), is 0 -> equal; is a constant -> equal only if it is 0 within ABS_TOL (so a
+     decimal approximation inside a symbolic answer, "x + 1.4142136" for "x + \\sqrt2", is wrong)
+  5. numeric at random points, when simplify cannot decide: both sides at RANDOM_POINTS seeded
+     points (each symbol drawn from [0.5, 2.5], so sqrt(x^2) equals x) agree within POINT_REL_TOL
+     (1e-10) at all of at least MIN_VALID_POINTS points where both are finite -> equal
 Equations compare by their right-hand sides when the left-hand sides are the same symbol
 ("y = 2x + 3"), else as proportional (a = b equals c = d when a - b = k (c - d), k != 0 constant);
 "x = 5" also equals "5". Inequalities compare as f > 0 with a positive factor.
@@ -74,6 +77,7 @@ DEFAULT_REL_TOL = 1e-6
 ABS_TOL = 1e-12             # values this close to each other are equal whatever their size
 MAX_ANSWER_CHARS = 2000     # longer answers are compared as strings only
 RANDOM_POINTS = 6
+POINT_REL_TOL = 1e-10       # identical expressions evaluated at 30 digits agree far closer than this
 MIN_VALID_POINTS = 3        # points where both sides evaluate to finite numbers
 SYMBOLIC_SHARE = 0.4        # of timeout_s, the most one simplify() may take
 HEAVY_EXPONENT = 64         # (expr)^n with larger n skips simplify() (expansion blows up)
@@ -219,7 +223,7 @@ class Relation:
 
 _OPENERS, _CLOSERS = {"(", "[", "{", r"\{"}, {")", "]", "}", r"\}"}
 _RELATIONS = {"=": "=", "<": "<", ">": ">", r"\le": "<=", r"\ge": ">=", r"\ne": "!=", r"\approx": "="}
-_MATRIX = re.compile(r"\\begin\{([pbBvV]?matrix)\}(.*)\\end\{\1\}", re.DOTALL)
+_MATRIX = re.compile(r"\\begin\{([pbBvV]?matrix|array)\}(?:\{[^{}]*\})?(.*)\\end\{\1\}", re.DOTALL)
 
 
 def _scan(s: str):
@@ -349,6 +353,8 @@ def _parse_item(s: str):
         return parse_answer(s[member.end():])
     if s == r"\reals":
         return Ordered("(", ")", (-sympy.oo, sympy.oo))
+    if _wrapped(s) and _MATRIX.fullmatch(s[1:-1].strip()):     # \left(\begin{matrix}..\end{matrix}\right)
+        s = s[1:-1].strip()
     m = _MATRIX.fullmatch(s)
     if m:
         if m.group(1).lower() == "vmatrix":
@@ -418,7 +424,7 @@ def _simplify_diff(a: sympy.Expr, b: sympy.Expr, budget: _Budget) -> sympy.Expr 
         return None
 
 
-def _same_at_points(a: sympy.Expr, b: sympy.Expr, budget: _Budget) -> bool:
+def _same_at_points(a: sympy.Expr, b: sympy.Expr) -> bool:
     symbols = sorted(a.free_symbols | b.free_symbols, key=lambda s: s.name)
     rng = random.Random(0)
     valid = 0
@@ -427,10 +433,20 @@ def _same_at_points(a: sympy.Expr, b: sympy.Expr, budget: _Budget) -> bool:
         va, vb = _value(a.subs(point)), _value(b.subs(point))
         if va is None or vb is None:
             continue
-        if not _close(va, vb, budget.rel_tol):
+        if not _close(va, vb, POINT_REL_TOL):
             return False
         valid += 1
     return valid >= MIN_VALID_POINTS
+
+
+def _zero_difference(d: sympy.Expr) -> bool | None:
+    """True/False when the difference d decides the comparison, None when it still has symbols."""
+    if d == 0:
+        return True
+    if d.free_symbols:
+        return None
+    v = _value(d)
+    return v is not None and abs(v) <= ABS_TOL
 
 
 def _same_expr(a: sympy.Expr, b: sympy.Expr, budget: _Budget) -> bool:
@@ -443,11 +459,15 @@ def _same_expr(a: sympy.Expr, b: sympy.Expr, budget: _Budget) -> bool:
             return False                      # canonical exact rationals, and a != b
         va, vb = _value(a), _value(b)
         return va is not None and vb is not None and _close(va, vb, budget.rel_tol)
+    decided = _zero_difference(a - b)         # sympy cancels like terms on construction
+    if decided is not None:
+        return decided
     if not (_heavy(a) or _heavy(b)):
         d = _simplify_diff(a, b, budget)
-        if d is not None and d == 0:
-            return True
-    return _same_at_points(a, b, budget)
+        decided = None if d is None else _zero_difference(d)
+        if decided is not None:
+            return decided
+    return _same_at_points(a, b)
 
 
 def _proportional(f: sympy.Expr, g: sympy.Expr, budget: _Budget, positive: bool) -> bool:
@@ -463,7 +483,7 @@ def _proportional(f: sympy.Expr, g: sympy.Expr, budget: _Budget, positive: bool)
             v = _value(ratio.subs({s: sympy.Float(rng.uniform(0.5, 2.5), 30) for s in symbols}))
             if v is not None:
                 values.append(v)
-        if len(values) < MIN_VALID_POINTS or not all(_close(v, values[0], budget.rel_tol) for v in values):
+        if len(values) < MIN_VALID_POINTS or not all(_close(v, values[0], POINT_REL_TOL) for v in values):
             return False
         k = values[0]
     else:
@@ -487,11 +507,9 @@ def _same_relation(a, b, budget: _Budget) -> bool:
     rel, other = (a, b) if isinstance(a, Relation) else (b, a)
     if rel.op != "=" or not isinstance(other, sympy.Expr):
         return False
-    if isinstance(rel.lhs, sympy.Symbol) and not isinstance(other, sympy.Symbol):   # "x = 5" vs "5"
-        return _same(rel.rhs, other, budget)
-    if isinstance(rel.rhs, sympy.Symbol):
-        return _same(rel.lhs, other, budget)
-    return False
+    # "x = 5" vs "5" (or "5 = x"): the value of the variable; "x" alone never answers "x = 5".
+    return any(isinstance(var, sympy.Symbol) and other != var and _same(value, other, budget)
+               for var, value in ((rel.lhs, rel.rhs), (rel.rhs, rel.lhs)))
 
 
 def _same_collection(xs: tuple, ys: tuple, budget: _Budget) -> bool:

@@ -1,0 +1,216 @@
+"""verify.math: table tests of equivalent and non-equivalent answer pairs, extraction, time limits
+and hostile input. The pairs are (prediction, gold) as a model and a data set would write them."""
+import signal
+import threading
+import time
+
+import pytest
+
+from verify.math import extract_answer, is_equivalent, time_limit, TimeLimitExceeded, verify
+
+PM = r"\pm"
+
+EQUIVALENT = [
+    # integers and thousands separators
+    ("1000", "1,000"), ("1000", "1{,}000"), ("1000", r"1\,000"), ("1,000", "1000"),
+    ("10080", r"10,\!080"), ("11111111100", r"11,\! 111,\! 111,\! 100"), ("58,500", "58500"),
+    ("-7", "-7"), ("+7", "7"), ("007", "7"), ("1,000,000", "10^6"), ("-1,234", "-1234"),
+    (" 3 ", "3"), (r"\$1,000", "1000"), ("5.", "5"), (r"\boxed{5}", "5"),
+    # decimals
+    ("0.5", r"\frac{1}{2}"), (".5", "0.5"), ("0.50", "0.5"), ("5.40", "5.4"), ("-0.25", r"-\frac14"),
+    ("326.5", r"\frac{653}{2}"), (".0000672", r"6.72\times10^{-5}"), ("0.15", r"\frac{3}{20}"),
+    ("1.25", r"\frac54"), ("4.5", r"4\frac12"), ("3.210", "3.21"),
+    # fractions
+    (r"\frac{1}{2}", "1/2"), (r"\dfrac{17}{50}", r"\frac{17}{50}"), (r"\tfrac{3}{4}", "0.75"),
+    (r"\frac12", r"\frac{1}{2}"), (r"\frac 34", "3/4"), (r"\frac43", r"\frac{4}{3}"), (r"\frac9{19}", "9/19"),
+    (r"\frac{2}{4}", r"\frac12"), (r"-\frac{3}{8}", r"\frac{-3}{8}"), (r"-\frac{3}{8}", "-3/8"),
+    (r"\frac{-3}{-8}", "3/8"), (r"\cfrac{1}{3}", "1/3"), ("(1)/(2)", "1/2"), (r"\frac{1}{\frac{1}{2}}", "2"),
+    # mixed numbers
+    (r"2\frac{1}{2}", "5/2"), (r"2 \frac12", "2.5"), (r"1\frac{4}{5}", r"\frac95"), (r"137 \frac{1}{2}", "275/2"),
+    (r"-2\frac12", "-2.5"),
+    # percentages: a percent sign may be read or ignored
+    (r"50\%", "50"), ("50", r"50\%"), ("0.5", r"50\%"), (r"50\%", "0.5"), ("50%", r"50\%"),
+    (r"12.5\%", r"\frac18"), ("25 percent", "25"),
+    # roots
+    (r"\sqrt{8}", r"2\sqrt{2}"), (r"2\sqrt2", r"\sqrt{8}"), (r"\sqrt{12}", r"2\sqrt3"),
+    (r"\frac{\sqrt{3}}{3}", r"\frac{1}{\sqrt3}"), (r"\sqrt[3]{27}", "3"), (r"\sqrt[3]{16}", r"2\sqrt[3]{2}"),
+    (r"\sqrt{2}/2", r"\frac{\sqrt2}{2}"), (r"11\sqrt2", r"\sqrt{242}"), (r"\sqrt{5}", "5^{1/2}"),
+    (r"3\sqrt{13}", r"\sqrt{117}"), (r"1+2\sqrt{3}", r"2\sqrt3+1"), (r"11 \sqrt{5} + 11", r"11(1+\sqrt5)"),
+    ("√2", r"\sqrt{2}"),
+    # pi
+    (r"\pi", "π"), (r"2\pi", "2π"), (r"12\pi", r"12 \pi"), (r"\frac{\pi}{6}", r"\pi/6"), (r"-\frac{\pi}{6}", r"-\pi/6"),
+    (r"\frac{20000}{\pi}", r"20000/\pi"), (r"288\pi", r"288 \pi"), (r"18+2\pi", r"2\pi+18"), ("3.14159265", r"\pi"),
+    # powers
+    ("2^{10}", "1024"), ("x^{2}", "x^2"), ("10^3", "1000"), ("2^{-1}", "0.5"), ("3R^2", "3R^{2}"),
+    ("5r^5", "5 r^{5}"), ("(a+5)(b+2)", "ab+2a+5b+10"), ("x^3+3x-6", "-6+3x+x^3"), ("8n^2 + 4n + 1", "1+4n+8n^2"),
+    ("6r^2-4r-24", "2(3r^2-2r-12)"), ("(x+1)^2", "x^2+2x+1"), ("x^{1/2}", r"\sqrt{x}"), ("4^{1/2}", "2"),
+    (r"e^{i\pi}", "-1"), ("2^{2^{3}}", "256"), ("2^{100}", "1267650600228229401496703205376"),
+    (r"10^{100}", "1" + "0" * 100),
+    # scientific notation
+    (r"1.5\times 10^{3}", "1500"), ("1.5e3", "1500"), (r"6.72 \times 10^{-5}", "0.0000672"),
+    (r"2\cdot 10^4", "20000"), ("1E6", "1000000"),
+    # units and text
+    (r"5\text{ cm}", "5"), ("5", r"5 \text{cm}"), (r"15\mbox{ cm}^2", "15"), (r"864 \mbox{ inches}^2", "864"),
+    (r"\$5", "5"), ("5 dollars", "5"), (r"\$18.90", "18.9"), (r"5.4 \text{ cents}", "5.4"),
+    (r"\frac{270}7\text{ degrees}", r"\frac{270}{7}"), (r"\textbf{7}", "7"), (r"\text{7}", "7"),
+    ("12 square units", "12"), (r"3 \text{ hours}", "3"), (r"\mathrm{5}", "5"), ("7 cm^2", "7"),
+    # degrees
+    (r"30^\circ", "30"), (r"30^{\circ}", "30"), ("30°", "30"), (r"120^\circ", "120"), ("30 degrees", "30"),
+    (r"90^\circ", r"90^{\circ}"),
+    # plus-minus: the pair of values
+    (rf"1 {PM} \sqrt{{19}}", r"1+\sqrt{19}, 1-\sqrt{19}"), (rf"3 {PM} 2 \sqrt{{2}}", r"3-2\sqrt2, 3+2\sqrt2"),
+    (rf"{PM} 2", "2, -2"), (rf"\{{1{PM}\sqrt{{5}},-2\}}", r"-2, 1+\sqrt5, 1-\sqrt5"), (rf"x = {PM} 3", "3, -3"),
+    ("±2", "-2, 2"), (r"1 \mp 1", "0, 2"),
+    # unicode minus and symbols
+    ("−5", "-5"), (r"−\frac{1}{2}", "-0.5"), ("2−x", "-x+2"), ("2×3", "6"), ("6÷3", "2"),
+    # \left, \right, spacing, delimiters
+    (r"\left( 3, \frac{\pi}{2} \right)", r"(3,\frac{\pi}{2})"), (r"\left(\frac{3}{5},\frac{8}{3}\right]", "(3/5, 8/3]"),
+    (r"\frac{1}{2}\,", "0.5"), (r"x\ =\ 5", "5"), (r"\left[ \frac{\pi^2}{8}, \frac{5 \pi^2}{4} \right]", r"[\pi^2/8, 5\pi^2/4]"),
+    (r"\displaystyle\frac12", "0.5"), ("$5$", "5"), (r"\(5\)", "5"), (r"\!5", "5"), (r"\bigl(1, 2\bigr)", "(1,2)"),
+    # intervals and unions: open and closed ends matter
+    (r"(-\infty, 0]", r"(-\infty,0]"), (r"(-\infty, 2) \cup (3, \infty)", r"(3,\infty) \cup (-\infty,2)"),
+    (r"(2,\infty)", "x > 2"), ("x>2", r"(2, \infty)"), ("[-2,7]", r"x \in [-2,7]"), (r"-2 \le x \le 7", "[-2, 7]"),
+    (r"x \geq 3", r"[3,\infty)"), ("x < 5", r"(-\infty, 5)"), (r"x \le 5", r"(-\infty,5]"), ("3 < x", "x > 3"),
+    ("(3,4]", "(3, 4]"), (r"(0,9) \cup (9,36)", r"(9,36)\cup(0,9)"), (r"(-\sqrt{3}, \sqrt{3})", r"(-\sqrt3,\sqrt3)"),
+    (r"\mathbb{R}", r"(-\infty,\infty)"), ("0 < x < 1", "(0,1)"), ("5 > x > 1", "(1,5)"),
+    (r"(2,12) \cup (12,102)", r"(2, 12)\cup(12, 102)"), (r"x \in (-\infty, 1) \cup (2, \infty)", r"(2,\infty)\cup(-\infty,1)"),
+    (r"x\ge -1", r"[-1, \infty)"), ("x ≤ 4", r"(-\infty, 4]"),
+    # tuples: order matters, values compared
+    ("(1,2)", "(1, 2)"), ("(-1,6)", "(-1, 6)"), ("(15,-29)", "(15, -29)"), ("(1,-16,-4,43)", "(1, -16, -4, 43)"),
+    (r"\left( \frac{3}{2}, -13 \right)", "(1.5,-13)"), ("(6,31,-1)", "(6, 31, -1)"), (r"(\frac12, \frac13)", "(0.5, 1/3)"),
+    (r"(2\sqrt2, \pi)", r"(\sqrt8, \pi)"), (r"\langle 1, 2 \rangle", "(1, 2)"),
+    # sets: order does not matter
+    (r"\{1,2\}", r"\{2,1\}"), (r"\{1,2,3\}", r"\{3,1,2\}"), (r"\{3\}", "3"), (r"\{1, 2\}", "1, 2"),
+    (r"\left\{ 1, 2 \right\}", r"\{1,2\}"), (r"\{1,1,2\}", r"\{1,2\}"), (r"\lbrace 1,2 \rbrace", r"\{1,2\}"),
+    # bare lists of answers: unordered
+    ("1, 2", "2, 1"), ("-2,1", "1,-2"), ("3, 5, 7", "7, 5, 3"), ("1 and 2", "1, 2"), (r"1 \text{ and } 2", "2, 1"),
+    ("2, 1", r"1 \text{ or } 2"), ("x=1, x=2", "1, 2"), ("x = 5, y = 3", "y=3, x=5"), (r"\frac12, \frac13", "1/3, 0.5"),
+    ("1; 2", "1, 2"), (r"x = 1 \text{ or } x = -1", "-1, 1"),
+    # equations
+    ("x=5", "5"), ("5", "x=5"), ("x = 5", "x=5"), ("y = 2x + 3", "2x+3"), ("y=2x+3", "y = 3 + 2x"), ("y = -2x", "-2x"),
+    ("y = -2x", "2x + y = 0"), ("5x - 7y + 11z + 4 = 0", "-5x + 7y - 11z - 4 = 0"),
+    ("5x - 7y + 11z + 4 = 0", "10x - 14y + 22z + 8 = 0"), ("x^2 + y^2 = 1", "y^2 + x^2 = 1"), ("5 = x", "x = 5"),
+    (r"k = \frac12", "0.5"), ("a = 3", "3"), (r"x \approx 2", "2"),
+    # inequalities that are not intervals
+    ("x + y > 1", "1 < x + y"), (r"2x + 2y \ge 2", r"x + y \ge 1"), ("x^2 > 4", "4 < x^2"),
+    # matrices and vectors
+    (r"\begin{pmatrix} -1 & 0 \\ 0 & -1 \end{pmatrix}", r"\begin{bmatrix} -1 & 0 \\ 0 & -1 \end{bmatrix}"),
+    (r"\begin{pmatrix} -1/3 \\ 2/3 \\ 5/3 \end{pmatrix}", r"\begin{pmatrix} -\frac13 \\ \frac23 \\ \frac53 \end{pmatrix}"),
+    ("(-18, -49, 96)", r"\begin{pmatrix} -18 \\ -49 \\ 96 \end{pmatrix}"),
+    (r"\begin{pmatrix} 1/5 \\ -18/5 \end{pmatrix}", r"\begin{pmatrix} 0.2 \\ -3.6 \end{pmatrix}"),
+    (r"\begin{pmatrix}1&2\end{pmatrix}", "(1,2)"),
+    (r"\begin{matrix}1&2\\3&4\end{matrix}", r"\begin{pmatrix}1&2\\3&4\end{pmatrix}"),
+    (r"\left(\begin{matrix}1&2\\3&4\end{matrix}\right)", r"\begin{pmatrix}1&2\\3&4\end{pmatrix}"),
+    # expressions compared symbolically or at random points
+    (r"\cot x", r"\frac{\cos x}{\sin x}"), (r"\sin^2 x + \cos^2 x", "1"), ("2k", "k+k"), ("2k+2", "2(k+1)"),
+    ("p - q", "-(q-p)"), (r"\frac{11+9a}{20}", r"\frac{9a+11}{20}"), ("-13x+3", "3-13x"), ("15x - 80", "5(3x-16)"),
+    ("x^5 - x^4 + x^3 - x^2 + x - 1", "(x-1)(x^4+x^2+1)"),
+    ("x^8 + x^7 + x^6 + x^5 + x^4 + x^3 + x^2 + x + 1", r"\frac{x^9-1}{x-1}"), (r"\frac{x^2-1}{x-1}", "x+1"),
+    (r"\sin(2x)", r"2\sin x\cos x"), (r"\log_2 8", "3"), (r"\ln(e^2)", "2"), (r"\tan x", r"\frac{\sin x}{\cos x}"),
+    ("|-3|", "3"), ("|x|", r"\left|x\right|"), (r"\binom{5}{2}", "10"), ("5!", "120"), (r"\lfloor 2.5 \rfloor", "2"),
+    (r"\lceil 2.5 \rceil", "3"), ("a_1 + a_2", "a_2+a_1"), (r"\alpha + \beta", r"\beta+\alpha"),
+    (r"2\theta", r"\theta+\theta"), (r"e^{\ln 3}", "3"), (r"\exp(0)", "1"), (r"x \cdot y", "yx"),
+    (r"\frac{1}{x} + \frac{1}{y}", r"\frac{x+y}{xy}"), (r"\cos^2 x - \sin^2 x", r"\cos 2x"),
+    # complex numbers
+    ("-2 + 7i", "7i - 2"), ("1 - 12i", "-12i+1"), ("6 - 5i", "6-5i"), ("1+274i", "274i + 1"), ("i^2", "-1"),
+    (r"\frac{1}{i}", "-i"), ("(1+i)^2", "2i"),
+    # infinity
+    (r"\infty", r"\infty"), (r"-\infty", r"-\infty"), ("∞", r"\infty"), (r"\infty", r"+\infty"),
+    # multiple choice
+    ("C", r"\text{(C)}"), ("(C)", r"\text{(C)}"), (r"\textbf{(C)}", r"\text{(C)}"), (r"\text{C}", "(C)"),
+    ("(b)", r"\text{(B)}"), ("E", "E"), (r"\text{(E)}", "E"), ("$(A)$", "A"),
+    # words
+    ("Evelyn", r"\text{Evelyn}"), ("evelyn", r"\text{Evelyn}"), (r"\text{Navin}", r"\text{Navin}"),
+    (r"\textbf{east}", r"\text{east}"), ("East", r"\text{east}"), (r"\text{ellipse}", "ellipse"),
+    ("even", r"\text{even}"), (r"\text{Even}.", r"\text{even}"),
+    # numbers in another base
+    ("52_8", "52_8"), ("52", "52_8"), ("52_{8}", "52_8"), ("2516_8", "2516_{8}"), ("4210_5", "4210_{5}"),
+    ("42_{10}", "52_8"), ("1010_2", "10"),
+    # numeric tolerance for irrational golds (1e-6 relative)
+    ("1.4142136", r"\sqrt{2}"), ("0.7071068", r"\frac{\sqrt2}{2}"), ("2.7182818", "e"), ("3.1415927", r"\pi"),
+    # huge values: identical strings only
+    (r"10^{10^{10}}", r"10^{10^{10}}"), (r"10^{10^{10}}", r" 10^{10^{10}}"),
+]
+
+NOT_EQUIVALENT = [
+    # numbers
+    ("1", "2"), ("1000", "100"), ("1,000", "1,001"), ("1,2", "12"), ("10,080", "10,081"), ("0.5", "0.6"),
+    ("-5", "5"), ("5", "-5"), ("−5", "5"), ("1.0000001", "1"), ("1.000001", "1"), ("0.1", r"\frac{1}{9}"),
+    ("12", r"12\sqrt2"), ("0", "1"), ("100", "10^3"), ("2^{10}", "1000"), ("1.5e3", "150"),
+    # exact rationals are compared exactly
+    ("0.333333", r"\frac13"), ("0.33", r"\frac13"), ("0.67", r"\frac23"), ("0.1428", r"\frac17"),
+    # fractions and mixed numbers
+    (r"\frac12", r"\frac13"), (r"\frac{1}{2}", "2"), (r"2\frac{1}{2}", "1"), (r"2\frac12", "2.25"),
+    (r"\frac43", r"\frac34"), (r"\frac{3}{2}", r"\frac{3}{3}"), (r"1\frac{4}{5}", r"1\frac{4}{6}"),
+    # percentages
+    ("50", "0.5"), ("0.5", "50"), (r"50\%", "5"), (r"50\%", "0.05"), (r"25\%", "0.5"),
+    # roots, pi, tolerance
+    (r"\sqrt{8}", r"2\sqrt{3}"), (r"\sqrt2", "1.41"), (r"\sqrt2", "1.414"), (r"\sqrt[3]{27}", r"\sqrt{27}"),
+    (r"\pi", "3.14"), (r"2\pi", r"\pi"), (r"\frac{\pi}{6}", r"30^\circ"), ("1.4142", r"\sqrt2"), ("3.1416", r"\pi"),
+    (r"\frac{\sqrt{3}}{3}", r"\sqrt3"), (r"\sqrt{51}", r"\sqrt{52}"), (r"11\sqrt2", r"11\sqrt3"),
+    # powers and expressions
+    ("x^2", "x^3"), ("x^2", "2x"), ("2x", "x^2"), ("x^2+2x+2", "(x+1)^2"), (r"\cot x", r"\tan x"), ("2k", "2n"),
+    ("2k+2", "2k+3"), ("p-q", "q-p"), ("x^3+3x-6", "x^3+3x-7"), ("(a+5)(b+2)", "(a+5)(b+3)"),
+    (r"\sin x", r"\cos x"), (r"\log_2 8", r"\log_2 9"), ("5!", "100"), (r"\binom{5}{2}", r"\binom{5}{3}+1"),
+    ("x", "y"), ("a+b", "ab"), ("3R^2", "3R^3"), ("5r^5", "5r^6"), ("8n^2 + 4n + 1", "8n^2 + 4n + 2"),
+    (r"\frac{11+9a}{20}", r"\frac{11+9a}{21}"), ("x^5 - x^4 + x^3 - x^2 + x - 1", "x^5 - x^4 + x^3 - x^2 + x - 2"),
+    (r"\sin^2 x", r"\sin x^2"), (r"\ln x", r"\log_2 x"), ("|x|", "-x"), (r"x \cdot y", "x + y"),
+    # units, degrees, text wrappers
+    (r"5\text{ cm}", "6"), (r"\$5", "50"), (r"30^\circ", "60"), (r"15\mbox{ cm}^2", "16"), ("5 dollars", "6"),
+    (r"\frac{270}7\text{ degrees}", r"\frac{270}8"), (r"\text{7}", "8"),
+    # plus-minus
+    (rf"1 {PM} \sqrt{{19}}", r"1+\sqrt{19}"), (r"1+\sqrt{19}", rf"1 {PM} \sqrt{{19}}"),
+    (rf"3 {PM} 2\sqrt2", r"3+2\sqrt2, 3+2\sqrt3"), (rf"1 {PM} \sqrt{{19}}", rf"1 {PM} \sqrt{{20}}"),
+    (rf"\{{1{PM}\sqrt{{5}},-2\}}", rf"\{{1{PM}\sqrt{{5}},-3\}}"),
+    # tuples, intervals, unions
+    ("(1,2)", "(2,1)"), ("(1,2)", "[1,2]"), ("(1,2]", "(1,2)"), ("[1,2)", "[1,2]"), (r"(-\infty, 0]", r"(-\infty, 0)"),
+    (r"(-\infty, 2) \cup (3, \infty)", r"(-\infty, 2] \cup (3, \infty)"),
+    (r"(-\infty, 2) \cup (3, \infty)", r"(-\infty, 3) \cup (2, \infty)"), (r"(2,\infty)", r"x \ge 2"),
+    ("x > 3", "x < 3"), ("x > 3", r"x \ge 3"), (r"(0,9) \cup (9,36)", "(0,36)"), ("(1,2,3)", "(1,2)"),
+    ("(1,2)", "1, 2"), (r"(-\infty, 0]", r"(-\infty, 1]"), ("(3,4]", "(3,5]"), ("(15,-29)", "(15,-30)"),
+    (r"\left( 3, \frac{\pi}{2} \right)", r"\left( 3, \frac{\pi}{3} \right)"), ("[-2,7]", r"x \in [-2,8]"),
+    (r"x \in [-2,7]", "[-2,7)"), ("0 < x < 1", "[0,1]"), ("x + y > 1", "x + y < 1"), ("x + y > 1", r"x + y \ge 1"),
+    # sets and lists
+    (r"\{1,2\}", r"\{1,3\}"), (r"\{1,2\}", r"\{1,2,3\}"), ("1, 2", "1, 2, 3"), ("1, 2", "1"), ("-2,1", "2,-1"),
+    ("3, 5, 7", "3, 5, 8"), ("-2,1", "-2,2"), (r"\{3\}", "4"), ("x = 5, y = 3", "x=5, y=4"), ("1, 1", "1, 2"),
+    # equations
+    ("x=5", "6"), ("x=5", "y=5"), ("y = 2x+3", "y = 2x+4"), ("y=2x+3", "2x+4"), ("y = -2x", "y = -3x"),
+    ("5x - 7y + 11z + 4 = 0", "5x - 7y + 11z + 5 = 0"), ("5x - 7y + 11z + 4 = 0", "5x - 7y + 11z + 4"),
+    ("x^2 + y^2 = 1", "x^2 + y^2 = 2"), ("x = 5", "x = -5"),
+    # matrices
+    (r"\begin{pmatrix} 1 & 2 \\ 3 & 4 \end{pmatrix}", r"\begin{pmatrix} 1 & 2 \\ 3 & 5 \end{pmatrix}"),
+    (r"\begin{pmatrix} 1 & 2 \\ 3 & 4 \end{pmatrix}", r"\begin{pmatrix} 1 & 3 \\ 2 & 4 \end{pmatrix}"),
+    (r"\begin{pmatrix} 1 & 2 \\ 3 & 4 \end{pmatrix}", "(1, 2, 3, 4)"),
+    (r"\begin{pmatrix} -18 \\ -49 \\ 96 \end{pmatrix}", r"\begin{pmatrix} -18 \\ -49 \\ 97 \end{pmatrix}"),
+    ("(-18, -49, 96)", r"\begin{pmatrix} -49 \\ -18 \\ 96 \end{pmatrix}"),
+    (r"\begin{pmatrix} 1 \\ 2 \end{pmatrix}", r"\begin{pmatrix} 1 & 2 \\ 0 & 0 \end{pmatrix}"),
+    # complex numbers and infinity
+    ("-2+7i", "-2-7i"), ("i", "1"), ("1+2i", "2+i"), (r"\infty", r"-\infty"), (r"\infty", "1000000"),
+    (r"\frac{1}{0}", r"\frac{2}{0}"), ("0/0", "0"),
+    # multiple choice and words
+    ("C", r"\text{(B)}"), ("(D)", r"\text{(C)}"), (r"\text{(A)}", "(B)"), ("(C) 5", r"\text{(C)}"), ("5", r"\text{(C)}"),
+    ("Evelyn", r"\text{Navin}"), ("Eve", r"\text{Evelyn}"), ("west", r"\text{east}"), ("odd", r"\text{even}"),
+    ("neve", r"\text{even}"), (r"\text{hyperbola}", r"\text{ellipse}"),
+    # bases
+    ("42", "52_8"), ("52_9", "52_8"), ("53_8", "52_8"), ("40_{10}", "40_9"), ("29_8", "52_8"),
+    # huge values are refused, not computed
+    (r"10^{10^{10}}", "5"), (r"10^{10^{10}}", r"10^{10^{10}}+1"), (r"10^{10^{10}}", r"10^{10^{11}}"),
+    ("(x+1)^{100000}", "(x+1)^{100000}+1"), ("1000000!", "5"),
+    # empty and degenerate
+    ("", "5"), ("5", ""), (r"\text{}", "5"), ("{}", "5"), ("()", "5"), (r"\frac{}{}", "1"), ("$$", "0"),
+]
+
+
+@pytest.mark.parametrize("pred,gold", EQUIVALENT)
+def test_equivalent(pred, gold):
+    assert is_equivalent(pred, gold)
+
+
+@pytest.mark.parametrize("pred,gold", NOT_EQUIVALENT)
+def test_not_equivalent(pred, gold):
+    assert not is_equivalent(pred, gold)
+
+
+def test_table_sizes():
+    assert len(EQUIVALENT) >= 200 and len(NOT_EQUIVALENT) >= 150
+    assert len(set(EQUIVALENT)) == len(EQUIVALENT) and len(set(NOT_EQUIVALENT)) == len(NOT_EQUIVALENT)
