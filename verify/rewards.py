@@ -31,7 +31,8 @@ Registered rewards (published defaults; the factories build other settings):
   soft_overlong   DAPO soft overlong punishment (make_soft_overlong_reward).
   language        R1 language consistency: the share of the reasoning's words written in the
                   prompt's script (see language_reward).
-  code            pass rate of the completion's program on the row's tests (see code_reward).
+  code            pass rate of the completion's program on the row's tests in the sandbox of
+                  verify.code (make_code_reward, CodeReward).
   arithmetic      synthetic arithmetic task checker (verify/tasks.py), 1.0 / 0.0.
   countdown       synthetic Countdown task checker (verify/tasks.py), 1.0 / 0.0.
 
@@ -41,7 +42,8 @@ worker processes (verify/pool.py). Attributes the pool reads: `groupwise` (True 
 completion's reward depends on the other completions of its prompt group, so the pool must
 score whole groups together) and `timeout_reward` (the value a completion gets when scoring
 it timed out: 0.0 for the correctness checks, i.e. "not verified"; None, no signal, for the
-rest). `get_reward("accuracy:1.0,format:0.5")` builds a weighted sum.
+rest). `get_reward("accuracy:1.0,format:0.5")` builds a weighted sum. Published defaults where
+there are some: cosine (Open-R1), repetition (Open-R1: 3-grams, -1.0), soft_overlong (DAPO).
 
 verify.math and verify.code are imported inside the rewards that use them, so importing this
 module stays cheap (no sympy) and the shape rewards work without them.
@@ -51,6 +53,7 @@ from __future__ import annotations
 import functools
 import importlib
 import itertools
+import json
 import math
 import re
 import unicodedata
@@ -441,6 +444,88 @@ def extract_code(completion: str) -> str:
     return blocks[-1] if blocks else completion
 
 
+def _compiles(source: str) -> bool:
+    """Is `source` Python syntax? (compile only: nothing runs)"""
+    try:
+        compile(source, "<prompt>", "exec")
+    except (SyntaxError, ValueError):
+        return False
+    return True
+
+
+def code_tests(row: dict):
+    """The tests of one data row in a form verify.code.run_tests accepts, or None when it has none.
+
+    - `tests`: handed over as is (a HumanEvalTest/CallTest/IOTest, a {"kind": ...} dict, a list of
+      (stdin, stdout) pairs), or as the JSON text of one of those;
+    - `test` + `entry_point` (HumanEval rows): a HumanEval test; the row's `prompt` is passed as
+      trusted context (HumanEval tests call the prompt's helpers) only when it is Python source,
+      so a natural-language prompt is not run;
+    - `verification_info` (Open-R1, a dict or its JSON text): {"language": "python",
+      "test_cases": [{"input": stdin, "output": stdout}, ...]} -> stdin/stdout cases.
+    """
+    if row.get("tests") is not None:
+        tests = row["tests"]
+        if isinstance(tests, str):
+            try:
+                tests = json.loads(tests)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"code reward: a `tests` string must be JSON, got {tests[:80]!r}: {e}") from None
+        return tests
+    if row.get("test") is not None and row.get("entry_point") is not None:
+        prompt = row.get("prompt")
+        context = prompt if isinstance(prompt, str) and _compiles(prompt) else ""
+        return {"kind": "humaneval", "test": row["test"], "entry_point": row["entry_point"], "context": context}
+    info = row.get("verification_info")
+    if info is None:
+        return None
+    if isinstance(info, str):
+        info = json.loads(info)
+    language = info.get("language", "python")
+    if language != "python":
+        raise ValueError(f"code reward: only python tests run here, got verification_info language {language!r}")
+    return [(case["input"], case["output"]) for case in info["test_cases"]]
+
+
+_TEST_COLUMNS = ("tests", "test", "entry_point", "verification_info", "prompt")
+
+
+@dataclass(frozen=True)
+class CodeReward:
+    """Pass rate passed / total of the completion's program (extract_code) on its row's tests
+    (code_tests), run by verify.code.run_tests in its sandbox with these limits.
+
+    None for a row without tests (and for every row when no test column is given); 0.0 when the
+    run counts no tests at all. In the worker pool, keep the pool's timeout above timeout_s plus
+    the sandbox's start-up grace (verify.code.STARTUP_GRACE_S), or slow programs count as pool
+    timeouts (0.0 as well, but also a killed worker).
+    """
+    timeout_s: float = 5.0
+    memory_mb: int = 1024
+    groupwise: ClassVar[bool] = False
+    timeout_reward: ClassVar[float | None] = 0.0
+
+    def __call__(self, completions: list[str], **kwargs) -> list[float | None]:
+        from verify.code import run_tests
+        n = len(completions)
+        present = [k for k in _TEST_COLUMNS if kwargs.get(k) is not None]
+        columns = {k: _column(kwargs, (k,), n, "code") for k in present}
+        out = []
+        for i, completion in enumerate(completions):
+            tests = code_tests({k: v[i] for k, v in columns.items()})
+            if tests is None:
+                out.append(None)
+                continue
+            result = run_tests(extract_code(completion), tests, timeout_s=self.timeout_s, memory_mb=self.memory_mb)
+            out.append(result.passed / result.total if result.total > 0 else 0.0)
+        return out
+
+
+def make_code_reward(timeout_s: float = 5.0, memory_mb: int = 1024) -> CodeReward:
+    """The code pass-rate reward with these sandbox limits per completion (see CodeReward)."""
+    return CodeReward(timeout_s, memory_mb)
+
+
 # ----------------------------------------------------------------------------- weighted sums and the registry
 
 @dataclass(frozen=True)
@@ -553,6 +638,7 @@ REWARDS: dict[str, RewardFn] = {
     "repetition": RepetitionReward(),
     "soft_overlong": SoftOverlongReward(),
     "language": language_reward,
+    "code": CodeReward(),
     "arithmetic": arithmetic_reward,
     "countdown": countdown_reward,
 }

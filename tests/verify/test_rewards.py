@@ -1,10 +1,11 @@
 """Each reward on hand-made completions; expected numbers worked out by hand from the formulas."""
+import json
 import math
 import pickle
 
 import pytest
 
-from verify.rewards import (REWARDS, CosineReward, format_reward, get_reward, gold_answer, language_reward, make_cosine_reward,
+from verify.rewards import (REWARDS, CosineReward, extract_code, format_reward, get_reward, gold_answer, language_reward, make_cosine_reward,
                             make_length_reward, make_repetition_reward, make_soft_overlong_reward,
                             prompt_groups, reasoning_steps_reward, reasoning_text, script_word_counts,
                             tag_count_reward, think_format_reward, weighted_sum)
@@ -243,7 +244,7 @@ def test_weighted_sum_none_handling():
 
 def test_registry_and_errors():
     assert set(REWARDS) >= {"accuracy", "format", "think_format", "tag_count", "reasoning_steps", "length",
-                            "cosine", "repetition", "soft_overlong", "language", "arithmetic", "countdown"}
+                            "cosine", "repetition", "soft_overlong", "language", "code", "arithmetic", "countdown"}
     assert get_reward("format") is format_reward
     assert get_reward(format_reward) is format_reward
     assert REWARDS["cosine"] == make_cosine_reward() == CosineReward(max_len=1000)   # published defaults
@@ -270,10 +271,40 @@ def test_registry_and_errors():
 
 
 def test_pool_attributes_and_pickling():
-    assert REWARDS["arithmetic"].timeout_reward == 0.0 and REWARDS["accuracy"].timeout_reward == 0.0
+    for name in ("accuracy", "code", "arithmetic", "countdown"):   # correctness checks: timed out = not verified
+        assert REWARDS[name].timeout_reward == 0.0
     assert getattr(REWARDS["format"], "timeout_reward", None) is None
     assert get_reward("arithmetic:2,format:1").timeout_reward == 0.0
     assert REWARDS["length"].groupwise and not REWARDS["cosine"].groupwise
     assert get_reward("length,format").groupwise
     for reward in (make_cosine_reward(max_len=7), make_length_reward("countdown"), get_reward("format:2")):
         assert pickle.loads(pickle.dumps(reward)) == reward
+
+
+# ----------------------------------------------------------------------------- code (runs the sandbox)
+
+ADD_TEST = "def check(candidate):\n    assert candidate(1, 2) == 3\n    assert candidate(-1, 1) == 0\n"
+
+
+def test_code_humaneval_rows():
+    right = "Here is my solution.\n```python\ndef add(a, b):\n    return a + b\n```\nDone."
+    wrong_then_right = "```python\ndef add(a, b):\n    return a - b\n```\nFixed:\n```python\ndef add(a, b):\n    return a + b\n```"
+    bare_wrong = "def add(a, b):\n    return a * b\n"          # no block: the whole completion is the program
+    got = REWARDS["code"]([right, wrong_then_right, bare_wrong], test=[ADD_TEST] * 3, entry_point=["add"] * 3,
+                          prompt=["def add(a, b):\n    \"\"\"Add two numbers.\"\"\"\n", "Write add(a, b).", None])
+    assert got == [1.0, 1.0, 0.0]     # the last block counts; a HumanEval test is 1/1 or 0/1
+
+
+def test_code_pass_rates_and_missing_tests():
+    doubler = "```python\nprint(int(input()) * 2)\n```"
+    square = "```python\ndef sq(x):\n    return x * x\n```"
+    info = {"language": "python", "test_cases": [{"input": "2\n", "output": "4\n"}, {"input": "3\n", "output": "9"}]}
+    call = {"kind": "call", "fn_name": "sq", "cases": [{"input": [3], "output": 9}, {"input": [4], "output": 16},
+                                                       {"input": [5], "output": 25}, {"input": [0], "output": 1}]}
+    # doubler: 2 -> 4 right, 3 -> 6 wrong: 1/2; sq: 3 of 4 cases; third row has no tests
+    assert REWARDS["code"]([doubler], verification_info=[json.dumps(info)]) == [0.5]
+    assert REWARDS["code"]([square, square], tests=[call, None]) == [0.75, None]
+    assert REWARDS["code"]([square], answer=["9"]) == [None]          # no test column at all
+    assert extract_code("text only") == "text only"
+    with pytest.raises(ValueError, match="only python"):
+        REWARDS["code"]([square], verification_info=[{"language": "cpp", "test_cases": []}])
