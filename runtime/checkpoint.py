@@ -9,14 +9,14 @@ Layout, one directory per saved step (8-digit step numbers sort as text):
         rng-rank{r}.pt    each rank's RNG states (runtime.seeding.capture_rng_state)
         model.pt          single process: torch.save(model.state_dict()) -- exact fp32 weights
         optim.pt          single process: torch.save(optimizer.state_dict())
-        model_dcp/        distributed: the model state dict, sharded with torch.distributed.checkpoint
-        optim/            distributed: the optimizer state dict, sharded likewise (__0_0.distcp, ...)
+        model_dcp/        sharded: the model state dict, written with torch.distributed.checkpoint
+        optim/            sharded: the optimizer state dict, likewise (__0_0.distcp, __1_0.distcp, ...)
         hf/               optional: the caller's save_model_fn(dir) output (HF folder, maybe bf16)
         COMPLETE          written last
 
 The HF folder is for people and other tools; resume reads model.pt / model_dcp/, because the HF
-copy may be in a lower precision and exact resume needs the fp32 master weights. Under FSDP the
-state dicts are written by torch.distributed.checkpoint (DCP): each rank writes its own shards,
+copy may be in a lower precision and exact resume needs the fp32 master weights. "Sharded" means
+several ranks, or FSDP2 (DTensor) parameters even on one rank; then the state dicts are written by torch.distributed.checkpoint (DCP): each rank writes its own shards,
 so no rank ever gathers the whole model or optimizer state, and DCP can reshard on load if the
 world size changes (then the RNG states cannot be restored, and a line says so).
 
@@ -44,6 +44,7 @@ from typing import Callable
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_optimizer_state_dict,
@@ -136,6 +137,12 @@ def _discard(path: Path, root: Path) -> None:
 
 # ----------------------------------------------------------------------------- save
 
+def _uses_dcp(model: nn.Module) -> bool:
+    """Sharded format when several ranks train together, or when the parameters are DTensors
+    (FSDP2, even on a single rank): their state dicts are written and read with DCP."""
+    return get_world_size() > 1 or any(isinstance(p, DTensor) for p in model.parameters())
+
+
 def _state_dict_shapes(state_dict: dict) -> dict[str, list[int]]:
     # DTensor.shape is the global shape, so the record is the same on every rank and world size
     return {k: list(v.shape) for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
@@ -176,7 +183,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model: nn.Module,
     root = Path(run_dir) / CHECKPOINTS_DIR
     final = checkpoint_dir(run_dir, step)
     rank, world = get_rank(), get_world_size()
-    sharded = world > 1
+    sharded = _uses_dcp(model)
     tmp = None
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
@@ -271,21 +278,21 @@ def _mismatch_message(path: Path, saved: dict[str, list[int]], current: dict[str
 
 
 def _check_optimizer_groups(path: Path, saved: dict, optimizer: torch.optim.Optimizer) -> None:
-    saved_groups = [g.get("param_names") for g in saved["param_groups"]]
-    current_groups = [g.get("param_names") for g in optimizer.param_groups]
-    if len(saved_groups) != len(current_groups):
-        raise ValueError(f"checkpoint {path / 'optim.pt'}: {len(saved_groups)} parameter groups saved, "
-                         f"the optimizer has {len(current_groups)}")
-    for i, (s, c) in enumerate(zip(saved_groups, current_groups)):
-        if s is not None and c is not None and s != c:
-            msg = _mismatch_message(path / "optim.pt", dict.fromkeys(s, []), dict.fromkeys(c, []),
+    """Same number of groups, same parameters in each (by name when both sides carry names)."""
+    file = path / "optim.pt"
+    if len(saved["param_groups"]) != len(optimizer.param_groups):
+        raise ValueError(f"checkpoint {file}: {len(saved['param_groups'])} parameter groups saved, "
+                         f"the optimizer has {len(optimizer.param_groups)}")
+    for i, (s, c) in enumerate(zip(saved["param_groups"], optimizer.param_groups)):
+        s_names, c_names = s.get("param_names"), c.get("param_names")
+        if s_names is not None and c_names is not None and s_names != c_names:
+            msg = _mismatch_message(file, dict.fromkeys(s_names, []), dict.fromkeys(c_names, []),
                                     f"optimizer's parameter group {i}")
-            raise ValueError(msg or f"checkpoint {path / 'optim.pt'}: parameter group {i} lists its "
-                                    f"parameters in a different order than the optimizer")
-        if s is None and len(saved["param_groups"][i]["params"]) != len(optimizer.param_groups[i]["params"]):
-            raise ValueError(f"checkpoint {path / 'optim.pt'}: parameter group {i} holds "
-                             f"{len(saved['param_groups'][i]['params'])} parameters, the optimizer's "
-                             f"{len(optimizer.param_groups[i]['params'])}")
+            raise ValueError(msg or f"checkpoint {file}: parameter group {i} lists its parameters "
+                                    f"in a different order than the optimizer")
+        if len(s["params"]) != len(c["params"]):
+            raise ValueError(f"checkpoint {file}: parameter group {i} holds {len(s['params'])} parameters, "
+                             f"the optimizer's {len(c['params'])}")
 
 
 def load_checkpoint(path: str | os.PathLike, *, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
@@ -311,12 +318,13 @@ def load_checkpoint(path: str | os.PathLike, *, model: nn.Module, optimizer: tor
         raise ValueError(f"{path / STATE_FILE}: format version {meta.get('version')!r}, expected {FORMAT_VERSION}")
 
     world = get_world_size()
-    sharded = world > 1
+    sharded = _uses_dcp(model)
     saved_format = meta["format"]
     if saved_format != ("dcp" if sharded else "torch"):
-        raise ValueError(f"checkpoint {path} was saved by {meta['world_size']} process(es) ({saved_format} format); "
-                         f"this run has {world}. Resume sharded checkpoints under torchrun with several ranks "
-                         f"and single-process ones in a single process (the hf/ folder loads anywhere).")
+        raise ValueError(f"checkpoint {path} was saved by {meta['world_size']} process(es) in the {saved_format} "
+                         f"format; this run has {world} and needs the {'dcp' if sharded else 'torch'} format. "
+                         f"Resume sharded (FSDP) checkpoints under torchrun with the model sharded, and "
+                         f"single-process ones in a single process (the hf/ folder loads anywhere).")
 
     model_sd = get_model_state_dict(model) if sharded else model.state_dict()
     msg = _mismatch_message(path, meta["model_keys"], _state_dict_shapes(model_sd), "model")

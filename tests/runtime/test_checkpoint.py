@@ -98,6 +98,27 @@ def test_kill_9_during_saves_then_resume(tmp_path):
     assert_bitwise_equal(reference, torch.load(tmp_path / "resumed.pt", weights_only=True))
 
 
+def test_fsdp_single_rank_uses_dcp_and_resumes_exactly(tmp_path):
+    """FSDP2 on a one-rank group (what `torchrun --nproc_per_node 1` gives): DTensor parameters,
+    so the sharded format is used even though there is one process."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        worker = load_worker()
+        reference = worker.run_training(tmp_path / "straight", steps=8, fsdp=True)
+        worker.run_training(tmp_path / "split", steps=8, stop_at=4, save_every=4, fsdp=True)
+        ckpt = checkpoint_dir(tmp_path / "split", 4)
+        assert json.loads((ckpt / "state.json").read_text())["format"] == "dcp"
+        assert (ckpt / "optim" / "__0_0.distcp").exists() and not (ckpt / "optim.pt").exists()
+        seed_everything(99)
+        resumed = worker.run_training(tmp_path / "split", steps=8, resume=True, fsdp=True)
+        assert_bitwise_equal(reference, resumed)
+        with pytest.raises(ValueError, match="in the dcp format; .* needs the torch format"):
+            load_checkpoint(ckpt, model=worker.TinyNet(), log=lambda m: None)  # an unsharded model
+    finally:
+        dist.destroy_process_group()
+
+
 @pytest.mark.distributed
 def test_fsdp_two_ranks_sharded_save_and_resume(tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
