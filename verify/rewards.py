@@ -35,6 +35,7 @@ Registered rewards (published defaults; the factories build other settings):
                   verify.code (make_code_reward, CodeReward).
   arithmetic      synthetic arithmetic task checker (verify/tasks.py), 1.0 / 0.0.
   countdown       synthetic Countdown task checker (verify/tasks.py), 1.0 / 0.0.
+  task            mixed synthetic data: the checker named by each row's `task` column.
 
 Lengths (length, cosine) are token counts from `completion_ids` when given, else characters.
 Parameterised rewards are small frozen dataclasses with `__call__`, so they pickle by value into
@@ -61,7 +62,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, ClassVar
 
-from verify.tasks import arithmetic_reward, countdown_reward
+from verify.tasks import arithmetic_reward, countdown_reward, task_reward
 
 RewardFn = Callable[..., list]   # fn(completions: list[str], **kwargs) -> list[float | None]
 
@@ -641,4 +642,5 @@ REWARDS: dict[str, RewardFn] = {
     "code": CodeReward(),
     "arithmetic": arithmetic_reward,
     "countdown": countdown_reward,
+    "task": task_reward,
 }

@@ -15,6 +15,9 @@ project and no sympy (a checker costs microseconds). Formats it checks (see data
   may be fractions ("8 / 3 * 3" is fine); division by zero makes the answer wrong. No unary minus,
   no decimals, no "= 30" suffix: the same rules as data/tasks.py uses to label its corpus rows.
 
+Rewards: `arithmetic_reward` and `countdown_reward` (1.0 / 0.0 per completion) and `task_reward`,
+which picks the checker by each row's `task` column for data that mixes the two tasks.
+
 The expression is never given to Python's eval or parser: a tokenizer plus a recursive-descent
 parser builds the value with fractions.Fraction, and anything outside the grammar is rejected.
 Guards keep hostile answers cheap: at most MAX_EXPRESSION_CHARS characters, MAX_NUMBER_DIGITS
@@ -247,6 +250,29 @@ def countdown_reward(completions: list[str], **kwargs) -> list[float | None]:
             for c, nums, target in zip(completions, numbers, targets)]
 
 
+def task_reward(completions: list[str], **kwargs) -> list[float | None]:
+    """Mixed synthetic data: each row checked by the checker its `task` column names.
+
+    task "arithmetic" -> check_arithmetic against `answer`; "countdown" -> check_countdown against
+    `numbers` and `target` (None where those are None); any other task (or None) -> None, since
+    no checker here knows that task.
+    """
+    n = len(completions)
+    tasks = _column(kwargs, "task", n, "task")
+    columns = {k: _column(kwargs, k, n, "task") for k in ("answer", "numbers", "target") if kwargs.get(k) is not None}
+    out = []
+    for i, (completion, task) in enumerate(zip(completions, tasks)):
+        row = {k: v[i] for k, v in columns.items()}
+        if task == "arithmetic" and row.get("answer") is not None:
+            out.append(float(check_arithmetic(completion, row["answer"])))
+        elif task == "countdown" and row.get("numbers") is not None and row.get("target") is not None:
+            out.append(float(check_countdown(completion, row["numbers"], row["target"])))
+        else:
+            out.append(None)
+    return out
+
+
 # In the worker pool, a check that timed out counts as not verified.
 arithmetic_reward.timeout_reward = 0.0
 countdown_reward.timeout_reward = 0.0
+task_reward.timeout_reward = 0.0

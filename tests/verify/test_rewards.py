@@ -244,7 +244,7 @@ def test_weighted_sum_none_handling():
 
 def test_registry_and_errors():
     assert set(REWARDS) >= {"accuracy", "format", "think_format", "tag_count", "reasoning_steps", "length",
-                            "cosine", "repetition", "soft_overlong", "language", "code", "arithmetic", "countdown"}
+                            "cosine", "repetition", "soft_overlong", "language", "code", "arithmetic", "countdown", "task"}
     assert get_reward("format") is format_reward
     assert get_reward(format_reward) is format_reward
     assert REWARDS["cosine"] == make_cosine_reward() == CosineReward(max_len=1000)   # published defaults

@@ -6,7 +6,8 @@ import pytest
 
 from data.tasks import arithmetic_problems, countdown_problems, pretraining_corpus, solve_arithmetic, solve_countdown
 from verify.tasks import (MAX_DEPTH, MAX_EXPRESSION_CHARS, arithmetic_reward, check_arithmetic, check_countdown,
-                          check_countdown_expression, countdown_reward, evaluate_expression, extract_task_answer)
+                          check_countdown_expression, countdown_reward, evaluate_expression, extract_task_answer,
+                          task_reward)
 
 
 def answer(text: str) -> str:
@@ -165,3 +166,15 @@ def test_arithmetic_reward():
     assert got == [1.0, 0.0, None]
     with pytest.raises(ValueError, match="`answer` column"):
         arithmetic_reward([answer("7")], gold=["7"])
+
+
+def test_task_reward_dispatches_on_the_task_column():
+    completions = [answer("579"), answer("(7 - 3) * 15 / 2"), answer("580"), answer("7 + 3 + 15 + 2"), answer("1")]
+    got = task_reward(completions,
+                      task=["arithmetic", "countdown", "arithmetic", "countdown", "math"],
+                      answer=["579", "(7 - 3) * 15 / 2", "579", "(7 - 3) * 15 / 2", "1"],
+                      numbers=[None, [3, 7, 15, 2], None, [3, 7, 15, 2], None],
+                      target=[None, 30, None, 30, None])
+    assert got == [1.0, 1.0, 0.0, 0.0, None]    # an unknown task gets no signal
+    with pytest.raises(ValueError, match="`task` column"):
+        task_reward(completions[:1], answer=["579"])
