@@ -48,7 +48,7 @@ from model.config import ModelConfig
 # Bytes of the staging buffer used when a tensor's stored dtype differs from its parameter's (or the
 # parameter is not in CPU memory): large enough that per-call overhead is negligible, small enough to
 # be invisible next to any real model.
-READ_CHUNK_BYTES = 16 << 20
+READ_CHUNK_BYTES = 4 << 20
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size ("5GB")
 
@@ -371,13 +371,16 @@ def _plan_load(config: ModelConfig, declared_mtp: int, expected: dict, files, lo
             warnings.warn(msg, stacklevel=3)
     plan.uninitialised |= bool(missing)
 
+    mismatched = [n for n, f in loaded.items() if n in expected and tuple(expected[n].shape) != f.shape(n)]
+    if mismatched:
+        name, file = mismatched[0], loaded[mismatched[0]]
+        more = f"; {len(mismatched) - 1} more tensor(s) mismatch: {_name_list(mismatched[1:])}" if len(mismatched) > 1 else ""
+        raise ValueError(f"{file.path}: tensor {name!r} has shape {list(file.shape(name))} in the checkpoint but "
+                         f"{list(expected[name].shape)} in the model (check config.json against the weights){more}")
     for name, file in loaded.items():
         if name not in expected:
             continue
-        want, got = tuple(expected[name].shape), file.shape(name)
-        if want != got:
-            raise ValueError(f"{file.path}: tensor {name!r} has shape {list(got)} in the checkpoint but "
-                             f"{list(want)} in the model (check config.json against the weights)")
+        want = tuple(expected[name].shape)
         if name in plan.fp8_scales:
             scale_file, scale_name = plan.fp8_scales[name]
             if len(want) != 2:
@@ -428,9 +431,7 @@ def _read_tensor(file: _SafetensorsFile, f, name: str, dest: torch.Tensor, stagi
         n = min(step, flat.numel() - start)
         buf = staging.get(n, src_dtype)
         file.read_into(f, name, buf, start)
-        flat[start:start + n].copy_(buf, non_blocking=staging.pin)
-    if staging.pin:
-        torch.cuda.synchronize(dest.device)  # the buffer is reused by the next read
+        flat[start:start + n].copy_(buf)  # blocking: the next read reuses the buffer
 
 
 def _read_fp8(file: _SafetensorsFile, f, name: str, scale_inv: torch.Tensor, block: tuple[int, int],
@@ -446,11 +447,12 @@ def _read_fp8(file: _SafetensorsFile, f, name: str, scale_inv: torch.Tensor, blo
         r1 = min(rows, r0 + group)
         w = staging.get((r1 - r0) * cols, src_dtype).view(r1 - r0, cols)
         file.read_into(f, name, w, r0 * cols)
-        s = scale_inv[r0 // b0: math.ceil(r1 / b0)]                        # [rb, ceil(I/b1)]
+        # dequantised where the weight lives (on a GPU, the multiply is cheap there); fp32 products
+        # are exact IEEE operations, so the values do not depend on the device
+        w = w.to(dest.device)
+        s = scale_inv[r0 // b0: math.ceil(r1 / b0)].to(dest.device)      # [rb, ceil(I/b1)]
         s = s.repeat_interleave(b0, 0)[: r1 - r0].repeat_interleave(b1, 1)[:, :cols]  # [r, I]
-        dest[r0:r1].copy_((w.float() * s).to(dest.device))
-    if staging.pin:
-        torch.cuda.synchronize(dest.device)
+        dest[r0:r1].copy_(w.float() * s)
 
 
 def _init_weights(model) -> None:

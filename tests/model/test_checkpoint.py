@@ -209,3 +209,246 @@ def test_load_pretrained_reads_what_transformers_saves_sharded(tmp_path, name):
     with torch.no_grad():
         ours = model(ids)
     assert (ours - theirs).abs().max().item() <= 1e-4
+
+
+def test_round_trip_is_exact_and_dtype_casts(tmp_path):
+    config = ModelConfig(**CONFIGS["deepseek_v3"])
+    model = _random_model(config)
+    save_pretrained(model, tmp_path / "fp32")
+    assert (tmp_path / "fp32" / "model.safetensors").is_file()  # one shard: no index
+    assert not (tmp_path / "fp32" / "model.safetensors.index.json").exists()
+    back = load_pretrained(tmp_path / "fp32")
+    ours, theirs = model.state_dict(), back.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert back.lm_head.weight is back.model.layers[3].shared_head.head.weight  # sharing survives loading
+
+    save_pretrained(model, tmp_path / "bf16", dtype=torch.bfloat16)
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert all(t.dtype == torch.bfloat16 for t in _tensors(tmp_path / "bf16").values())
+    back = load_pretrained(tmp_path / "bf16", dtype=torch.bfloat16)
+    state = back.state_dict()
+    for k, t in ours.items():
+        want = t.to(torch.bfloat16).to(state[k].dtype)  # the router stays fp32 (from bf16 values)
+        assert torch.equal(state[k], want), k
+    assert state["model.layers.1.mlp.gate.weight"].dtype == torch.float32
+
+
+def test_tokenizer_and_generation_config_are_written(tmp_path):
+    from data.tokenizer import Tokenizer
+
+    tok = Tokenizer.train(["12 + 34 = 46", "<think>carry</think><answer>7</answer>"] * 20, vocab_size=300)
+    config = ModelConfig(**{**CONFIGS["qwen2-tied"], "vocab_size": tok.vocab_size, "bos_token_id": None,
+                            "eos_token_id": None})
+    out = save_pretrained(_random_model(config), tmp_path / "ckpt", tok)
+    back = Tokenizer.from_pretrained(out)
+    assert back.encode("<think>12 + 34</think>") == tok.encode("<think>12 + 34</think>")
+    assert back.chat_template == tok.chat_template
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert (generation["bos_token_id"], generation["eos_token_id"], generation["pad_token_id"]) == \
+        (tok.bos_id, tok.eos_id, tok.pad_id)
+
+
+def test_save_refuses_existing_folder_and_replaces_it_atomically(tmp_path):
+    config = ModelConfig(**CONFIGS["qwen2-tied"])
+    target = save_pretrained(_random_model(config, seed=0), tmp_path / "ckpt")
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        save_pretrained(_random_model(config, seed=1), target)
+    new = _random_model(config, seed=1)
+    save_pretrained(new, target, overwrite=True)
+    assert torch.equal(load_pretrained(target).lm_head.weight, new.lm_head.weight)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temporary or old folders left
+
+    class Broken:  # a tokenizer that fails half-way through the save
+        def save(self, path):
+            (Path(path) / "tokenizer.json").write_text("{")
+            raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        save_pretrained(_random_model(config, seed=2), target, Broken(), overwrite=True)
+    assert torch.equal(load_pretrained(target).lm_head.weight, new.lm_head.weight)  # the old one is intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+# ------------------------------------------------------------------------------------------------
+# FP8 block-quantised checkpoints
+# ------------------------------------------------------------------------------------------------
+
+def _quantise_fp8(w: torch.Tensor, block: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V3's weight format: per 128x128 block, scale_inv = amax / 448 (e4m3's largest
+    normal), w_fp8 = w / scale_inv. Returns (w_fp8 [O, I], scale_inv [ceil(O/b), ceil(I/b)] fp32)."""
+    O, I = w.shape
+    nb0, nb1 = math.ceil(O / block), math.ceil(I / block)
+    padded = torch.zeros(nb0 * block, nb1 * block)
+    padded[:O, :I] = w
+    blocks = padded.view(nb0, block, nb1, block)
+    scale_inv = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12) / 448.0                # [nb0, nb1]
+    q = (blocks / scale_inv[:, None, :, None]).view(nb0 * block, nb1 * block)[:O, :I]
+    return q.to(torch.float8_e4m3fn), scale_inv
+
+
+def _dequantise(q: torch.Tensor, scale_inv: torch.Tensor, block: int = 128) -> torch.Tensor:
+    O, I = q.shape
+    full = scale_inv.repeat_interleave(block, 0).repeat_interleave(block, 1)[:O, :I]  # [O, I]
+    return q.float() * full
+
+
+_FP8_CONFIG = dict(model_type="deepseek_v3", vocab_size=301, hidden_size=200, intermediate_size=260,
+                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, q_lora_rank=136,
+                   kv_lora_rank=130, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+                   n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=130,
+                   first_k_dense_replace=1, max_position_embeddings=64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_block_quantised_checkpoint_is_dequantised(tmp_path, dtype):
+    config = ModelConfig(**_FP8_CONFIG)
+    model = _random_model(config)
+    out = save_pretrained(model, tmp_path / "ckpt")
+    tensors = load_file(out / "model.safetensors")
+    reference = {}
+    for name in list(tensors):
+        if name.endswith("_proj.weight") or name.endswith("_proj_with_mqa.weight"):  # the linear layers
+            q, scale_inv = _quantise_fp8(tensors[name])
+            tensors[name], tensors[name + "_scale_inv"] = q, scale_inv
+            reference[name] = _dequantise(q, scale_inv)
+    assert any(max(t.shape) > 128 and min(t.shape) % 128 for t in reference.values())  # partial blocks
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    hf_config = json.loads((out / "config.json").read_text())
+    hf_config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                        "weight_block_size": [128, 128]}
+    (out / "config.json").write_text(json.dumps(hf_config))
+
+    loaded = load_pretrained(out, dtype=dtype)
+    state = loaded.state_dict()
+    for name, want in reference.items():
+        assert torch.equal(state[name], want.to(dtype)), name
+
+    ids = _ids(config)
+    with torch.no_grad():
+        exact, quantised = model(ids), loaded(ids).float()
+    rel = ((quantised - exact).norm() / exact.norm()).item()
+    assert 0 < rel < 0.1, rel  # e4m3 keeps 3 mantissa bits: a few percent, not more
+
+
+def test_fp8_weight_without_scale_is_an_error(tmp_path):
+    out = save_pretrained(_random_model(ModelConfig(**_FP8_CONFIG)), tmp_path / "ckpt")
+    tensors = load_file(out / "model.safetensors")
+    name = "model.layers.0.mlp.up_proj.weight"
+    tensors[name] = tensors[name].to(torch.float8_e4m3fn)
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"model\.safetensors: tensor 'model\.layers\.0\.mlp\.up_proj\.weight' is "
+                                         r"stored as torch\.float8_e4m3fn .* no 'model\.layers\.0\.mlp\.up_proj\.weight_scale_inv'"):
+        load_pretrained(out)
+
+
+# ------------------------------------------------------------------------------------------------
+# errors a user can meet
+# ------------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def saved_qwen2(tmp_path) -> Path:
+    return save_pretrained(_random_model(ModelConfig(**CONFIGS["qwen2-untied"])), tmp_path / "ckpt")
+
+
+def _edit(directory: Path, fn) -> None:
+    tensors = load_file(directory / "model.safetensors")
+    fn(tensors)
+    save_file(tensors, directory / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_missing_key_is_an_error_naming_it(saved_qwen2):
+    _edit(saved_qwen2, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(ValueError, match=r"missing tensor\(s\) .*: 1: model\.layers\.1\.mlp\.up_proj\.weight"):
+        load_pretrained(saved_qwen2)
+    with pytest.warns(UserWarning, match=r"missing tensor\(s\)"):
+        model = load_pretrained(saved_qwen2, strict=False)
+    assert torch.isfinite(model.layers[1].mlp.up_proj.weight).all()  # initialised, not left empty
+
+
+def test_many_missing_keys_are_counted(saved_qwen2):
+    _edit(saved_qwen2, lambda t: [t.pop(k) for k in [k for k in t if k.startswith("model.layers.")]])
+    with pytest.raises(ValueError, match=r"missing tensor\(s\) .*: 24: .*, \.\.\. \(14 more\)"):
+        load_pretrained(saved_qwen2)
+
+
+def test_unexpected_key_is_an_error_naming_it(saved_qwen2):
+    _edit(saved_qwen2, lambda t: t.update({"model.layers.1.self_attn.extra.weight": torch.zeros(3)}))
+    with pytest.raises(ValueError, match=r"unexpected tensor\(s\) .*: 1: model\.layers\.1\.self_attn\.extra\.weight"):
+        load_pretrained(saved_qwen2)
+
+
+def test_shape_mismatch_names_tensor_file_and_both_shapes(saved_qwen2):
+    config = json.loads((saved_qwen2 / "config.json").read_text())
+    (saved_qwen2 / "config.json").write_text(json.dumps({**config, "intermediate_size": 96}))
+    with pytest.raises(ValueError, match=r"ckpt/model\.safetensors: tensor 'model\.layers\.0\.mlp\.gate_proj\.weight' "
+                                         r"has shape \[100, 72\] in the checkpoint but \[96, 72\] in the model .*"
+                                         r"5 more tensor\(s\) mismatch: 5: model\.layers\.0\.mlp\.down_proj\.weight"):
+        load_pretrained(saved_qwen2)
+
+
+def test_truncated_shard_is_reported_with_its_file(tmp_path):
+    out = save_pretrained(_random_model(ModelConfig(**CONFIGS["qwen2-untied"])), tmp_path / "ckpt",
+                          max_shard_bytes=60_000)
+    shard = sorted(out.glob("model-*.safetensors"))[1]
+    shard.write_bytes(shard.read_bytes()[:-1000])
+    with pytest.raises(ValueError, match=rf"{shard.name}: truncated or corrupt safetensors file"):
+        load_pretrained(out)
+
+
+def test_missing_mtp_weights_warn_or_fail_by_loss_weight(tmp_path):
+    config = ModelConfig(**CONFIGS["deepseek_v3"])
+    out = save_pretrained(_random_model(config), tmp_path / "ckpt")
+    _edit(out, lambda t: [t.pop(k) for k in [k for k in t if k.startswith("model.layers.3.")]])
+    with pytest.warns(UserWarning, match=r"lacks the MTP weights \(\d+: model\.layers\.3\."):
+        model = load_pretrained(out)
+    assert all(torch.isfinite(t).all() for t in model.mtp.state_dict().values())
+    with pytest.raises(ValueError, match=r"lacks the MTP weights .* mtp_loss_weight is 0\.3"):
+        load_pretrained(out, config_overrides={"mtp_loss_weight": 0.3})
+    # dropping MTP through the config loads without a word, and a published checkpoint's MTP
+    # tensors are skipped when MTP is dropped
+    load_pretrained(out, config_overrides={"num_nextn_predict_layers": 0})
+    full = save_pretrained(_random_model(config), tmp_path / "full")
+    model = load_pretrained(full, config_overrides={"num_nextn_predict_layers": 0})
+    assert len(model.mtp) == 0
+
+
+def test_config_errors_name_the_file(saved_qwen2):
+    config = json.loads((saved_qwen2 / "config.json").read_text())
+    (saved_qwen2 / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
+    with pytest.raises(ValueError, match=r"ckpt/config\.json: model_type 'gpt2' is not supported"):
+        load_pretrained(saved_qwen2)
+    del config["hidden_size"]
+    (saved_qwen2 / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"ckpt/config\.json: missing config key 'hidden_size'"):
+        load_pretrained(saved_qwen2)
+    (saved_qwen2 / "config.json").write_text("{\n  \"model_type\": \"qwen2\",\n}")
+    with pytest.raises(ValueError, match=r"ckpt/config\.json:3:1: invalid JSON"):
+        load_pretrained(saved_qwen2)
+    (saved_qwen2 / "config.json").write_text(json.dumps({**config, "hidden_size": 72}))
+    with pytest.raises(ValueError, match=r"config_overrides: unknown ModelConfig field\(s\) \['hidden'\]"):
+        load_pretrained(saved_qwen2, config_overrides={"hidden": 3})
+    (saved_qwen2 / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"ckpt/config\.json: no such file"):
+        load_pretrained(saved_qwen2)
+
+
+def test_folder_without_weights_is_an_error(saved_qwen2):
+    (saved_qwen2 / "model.safetensors").rename(saved_qwen2 / "pytorch_model.bin")
+    with pytest.raises(FileNotFoundError, match=r"no model\.safetensors or model\.safetensors\.index\.json; "
+                                                r"found only \['pytorch_model\.bin'\]"):
+        load_pretrained(saved_qwen2)
+
+
+# ------------------------------------------------------------------------------------------------
+# memory: loading holds one copy of the weights
+# ------------------------------------------------------------------------------------------------
+
+def test_load_peak_memory_is_at_most_1_3x_the_weights(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "load_memory.py"), "--size", "small",
+                           "--dir", str(tmp_path / "ckpt")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["shards"] > 1
+    for dtype, ratio in result["ratios"].items():
+        assert ratio <= 1.3, (dtype, ratio, proc.stdout)
