@@ -240,7 +240,10 @@ def build_root(new_root: str, workdir: str, size_mb: int) -> None:
         os.makedirs(new_root + d, mode=0o755, exist_ok=True)
         os.chmod(new_root + d, 0o1777)
     os.makedirs(new_root + workdir, mode=0o700)
-    os.chown(new_root + workdir, NOBODY, NOBODY)
+    try:
+        os.chown(new_root + workdir, NOBODY, NOBODY)
+    except OSError:  # a user namespace maps no uid 65534; the workers will run as its root instead
+        pass
     os.chroot(new_root)
     os.chdir(workdir)
 

@@ -241,7 +241,21 @@ def _plan(isolation: str) -> _Plan:
     if isolation not in ("auto", "process"):
         raise RuntimeError(f"isolation={isolation!r} is not available on this machine "
                            f"(root: {root}, unshare: {unshare})")
-    return _Plan((), False, root, cgroups)
+    # Without a mount namespace, nobody must be able to read the standard library where it is
+    # (a Python under /root is not): otherwise the program would run as root, with a warning.
+    return _Plan((), False, root and _readable_by_all(os.path.dirname(os.__file__)), cgroups)
+
+
+def _readable_by_all(path: str) -> bool:
+    """Whether any user may list `path` and enter it and every directory above it."""
+    path = os.path.realpath(path)
+    while True:
+        mode = os.stat(path).st_mode
+        if not mode & 0o001 or (path == os.path.realpath(os.path.dirname(os.__file__)) and not mode & 0o004):
+            return False
+        if path == "/":
+            return True
+        path = os.path.dirname(path)
 
 
 _warned: set = set()
