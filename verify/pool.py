@@ -40,6 +40,7 @@ from __future__ import annotations
 import importlib
 import multiprocessing as mp
 import os
+import pickle
 import signal
 import time
 import traceback
@@ -205,6 +206,13 @@ class RewardPool:
         units = []
         for name, spec in named.items():
             fn = get_reward(spec)   # resolves names here too: unknown ones fail before any work
+            if not isinstance(spec, str):
+                try:
+                    pickle.dumps(spec)
+                except (pickle.PicklingError, AttributeError, TypeError) as e:
+                    raise ValueError(f"RewardPool.score: reward {name!r} cannot be sent to a worker ({e}); give a "
+                                     f"REWARDS name, a 'package.module:function' string, a module-level function "
+                                     f"or an instance of an importable class") from None
             groups = prompt_groups(n, columns) if getattr(fn, "groupwise", False) else [[i] for i in range(n)]
             units += [(name, spec, idx) for idx in groups if idx]
         results = {name: [None] * n for name in named}

@@ -167,6 +167,9 @@ def test_bad_arguments_and_close():
         pool.score(["arithmetic"], ["a", "b"], answer=["1"])
     with pytest.raises(ValueError, match="`prompts` or `prompt`"):   # a group-wise reward needs groups
         pool.score(["length"], ["a", "b"], answer=["1", "1"])
+    with pytest.raises(ValueError, match="cannot be sent to a worker"):
+        pool.score({"local": lambda completions, **kw: [1.0] * len(completions)}, ["a"])
+    assert pool.score(["format"], ["<think>a</think><answer>b</answer>"]) == {"format": [1.0]}
     pool.close()
     pool.close()   # idempotent
     assert not any(running(pid) for pid in pids)
