@@ -1,4 +1,5 @@
-"""The GRPO policy loss and its variants (DAPO, Dr. GRPO, GSPO, dual clip, TIS) as one pure function.
+"""The GRPO policy loss and its variants (DAPO, Dr. GRPO, GSPO, dual clip, TIS) as one pure function,
+and how its metrics combine over the micro-batches and ranks of an optimizer step.
 
 The per-token formula lives in kernels.grpo_token_loss (PPO clip with eps_low/eps_high, dual clip,
 KL estimators k1/k2/k3 weighted by beta, importance-sampling weight). This file builds the log-ratio

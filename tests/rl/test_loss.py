@@ -388,6 +388,24 @@ def test_gradient_matches_naive(name, backend, monkeypatch):
     assert float(metrics["tokens"]) == 9 + 7 + 4 + 1 + 6
 
 
+@pytest.mark.parametrize("ratio_level", ["token", "sequence"])
+def test_bf16_inputs_match_float32(ratio_level):
+    """Log-probs straight from a bf16 model: the loss is fp32 and close to the fp32 one, gradients are bf16."""
+    batch = random_batch(seed=7)
+    opts = dict(ratio_level=ratio_level, beta=0.05, dual_clip=3.0, rollout_logp=batch["rollout"], is_cap=2.0)
+    results = []
+    for dtype in (torch.float32, torch.bfloat16):
+        logp = batch["logp"].to(dtype).requires_grad_(True)
+        loss, _ = policy_loss(logp, batch["old"].to(dtype), batch["adv"], batch["mask"], batch["ref"].to(dtype),
+                              **opts)
+        (g,) = torch.autograd.grad(loss, logp)
+        assert loss.dtype == torch.float32 and g.dtype == dtype
+        results.append((loss.detach(), g.float()))
+    (l32, g32), (l16, g16) = results
+    assert abs(float(l16 - l32)) <= 3e-2 * max(abs(float(l32)), 1e-2)
+    assert float((g16 - g32).norm() / g32.norm()) <= 3e-2
+
+
 def test_random_batch_reaches_every_branch():
     batch = random_batch(seed=3)
     _, mt = policy_loss(batch["logp"], batch["old"], batch["adv"], batch["mask"], dual_clip=3.0)
