@@ -1,12 +1,14 @@
 """verify.math: table tests of equivalent and non-equivalent answer pairs, extraction, time limits
 and hostile input. The pairs are (prediction, gold) as a model and a data set would write them."""
+import random
 import signal
 import threading
 import time
 
 import pytest
 
-from verify.math import extract_answer, is_equivalent, time_limit, TimeLimitExceeded, verify
+from verify.latex import LatexParseError, clean_latex
+from verify.math import TimeLimitExceeded, extract_answer, is_equivalent, parse_answer, time_limit, verify
 
 PM = r"\pm"
 
@@ -214,3 +216,166 @@ def test_not_equivalent(pred, gold):
 def test_table_sizes():
     assert len(EQUIVALENT) >= 200 and len(NOT_EQUIVALENT) >= 150
     assert len(set(EQUIVALENT)) == len(EQUIVALENT) and len(set(NOT_EQUIVALENT)) == len(NOT_EQUIVALENT)
+
+
+# ---------------------------------------------------------------------------------------------
+# extract_answer and verify
+# ---------------------------------------------------------------------------------------------
+
+LONG_COMPLETION = (
+    "<think>First try: the sum is \\boxed{12}. Wait, I double counted the corner, so subtract one: "
+    + "we check every case carefully. " * 200
+    + "Hence the total is \\boxed{11}.</think>\nSo the final answer is \\boxed{\\frac{11}{2}}.\n"
+    "Actually the question asks for the half, which we already gave."
+)
+
+EXTRACTIONS = [
+    (LONG_COMPLETION, r"\frac{11}{2}"),
+    (r"so \boxed{1} and then \boxed{2}", "2"),
+    (r"nested \boxed{\frac{\sqrt{2}}{\left(1+\sqrt{3}\right)}} done", r"\frac{\sqrt{2}}{\left(1+\sqrt{3}\right)}"),
+    (r"set: \boxed{\{1\pm\sqrt{5},-2\}}", r"\{1\pm\sqrt{5},-2\}"),
+    (r"the value is $\fbox{42}$", "42"),
+    (r"$\boxed 5$.", "5"),
+    (r"\boxed{7} and a truncated \boxed{\frac{1", "7"),
+    (r"\boxed{}", ""),
+    ("<think>maybe 3</think><answer> 4 </answer>", "4"),
+    ("<answer>1</answer> then <answer>$x=2$</answer>", "x=2"),
+    (r"<answer>9</answer> but boxed wins: \boxed{10}", "10"),
+    ("Adding them up, the answer is 18.", "18"),
+    (r"The final answer is $\frac{1}{2}$. I hope it is correct.", r"\frac{1}{2}"),
+    ("The answer is: 3.5.", "3.5"),
+    ("**Answer:** 25", "25"),
+    ("Answer: $x = 5$", "x = 5"),
+    ("Janet sells 9 eggs.\n#### 18", "18"),
+    ("#### 1,000\n", "1,000"),
+    ("the answer is 4\nlater: the answer is 6", "6"),
+]
+
+
+@pytest.mark.parametrize("text,expected", EXTRACTIONS)
+def test_extract_answer(text, expected):
+    assert extract_answer(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "no final answer here", r"\boxed{unclosed", "<answer>open", "answer",
+                                  "####", "The answer is", None, 5])
+def test_extract_answer_none(text):
+    assert extract_answer(text) is None
+
+
+def test_verify():
+    assert verify(LONG_COMPLETION, "5.5")
+    assert not verify(LONG_COMPLETION, "11")                 # an earlier box does not count
+    assert verify("Thus #### 1,000", "1000")
+    assert verify(r"The answer is $\text{(C)}$.", "C")
+    assert verify(r"so $x \in \boxed{[-2, 7]}$", r"x \in [-2,7]")
+    assert not verify("I cannot solve this.", "5")
+    assert not verify(r"\boxed{}", "5")
+
+
+# ---------------------------------------------------------------------------------------------
+# Time limits and hostile input
+# ---------------------------------------------------------------------------------------------
+
+def test_power_tower_is_refused_quickly():
+    start = time.perf_counter()
+    assert not is_equivalent(r"10^{10^{10}}", "5")
+    assert not is_equivalent("5", r"10^{10^{10}}")
+    assert is_equivalent(r"10^{10^{10}}", r"10^{10^{10}}")
+    assert not is_equivalent("(x+1)^{100000}", "(x+1)^{100000} - 1")
+    assert not is_equivalent("100000!", "100000! + 1")
+    assert not is_equivalent("9^{9^{9^{9}}}", "1")
+    assert time.perf_counter() - start < 3.0
+
+
+def test_slow_simplify_is_cut_and_random_points_decide():
+    # simplify() of this difference takes many seconds; it gets SYMBOLIC_SHARE of the limit.
+    start = time.perf_counter()
+    assert not is_equivalent("(a+b+c+d)^{30}", "(a+b+c+d+1)^{30}", timeout_s=1.0)
+    assert time.perf_counter() - start < 3.0
+
+
+def test_time_limit_raises_and_restores_the_enclosing_timer():
+    handler_before = signal.getsignal(signal.SIGALRM)
+    with pytest.raises(TimeLimitExceeded):
+        with time_limit(0.05):
+            while True:
+                pass
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+    with pytest.raises(TimeLimitExceeded):
+        with time_limit(0.2):
+            with time_limit(5.0):          # clipped to the enclosing 0.2 s
+                while True:
+                    pass
+    with time_limit(5.0):
+        with time_limit(0.5):
+            pass
+        remaining, _ = signal.getitimer(signal.ITIMER_REAL)
+        assert 4.0 < remaining <= 5.0      # the outer deadline is back in force
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+    assert signal.getsignal(signal.SIGALRM) is handler_before
+
+
+def test_works_off_the_main_thread_without_alarm():
+    results = {}
+
+    def run():
+        results["eq"] = is_equivalent(r"\frac{1}{2}", "0.5")
+        results["ne"] = is_equivalent(r"10^{10^{10}}", "5")
+        results["sym"] = is_equivalent("(x+1)^2", "x^2+2x+1")
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join(30)
+    assert results == {"eq": True, "ne": False, "sym": True}
+
+
+GARBAGE = [
+    "", " ", "{", "}", "}{", "{{{{", "\\", "\\\\", "$", "$$", "()", ")(", "[", "(1,", "\\frac{1}{", "\\frac",
+    "\\sqrt", "x^", "^^^", "_", "2^2^2", "\\left(", "\\begin{pmatrix}1&2", "\\end{pmatrix}", "1 & 2", "&&",
+    "\\boxed{", "\\text{", "\\{1,2", "1,,2", ",", "x==5", "<<>>", "\\pm", "\\cup", "(1,2)\\cup", "\\in",
+    "%", "\\%", "°", "−", "\x00\x01\x02", "\ud7ff\ue000", "🙂", "\\unknowncommand{3}", "3\\", "(" * 500,
+    ")" * 500, "{" * 300 + "}" * 300, "(" * 300 + "x" + ")" * 300, "9" * 1500, "1" + "+1" * 900,
+    "\\frac{" * 200 + "1" + "}{2}" * 200,
+]
+
+
+@pytest.mark.parametrize("junk", GARBAGE)
+def test_garbage_is_false_and_never_raises(junk):
+    assert is_equivalent(junk, "5") is False
+    assert is_equivalent("5", junk) is False
+    assert verify(junk, "5") is False
+
+
+def test_ten_kilobytes_of_junk():
+    rng = random.Random(0)
+    junk = "".join(rng.choice("{}()[]^_\\$x1+-=,. abc\\frac\\sqrt") for _ in range(10_000))
+    start = time.perf_counter()
+    assert is_equivalent(junk, "5") is False
+    assert is_equivalent(junk, junk[:-1]) is False
+    assert verify(junk, "5") is False
+    assert extract_answer(junk) is None or isinstance(extract_answer(junk), str)
+    assert verify(junk + r" so \boxed{5}", "5")
+    assert time.perf_counter() - start < 3.0
+
+
+def test_non_string_input():
+    assert is_equivalent(None, "5") is False
+    assert is_equivalent("5", None) is False
+    assert is_equivalent(5, "5") is False
+
+
+def test_random_latex_raises_only_parse_errors():
+    """The parser's own contract (is_equivalent hides errors at its boundary, so test beneath it):
+    random token soup either parses or raises LatexParseError, never another exception."""
+    tokens = ["1", "2", "0", "x", "i", "+", "-", "/", "^", "_", "(", ")", "[", "]", "{", "}", r"\{", r"\}", ",",
+              "=", "<", r"\frac", r"\sqrt", r"\pi", r"\infty", r"\pm", r"\cup", r"\text{", r"\left(", r"\right)",
+              " ", "!", "|", ".", r"\le", r"\in", r"\begin{pmatrix}", r"\end{pmatrix}", "&", r"\\", r"\sin",
+              r"\log", "%", r"\$", "°", "−", r"\cdot", r"\binom", r"\mbox{ cm}", "and"]
+    rng = random.Random(0)
+    for _ in range(3000):
+        s = "".join(rng.choice(tokens) for _ in range(rng.randint(1, 12)))
+        try:
+            parse_answer(clean_latex(s).text)
+        except LatexParseError:
+            pass
