@@ -72,7 +72,8 @@ from verify._sandbox_harness import NOBODY, decode, encode
 
 HARNESS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_sandbox_harness.py")
 OUTPUT_CAP = 64 << 10           # bytes of stdout / stderr kept in a CodeResult
-CONTROL_CAP = 256 << 20         # bytes of protocol messages accepted from one sandbox
+CONTROL_CAP = 256 << 20         # bytes of supervisor messages (io case outputs) from one sandbox
+REPLY_CAP = 16 << 20            # bytes of call replies accepted from an untrusted candidate
 STARTUP_GRACE_S = 3.0           # wall time allowed on top of timeout_s for starting sandboxes
 MAX_PROCESSES = 64              # processes (and threads) one sandbox may hold at once
 FILE_SIZE_MB = 64               # largest file a sandboxed program may write
@@ -546,7 +547,7 @@ def _run_humaneval(plan, code, test: HumanEvalTest, timeout_s, memory_mb, deadli
         for fd in (j2c_r, j2c_w, c2j_r, c2j_w, verdict_w):
             os.close(fd)
     cand, judge = boxes
-    verdict = _Reader(verdict_r, CONTROL_CAP)
+    verdict = _Reader(verdict_r, REPLY_CAP)
     try:
         finished = _pump([*cand.sources(), *judge.sources(), verdict], deadline)
     finally:
@@ -579,7 +580,7 @@ def _run_calls(plan, code, test: CallTest, timeout_s, memory_mb, deadline) -> Co
         raise
     finally:
         os.close(replies_w)
-    replies = _Reader(replies_r, CONTROL_CAP)
+    replies = _Reader(replies_r, REPLY_CAP)
     try:
         finished = _pump([*box.sources(), replies], deadline)
     finally:
