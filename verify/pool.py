@@ -26,6 +26,11 @@ Failures, all counted in `pool.stats`:
 - error (the reward raised, e.g. a missing column): the batch's in-flight units finish, then
   `score` raises RewardError with the worker's traceback. The pool stays usable.
 
+Cost: each unit is one pickled message and one pipe round trip, about 50 microseconds on a 2-core
+CPU (measured: 3072 units of format/tag_count/arithmetic in 164 ms, against 4 ms scoring them in
+the parent). So the pool is for rewards that can be slow or hang (math, code); a regex reward alone
+is cheaper in-process, and mixing both in one `score` call is fine.
+
 Processes: the `spawn` context (the trainer may hold threads and CUDA state, which fork would
 copy), one duplex pipe per worker, each worker in its own process group so that killing it also
 kills processes the reward started (a sandbox that moves its children into another session must
