@@ -173,12 +173,17 @@ class Transformer(nn.Module):
                 raise ValueError("the KV-cached forward needs position_ids [B, T] (where each token goes in its slot)")
             if slots is None:
                 slots = torch.arange(B, device=device)
+        if cu_seqlens is not None and not torch.compiler.is_compiling():
+            if B != 1 or cu_seqlens.dim() != 1 or int(cu_seqlens[-1]) != T:
+                raise ValueError(f"packed documents need input_ids of shape [1, total] and cu_seqlens [ndocs + 1] "
+                                 f"ending at total = {T}; got input_ids {tuple(input_ids.shape)}, cu_seqlens "
+                                 f"{cu_seqlens.tolist() if cu_seqlens.numel() < 20 else tuple(cu_seqlens.shape)}")
         if position_ids is None:
             position_ids = self._default_positions(B, T, cu_seqlens, device)
         if position_ids.shape != input_ids.shape:
             raise ValueError(f"position_ids shape {tuple(position_ids.shape)} != input_ids shape {tuple(input_ids.shape)}")
         if not torch.compiler.is_compiling():
-            self._check_inputs(input_ids, position_ids, cu_seqlens, cache, slots)
+            self._check_inputs(input_ids, position_ids, cache, slots)
 
         cos, sin = self.rope(position_ids)  # [B, T, R/2] each, fp32
         step = cache.step(slots, position_ids, attn_len) if cache is not None else None
@@ -196,9 +201,9 @@ class Transformer(nn.Module):
         starts = torch.repeat_interleave(cu[:-1], cu[1:] - cu[:-1])  # [T]: each token's document start
         return (torch.arange(T, device=device) - starts)[None]
 
-    def _check_inputs(self, input_ids, position_ids, cu_seqlens, cache, slots) -> None:
+    def _check_inputs(self, input_ids, position_ids, cache, slots) -> None:
         """User-facing checks (one device sync): ids in vocab, positions non-negative and within
-        the cache, slots within the cache, cu_seqlens covering the row."""
+        the cache, slots within the cache."""
         V = self.config.vocab_size
         lo, hi, pmin, pmax = torch.stack([input_ids.min(), input_ids.max(),
                                           position_ids.min(), position_ids.max()]).tolist()
@@ -207,9 +212,6 @@ class Transformer(nn.Module):
                              f"(valid ids 0..{V - 1})")
         if pmin < 0:
             raise ValueError(f"position_ids must be ≥ 0, got {pmin}")
-        if cu_seqlens is not None and (input_ids.shape[0] != 1 or int(cu_seqlens[-1]) != input_ids.shape[1]):
-            raise ValueError(f"cu_seqlens must end at the packed length {input_ids.shape[1]} with batch 1; "
-                             f"got cu_seqlens[-1] = {int(cu_seqlens[-1])}, input_ids {tuple(input_ids.shape)}")
         if cache is not None:
             if pmax >= cache.max_seq_len:
                 raise ValueError(f"position {pmax} does not fit the cache (max_seq_len {cache.max_seq_len})")
