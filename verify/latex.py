@@ -7,7 +7,8 @@ Two public functions, used by verify/math.py:
     group_end(s, i) -> int                     # end of the balanced {...} group at s[i]
 
 clean_latex steps, in order:
-  1. unicode forms: − – to "-", × · ÷ √ π ∞ ≤ ≥ ± ∪ ∈ ° to their LaTeX commands, nbsp to space
+  1. unicode forms: − – to "-", × · ÷ √ π ∞ ≤ ≥ ± ∪ ∈ ° to their LaTeX commands, nbsp to space;
+     \\emptyset, \\varnothing, ∅ to "\\{\\}"; a repeating decimal "0.\\overline{3}" to its fraction
   2. math delimiters dropped: \\$ (a dollar amount), $, \\( \\) \\[ \\], \\displaystyle, \\left and \\right
      (and \\big...), \\left. / \\right.
   3. thousands separators joined: "10,\\!080", "1{,}000", "1\\,000", "1\\ 000" -> digits
@@ -19,8 +20,9 @@ clean_latex steps, in order:
      a word without digits (a unit: "\\text{ cm}", "\\mbox{ inches}^2") is dropped with its
      power; anything else is unwrapped. \\boxed, \\fbox, \\mathbf, \\bm are always unwrapped
   8. spacing (\\! \\, \\: \\; \\  ~ \\quad \\qquad) to a space
-  9. trailing unit words from a fixed list ("5 dollars", "3 cm^2", "12 square units") dropped;
-     "percent" sets the percent flag
+  9. trailing unit words from a fixed list ("5 dollars", "3 cm^2", "12 square units", "5cm") dropped,
+     "percent" setting the percent flag; then any trailing words of 3+ letters after a number and a
+     space ("12 eggs", "7 red apples")
  10. scientific "1.5e-3" -> "1.5\\times10^{-3}"; surrounding whitespace and trailing . , ; dropped
 
 parse_latex grammar (implicit multiplication binds like "*"; "^", "_", \\frac and \\sqrt take
@@ -49,6 +51,7 @@ from __future__ import annotations
 
 import math
 import re
+from fractions import Fraction
 from typing import NamedTuple
 
 import sympy
@@ -105,8 +108,11 @@ _UNIT_WORDS = ("cm mm km m meters metres meter metre feet foot ft inches inch ya
                "months month years year dollars dollar cents cent degrees degree deg units unit square sq "
                "cubic grams gram kg kilograms pounds pound lbs lb ounces ounce oz liters litres liter "
                "gallons gallon ml people students points percent ways").split()
-_TRAILING_UNITS = re.compile(r"(?<=[\d})\s])\s*(?:\b(?:" + "|".join(_UNIT_WORDS) + r")\b\.?\s*)+"
-                             r"(?:\^\s*\{?\s*[23]\s*\}?)?\s*$")
+_TRAILING_WORDS = re.compile(r"(?<=[\d})])\s+[a-zA-Z]{3,}(?:\s+[a-zA-Z]{2,})*\.?\s*$")  # "5 apples"
+_REPEATING = re.compile(r"(\d*)\.(\d*)\\overline\s*\{(\d+)\}")
+_EMPTY_SET = re.compile(r"\\(?:emptyset|varnothing)(?![a-zA-Z])|∅")
+_TRAILING_UNITS = re.compile(r"(?<=[\d})])(?:\s*(?<![a-zA-Z])(?:" + "|".join(w for w in _UNIT_WORDS if len(w) > 1)
+                             + r")\b\.?|\s+m\b\.?)+\s*(?:\^\s*\{?\s*[23]\s*\}?)?\s*$")
 
 
 def group_end(s: str, i: int) -> int:
@@ -128,7 +134,12 @@ def group_end(s: str, i: int) -> int:
 
 
 def _unwrap_text_groups(s: str) -> str:
-    """Step 7 of clean_latex: resolve \\text-like groups (units dropped, connectives to commas)."""
+    """Step 7 of clean_latex: resolve \\text-like groups (units dropped, connectives to commas).
+
+    A group without digits is a unit, and dropped, when it has a word of 2+ letters, starts with a
+    space ("\\text{ m}") or follows a number or bracket ("5\\text{s}"); else it is unwrapped
+    ("\\text{(A)}" -> "{(A)}", "\\text{5}" -> "{5}").
+    """
     out, pos = [], 0
     while True:
         m = _GROUP_COMMAND.search(s, pos)
@@ -147,7 +158,8 @@ def _unwrap_text_groups(s: str) -> str:
             out.append("{" + inner + "}")
         elif word in ("and", "or", ",", "and,", ", and", "or,"):
             out.append(",")
-        elif not re.search(r"\d", inner) and (re.search(r"[a-zA-Z]{2,}", inner) or inner[:1].isspace()):
+        elif not re.search(r"\d", inner) and (re.search(r"[a-zA-Z]{2,}", inner) or inner[:1].isspace()
+                                             or re.search(r"[\d})]\s*$", "".join(out))):
             unit_power = re.match(r"\s*\^\s*(?:\{\s*\d\s*\}|\d)", s[pos:])   # "\mbox{ cm}^2"
             if unit_power:
                 pos += unit_power.end()
@@ -156,10 +168,20 @@ def _unwrap_text_groups(s: str) -> str:
             out.append("{" + inner + "}")
 
 
+def _repeating_decimal(m: re.Match) -> str:
+    """"0.1\\overline{6}" -> "\\frac{1}{6}": the exact value of a repeating decimal."""
+    whole, fixed, period = m.group(1) or "0", m.group(2), m.group(3)
+    value = Fraction(int(whole)) + Fraction(int(fixed or "0"), 10 ** len(fixed)) + \
+        Fraction(int(period), (10 ** len(period) - 1) * 10 ** len(fixed))
+    return f"\\frac{{{value.numerator}}}{{{value.denominator}}}"
+
+
 def clean_latex(s: str) -> Cleaned:
     """Normalise an answer string (the steps are listed in the module docstring)."""
     for k, v in _UNICODE.items():
         s = s.replace(k, v)
+    s = _EMPTY_SET.sub(r"\\{\\}", s)
+    s = _REPEATING.sub(_repeating_decimal, s)
     s = s.replace("\\$", " ").replace("$", " ")
     s = re.sub(r"(\\\\)|\\[()\[\]]", lambda m: m.group(1) or " ", s)
     s = re.sub(r"\\(?:displaystyle|textstyle)(?![a-zA-Z])", " ", s)
@@ -174,10 +196,11 @@ def clean_latex(s: str) -> Cleaned:
     s = _SPACING.sub(lambda m: m.group(1) or " ", s)
     s = re.sub(r"\s+", " ", s).strip()
     s = re.sub(r"(?<=[\d})\s])\s*\b(?:and|or)\b\s*", ", ", s)  # "3 and 5" is the list "3, 5"
-    m = _TRAILING_UNITS.search(s)
-    if m and m.start() > 0:
-        percent = percent or "percent" in m.group(0)
-        s = s[:m.start()]
+    for trailing in (_TRAILING_UNITS, _TRAILING_WORDS):
+        m = trailing.search(s)
+        if m and m.start() > 0:
+            percent = percent or "percent" in m.group(0)
+            s = s[:m.start()]
     s = _SCIENTIFIC.sub(r"\1\\times10^{\2}", s)
     s = re.sub(r"(?:\\\\|[\s.,;])+$", "", s).strip()
     return Cleaned(s, percent)
@@ -358,8 +381,8 @@ class _Parser:
         t = self.peek()
         if t is None:
             return False
-        if t.kind == "num":
-            return True
+        if t.kind == "num":   # "2 3" is no product (and "1 000" no number): refuse it
+            return self.i == 0 or self.toks[self.i - 1].kind != "num"
         if t.kind == "cmd":
             return t.text in _ATOM_COMMANDS
         return t.text.isalpha() or t.text in "({" or (t.text == "|" and not self.in_abs)

@@ -20,7 +20,8 @@ Answer structure (this module): "A \\cup B" is a union of intervals; a bare comm
 unordered list of answers (the solutions of an equation), like the set "\\{1, 2\\}"; "(1, 2)",
 "[a, b)" are ordered (a tuple or an interval: the two read the same, open/closed ends matter);
 pmatrix/bmatrix are matrices (a one-row or one-column matrix also equals the tuple of its entries);
-"x = 5" is an equation, "x > 3" / "3 < x" / "x \\in (3, \\infty)" the same interval; "a \\pm b" is the
+"x = 5" is an equation, "x > 3" / "3 < x" / "x \\in (3, \\infty)" the same interval; the names in
+"(x, y) = (1, 2)" and "f(x) = 2x + 3" are dropped (the answer is the right-hand side); "a \\pm b" is the
 unordered pair {a + b, a - b}. A one-element list or set equals its element.
 
 Comparison order, cheapest first (the first that decides wins):
@@ -223,6 +224,7 @@ class Relation:
 
 _OPENERS, _CLOSERS = {"(", "[", "{", r"\{"}, {")", "]", "}", r"\}"}
 _RELATIONS = {"=": "=", "<": "<", ">": ">", r"\le": "<=", r"\ge": ">=", r"\ne": "!=", r"\approx": "="}
+_NAMED_VALUE = re.compile(r"\(\s*[a-zA-Z](?:\s*,\s*[a-zA-Z])+\s*\)\s*=|[a-zA-Z](?:\^\{?-1\}?)?\s*\(\s*[a-zA-Z]\s*\)\s*=")
 _MATRIX = re.compile(r"\\begin\{([pbBvV]?matrix|array)\}(?:\{[^{}]*\})?(.*)\\end\{\1\}", re.DOTALL)
 
 
@@ -368,6 +370,9 @@ def _parse_item(s: str):
         items, _ = _split_top(s[1:-1], {","})
         if len(items) > 1:
             return Ordered(s[0], s[-1], tuple(_parse_item(p) for p in items))
+    named = _NAMED_VALUE.match(s)
+    if named and "=" not in s[named.end():]:      # "(x, y) = (1, 2)", "f(x) = 2x + 3": the value
+        return _parse_item(s[named.end():])
     pieces, ops = _split_top(s, set(_RELATIONS))
     if ops:
         return _parse_relation(pieces, ops)
@@ -618,9 +623,10 @@ def _equivalent(pred: str, gold: str, budget: _Budget) -> bool:
 
 
 def _join_thousands(s: str) -> str:
-    """'58,500' -> '58500' when the whole answer is one comma-grouped number (else it is a list)."""
-    if re.fullmatch(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?", s):
-        return s.replace(",", "")
+    """'58,500' or '58 500' -> '58500' when the whole answer is one grouped number (else "1,500"
+    inside a tuple or list stays a list)."""
+    if re.fullmatch(r"[+-]?\d{1,3}(?:,\d{3})+(?:\.\d+)?|[+-]?\d{1,3}(?: \d{3})+(?:\.\d+)?", s):
+        return s.replace(",", "").replace(" ", "")
     return s
 
 

@@ -130,6 +130,10 @@ EQUIVALENT = [
     ("42_{10}", "52_8"), ("1010_2", "10"),
     # numeric tolerance for irrational golds (1e-6 relative)
     ("1.4142136", r"\sqrt{2}"), ("0.7071068", r"\frac{\sqrt2}{2}"), ("2.7182818", "e"), ("3.1415927", r"\pi"),
+    # repeating decimals, the empty set, named values, more units
+    (r"0.\overline{3}", "1/3"), (r"0.1\overline{6}", r"\frac16"), (r"\emptyset", r"\{\}"), ("∅", r"\varnothing"),
+    ("1 000", "1000"), ("(x,y) = (1,2)", "(1,2)"), ("f(x) = 2x+3", "2x+3"), ("12 eggs", "12"), ("7 red apples", "7"),
+    (r"5\text{s}", "5"), ("5cm", "5"), ("5 m", "5"), ("2min", "2"),
     # huge values: identical strings only
     (r"10^{10^{10}}", r"10^{10^{10}}"), (r"10^{10^{10}}", r" 10^{10^{10}}"),
 ]
@@ -198,6 +202,9 @@ NOT_EQUIVALENT = [
     # huge values are refused, not computed
     (r"10^{10^{10}}", "5"), (r"10^{10^{10}}", r"10^{10^{10}}+1"), (r"10^{10^{10}}", r"10^{10^{11}}"),
     ("(x+1)^{100000}", "(x+1)^{100000}+1"), ("1000000!", "5"),
+    # repeating decimals, the empty set, named values, juxtaposed numbers, single-letter variables
+    ("2 3", "6"), (r"\emptyset", "0"), ("5m", "5"), (r"0.\overline{3}", "0.3"), ("(x,y) = (1,2)", "(2,1)"),
+    ("f(x) = 2x+3", "2x+4"), ("x", "x = 5"), ("2k", "2"),
     # empty and degenerate
     ("", "5"), ("5", ""), (r"\text{}", "5"), ("{}", "5"), ("()", "5"), (r"\frac{}{}", "1"), ("$$", "0"),
 ]
