@@ -38,7 +38,9 @@ clean them up itself). `close()` (or leaving the `with` block) stops every worke
 daemonic and exit on their own when the parent's pipe closes, so none outlives the parent.
 Rewards given as strings are resolved in the worker with verify.rewards.get_reward (REWARDS
 names, "name:weight,..." sums, "package.module:function"); callables are pickled, so they must be
-module-level functions or instances of importable classes (the factories' dataclasses are).
+module-level functions or instances of importable classes (the factories' dataclasses are), and
+not from the entry script: workers start without re-running the parent's __main__ (which in a
+trainer imports torch), see _main_module_hidden.
 """
 from __future__ import annotations
 
@@ -47,9 +49,12 @@ import multiprocessing as mp
 import os
 import pickle
 import signal
+import sys
 import time
 import traceback
+import types
 from collections import Counter, deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 
@@ -76,8 +81,8 @@ class PoolStats:
 # ----------------------------------------------------------------------------- the worker side
 
 def _worker_main(conn, preload: tuple[str, ...]) -> None:
-    """Loop: receive (unit id, reward spec, completions, columns), send (unit id, "ok", scores) or
-    (unit id, "error", traceback). Exits on None or when the parent's end of the pipe closes."""
+    """Loop: receive (unit id, pickled (reward spec, completions, columns)), send (unit id, "ok", scores)
+    or (unit id, "error", traceback). Exits on None or when the parent's end of the pipe closes."""
     os.setpgrp()                                   # kill(-pgid) then reaches what the reward starts
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C is the parent's to handle
     for module in preload:
@@ -93,8 +98,9 @@ def _worker_main(conn, preload: tuple[str, ...]) -> None:
             return
         if message is None:
             return
-        unit_id, spec, completions, columns = message
+        unit_id, blob = message
         try:
+            spec, completions, columns = pickle.loads(blob)   # here, so a failure is reported for its unit
             values = get_reward(spec)(completions, **columns)
             if len(values) != len(completions):
                 raise ValueError(f"reward returned {len(values)} values for {len(completions)} completions")
@@ -105,6 +111,24 @@ def _worker_main(conn, preload: tuple[str, ...]) -> None:
 
 # ----------------------------------------------------------------------------- the parent side
 
+@contextmanager
+def _main_module_hidden():
+    """While starting a worker, show multiprocessing an empty __main__ module.
+
+    spawn (and forkserver) children re-run the parent's entry script as __mp_main__, so that
+    functions defined there can be unpickled. Rewards never live there (score() refuses them), and
+    a trainer's entry script imports torch and the model code: every worker would pay seconds and
+    hundreds of MB for nothing. With an empty __main__ there is nothing to re-run.
+    """
+    main = sys.modules.get("__main__")
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        if main is not None:
+            sys.modules["__main__"] = main
+
+
 class _Worker:
     """A worker process, the parent's end of its pipe, and the unit it is scoring (if any)."""
 
@@ -112,7 +136,8 @@ class _Worker:
         self.conn, child_conn = ctx.Pipe(duplex=True)
         self.process = ctx.Process(target=_worker_main, args=(child_conn, preload), daemon=True,
                                    name="reward-worker")
-        self.process.start()
+        with _main_module_hidden():
+            self.process.start()
         child_conn.close()
         self.started = time.monotonic()
         self.ready = False
@@ -212,6 +237,9 @@ class RewardPool:
         for name, spec in named.items():
             fn = get_reward(spec)   # resolves names here too: unknown ones fail before any work
             if not isinstance(spec, str):
+                if "__main__" in (getattr(spec, "__module__", None), type(spec).__module__):
+                    raise ValueError(f"RewardPool.score: reward {name!r} is defined in the __main__ script, which "
+                                     f"workers do not import; define it in an importable module")
                 try:
                     pickle.dumps(spec)
                 except (pickle.PicklingError, AttributeError, TypeError) as e:
@@ -274,9 +302,9 @@ class RewardPool:
                 if w.ready and w.unit is None and pending and not errors:
                     unit_id = pending.popleft()
                     name, spec, idx = units[unit_id]
-                    payload = (unit_id, spec, [completions[i] for i in idx],
-                               {k: [v[i] for i in idx] for k, v in columns.items()})
-                    w.conn.send(payload)
+                    blob = pickle.dumps((spec, [completions[i] for i in idx],
+                                         {k: [v[i] for i in idx] for k, v in columns.items()}))
+                    w.conn.send((unit_id, blob))
                     w.unit, w.deadline = unit_id, now + self.timeout_s
             busy = [w for w in self._workers if w.unit is not None]
             if not busy and (not pending or errors):

@@ -5,13 +5,18 @@ sys.path before the pool starts, so the spawned workers can import it by name.
 """
 import multiprocessing as mp
 import os
+import subprocess
+import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
 from verify.pool import RewardError, RewardPool
 from verify.rewards import get_reward, make_length_reward
+
+ROOT = Path(__file__).resolve().parents[2]
 
 HELPER = '''
 import os
@@ -179,3 +184,36 @@ def test_bad_arguments_and_close():
         RewardPool(num_workers=0)
     with pytest.raises(ValueError, match="fork"):
         RewardPool(context="fork")
+
+
+ENTRY_SCRIPT = """
+import sys
+with open(sys.argv[1], "a") as f:   # a top-level side effect, like a trainer script importing torch
+    f.write("imported\\n")
+
+from verify.pool import RewardPool
+
+
+def local_reward(completions, **kwargs):
+    return [1.0] * len(completions)
+
+
+if __name__ == "__main__":
+    with RewardPool(num_workers=2, timeout_s=10.0, preload=()) as pool:
+        print(pool.score(["format"], ["<think>a</think><answer>b</answer>", "b"]))
+        try:
+            pool.score([local_reward], ["a"])
+        except ValueError as e:
+            print(e)
+"""
+
+
+def test_workers_do_not_rerun_the_entry_script(tmp_path):
+    script, marker = tmp_path / "entry.py", tmp_path / "marker.txt"
+    script.write_text(ENTRY_SCRIPT)
+    result = subprocess.run([sys.executable, str(script), str(marker)], cwd=ROOT, capture_output=True, text=True,
+                            timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stderr
+    assert marker.read_text() == "imported\n"        # once, by the parent; never by the 2 workers
+    assert "{'format': [1.0, 0.0]}" in result.stdout
+    assert "defined in the __main__ script" in result.stdout
