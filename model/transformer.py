@@ -87,8 +87,10 @@ class Transformer(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.model = Decoder(config)
+        # lm_head is registered first so that named_parameters(), which lists a shared Parameter once
+        # under the first name it meets, calls the output head "lm_head.weight" (not the MTP alias)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.model = Decoder(config)
         self.rope = RotaryEmbedding(config)
         self.init_weights()
         self.tie_weights()

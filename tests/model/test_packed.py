@@ -1,5 +1,6 @@
 """Packed sequences: one row of 3 documents with cu_seqlens and restarting positions gives the same
-logits as three separate forwards (dense GQA and MLA+MoE), and the MTP loss never crosses documents."""
+logits and gradients as three separate forwards (dense GQA and MLA+MoE). (The MTP loss over packed
+documents: tests/model/test_mtp.py.)"""
 import pytest
 import torch
 
