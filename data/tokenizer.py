@@ -525,3 +525,13 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def load_tokenizer(tokenizer_dir=None, model_dir=None) -> Tokenizer:
+    """The tokenizer of a run: `--tokenizer DIR`, else the `--model DIR` folder's own tokenizer files."""
+    path = tokenizer_dir or model_dir
+    if path is None:
+        raise ValueError("no tokenizer: give --tokenizer DIR (or --model DIR holding tokenizer files)")
+    if not (Path(path) / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"{path}: no tokenizer.json (give --tokenizer DIR holding a Hugging Face tokenizer)")
+    return Tokenizer.from_pretrained(path)
