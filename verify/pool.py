@@ -160,6 +160,8 @@ class _Worker:
 class RewardPool:
     """`num_workers` long-lived reward processes with a per-unit timeout of `timeout_s` seconds.
 
+    One `score` call at a time (a pool belongs to one trainer loop; it is not thread-safe).
+
     preload: modules each worker imports before it reports ready (so the first item does not pay
     for importing sympy inside its deadline); missing modules are skipped. start_timeout_s bounds
     how long a (re)started worker may take to become ready (RuntimeError past it).
