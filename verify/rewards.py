@@ -12,7 +12,8 @@ Registered rewards (published defaults; the factories build other settings):
   accuracy        math answer check, verify.math.verify(completion, gold) -> 1.0 / 0.0; the gold is
                   the `answer` column (or `solution`, or `gold`); a gold holding a worked solution
                   ("... \\boxed{5}", "#### 5") is reduced to its final answer first. None when
-                  the gold is missing or empty (Open-R1 skips golds it cannot parse).
+                  the gold is missing, empty, or a solution whose answer cannot be extracted
+                  (Open-R1 likewise skips golds it cannot parse).
   format          R1-Zero format: the completion is exactly <think>...</think> then
                   <answer>...</answer>, only whitespace around and between, no tag inside either
                   part -> 1.0, else 0.0.
@@ -116,11 +117,15 @@ def _correctness(spec, completions: list[str], kwargs: dict) -> list[bool | None
 
 # ----------------------------------------------------------------------------- accuracy
 
+_SOLUTION_MARKERS = ("\\boxed", "\\fbox", "<answer>", "####")   # a gold holding these is a worked solution
+
+
 def gold_answer(gold) -> str | None:
     """The answer to compare with: a worked solution reduced to its final answer, a bare answer as is.
 
-    None for a missing or empty gold. Uses verify.math.extract_answer (\\boxed, <answer>,
-    "the answer is", "####"); a gold with none of those forms is already the answer.
+    Uses verify.math.extract_answer (\\boxed, <answer>, "the answer is", "####"); a gold with none
+    of those forms is already the answer. None (no signal) for a missing or empty gold, and for a
+    worked solution whose answer cannot be extracted (an unclosed \\boxed{, an empty "####").
     """
     if gold is None:
         return None
@@ -129,7 +134,9 @@ def gold_answer(gold) -> str | None:
         return None
     from verify.math import extract_answer
     extracted = extract_answer(text)
-    return extracted if extracted is not None else text
+    if extracted is None:
+        return None if any(marker in text for marker in _SOLUTION_MARKERS) else text
+    return extracted or None
 
 
 def accuracy_reward(completions: list[str], **kwargs) -> list[float | None]:

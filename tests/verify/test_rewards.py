@@ -31,6 +31,9 @@ def test_accuracy_math_answers():
     # equivalent forms are right; a wrong value or no answer scores 0; no gold: no signal
     assert accuracy(completions, answer=golds) == [1.0, 1.0, 0.0, 0.0, None]
     assert accuracy(["\\boxed{2}"], answer=["  "]) == [None]
+    # a worked solution whose answer cannot be extracted gives no signal either
+    assert accuracy(["\\boxed{12}", "\\boxed{12}", "\\boxed{}"], answer=["so \\boxed{12", "####", "\\boxed{}"]) == \
+        [None, None, None]
 
 
 def test_accuracy_gold_columns_and_worked_solutions():
