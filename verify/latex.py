@@ -13,7 +13,8 @@ clean_latex steps, in order:
      (and \\big...), \\left. / \\right.
   3. thousands separators joined: "10,\\!080", "1{,}000", "1\\,000", "1\\ 000" -> digits
   4. \\dfrac \\tfrac \\cfrac -> \\frac, \\dbinom \\tbinom -> \\binom, \\lbrace \\rbrace -> \\{ \\},
-     \\langle \\rangle -> ( ), \\leq \\geq \\neq \\lt \\gt -> \\le \\ge \\ne < >
+     \\langle \\rangle -> ( ), \\leq \\geq \\neq \\lt \\gt -> \\le \\ge \\ne < >, \\lvert \\rvert -> |,
+     \\mathbb{R} -> \\reals, "inf" / "infinity" / \\infin -> \\infty
   5. degrees dropped: ^\\circ, ^{\\circ}, \\circ, \\degree (30^\\circ reads as 30, never as pi/6)
   6. percent: \\% or % dropped, remembered in Cleaned.percent (math.py decides what it means)
   7. text groups (\\text \\textbf \\mbox \\mathrm \\operatorname ...): "and"/"or" become a comma;
@@ -35,7 +36,8 @@ one character or one {group}, so "\\frac12" is 1/2 and "x^23" is x^2*3, as LaTeX
     atom    := number [ "_" base ] | number \\frac{int}{int} (a mixed number: 2\\frac12 = 5/2)
              | letter [ "_" sub ] | \\pi | \\infty | greek | ( expr ) | [ expr ] | { expr } | |expr|
              | \\frac arg arg | \\sqrt[n] arg | \\binom arg arg | \\lfloor expr \\rfloor | \\lceil ..
-             | function [^arg] [_arg] (paren group | tight product)   (\\sin \\log_2 \\ln \\exp ...)
+             | function [^arg] [_arg] (paren group | tight product)   (\\sin \\log_2 \\ln \\exp ...;
+               \\sin^{-1} is arcsin)
 
 Numbers are exact: "0.35" is 7/20. "i" is the imaginary unit, "e" Euler's number. "52_8" is an
 integer written in base 8 (the whole digit run after "_" is the base). \\pm yields an expression in
@@ -91,7 +93,9 @@ _COMMAND_ALIASES = [(r"\\[dtc]frac(?![a-zA-Z])", r"\\frac"), (r"\\[dt]binom(?![a
                     (r"\\leqslant(?![a-zA-Z])|\\leq(?![a-zA-Z])", r"\\le "),
                     (r"\\geqslant(?![a-zA-Z])|\\geq(?![a-zA-Z])", r"\\ge "),
                     (r"\\neq(?![a-zA-Z])", r"\\ne "), (r"\\lt(?![a-zA-Z])", "<"), (r"\\gt(?![a-zA-Z])", ">"),
-                    (r"\\mathbb\s*\{?\s*R\s*\}?", r"\\reals "), (r"\\infin(?:ity)?(?![a-zA-Z])", r"\\infty ")]
+                    (r"\\mathbb\s*\{?\s*R\s*\}?", r"\\reals "), (r"\\infin(?:ity)?(?![a-zA-Z])", r"\\infty "),
+                    (r"(?<![a-zA-Z\\])inf(?:inity)?(?![a-zA-Z])", r"\\infty "),
+                    (r"\\[lr]?vert(?![a-zA-Z])", "|")]
 _SIZING = re.compile(r"\\(?:left|right|bigl|bigr|Bigl|Bigr|biggl|biggr|Biggl|Biggr|big|Big|bigg|Bigg)"
                      r"(?![a-zA-Z])\s*(\.)?")
 _THOUSANDS = re.compile(r"(?<=\d)(?:\{,\}|,\\!|\\,|\\ |,\\,)\s*(?=\d{3}(?!\d))")
@@ -216,6 +220,7 @@ _FUNCTIONS = {"sin": sympy.sin, "cos": sympy.cos, "tan": sympy.tan, "cot": sympy
               "csc": sympy.csc, "arcsin": sympy.asin, "arccos": sympy.acos, "arctan": sympy.atan,
               "sinh": sympy.sinh, "cosh": sympy.cosh, "tanh": sympy.tanh, "exp": sympy.exp,
               "ln": sympy.log, "log": sympy.log, "lg": lambda x: sympy.log(x, 10)}
+_INVERSES = {"sin": sympy.asin, "cos": sympy.acos, "tan": sympy.atan}
 _GREEK = set("alpha beta gamma delta epsilon varepsilon zeta eta theta vartheta iota kappa lambda mu nu "
              "xi omicron rho sigma tau upsilon phi varphi chi psi omega Gamma Delta Theta Lambda Xi Sigma "
              "Phi Psi Omega ell".split())
@@ -548,6 +553,8 @@ class _Parser:
             self.take(); x = self.expr(); self.expect(")")
         else:   # \sin 2x, \cot x: the tight product that follows
             x = self._tight_product()
+        if power == -1 and name in _INVERSES:          # \tan^{-1} x is arctan x
+            return _INVERSES[name](x)
         f = sympy.log(x, base) if base is not None and name == "log" else _FUNCTIONS[name](x)
         return f if power is None else _pow(f, power)
 

@@ -21,7 +21,8 @@ unordered list of answers (the solutions of an equation), like the set "\\{1, 2\
 "[a, b)" are ordered (a tuple or an interval: the two read the same, open/closed ends matter);
 pmatrix/bmatrix are matrices (a one-row or one-column matrix also equals the tuple of its entries);
 "x = 5" is an equation, "x > 3" / "3 < x" / "x \\in (3, \\infty)" the same interval; the names in
-"(x, y) = (1, 2)" and "f(x) = 2x + 3" are dropped (the answer is the right-hand side); "a \\pm b" is the
+"(x, y) = (1, 2)" and "f(x) = 2x + 3" are dropped (the answer is the right-hand side), and so is
+an approximation after the exact value ("3\\sqrt2 \\approx 4.24" is 3\\sqrt2); "a \\pm b" is the
 unordered pair {a + b, a - b}. A one-element list or set equals its element.
 
 Comparison order, cheapest first (the first that decides wins):
@@ -223,7 +224,7 @@ class Relation:
 
 
 _OPENERS, _CLOSERS = {"(", "[", "{", r"\{"}, {")", "]", "}", r"\}"}
-_RELATIONS = {"=": "=", "<": "<", ">": ">", r"\le": "<=", r"\ge": ">=", r"\ne": "!=", r"\approx": "="}
+_RELATIONS = {"=": "=", "<": "<", ">": ">", r"\le": "<=", r"\ge": ">=", r"\ne": "!="}
 _NAMED_VALUE = re.compile(r"\(\s*[a-zA-Z](?:\s*,\s*[a-zA-Z])+\s*\)\s*=|[a-zA-Z](?:\^\{?-1\}?)?\s*\(\s*[a-zA-Z]\s*\)\s*=")
 _MATRIX = re.compile(r"\\begin\{([pbBvV]?matrix|array)\}(?:\{[^{}]*\})?(.*)\\end\{\1\}", re.DOTALL)
 
@@ -373,6 +374,9 @@ def _parse_item(s: str):
     named = _NAMED_VALUE.match(s)
     if named and "=" not in s[named.end():]:      # "(x, y) = (1, 2)", "f(x) = 2x + 3": the value
         return _parse_item(s[named.end():])
+    pieces, ops = _split_top(s, {r"\approx"})
+    if len(pieces) == 2:                   # "3\sqrt2 \approx 4.24": the exact value; "x \approx 4.24": 4.24
+        return _parse_item(pieces[1] if re.fullmatch(r"\s*[a-zA-Z]\s*", pieces[0]) else pieces[0])
     pieces, ops = _split_top(s, set(_RELATIONS))
     if ops:
         return _parse_relation(pieces, ops)

@@ -134,6 +134,9 @@ EQUIVALENT = [
     (r"0.\overline{3}", "1/3"), (r"0.1\overline{6}", r"\frac16"), (r"\emptyset", r"\{\}"), ("∅", r"\varnothing"),
     ("1 000", "1000"), ("(x,y) = (1,2)", "(1,2)"), ("f(x) = 2x+3", "2x+3"), ("12 eggs", "12"), ("7 red apples", "7"),
     (r"5\text{s}", "5"), ("5cm", "5"), ("5 m", "5"), ("2min", "2"),
+    # approximations after the exact value, inverse trig powers, plain-text infinity, \lvert
+    (r"3\sqrt2 \approx 4.24", r"\sqrt{18}"), (r"x \approx 2", "2"), ("(-inf, 3]", r"(-\infty,3]"),
+    ("infinity", r"\infty"), (r"\lvert x \rvert", "|x|"), (r"\tan^{-1} 1", r"\frac{\pi}{4}"), (r"\sin^{-1}(1)", r"\pi/2"),
     # huge values: identical strings only
     (r"10^{10^{10}}", r"10^{10^{10}}"), (r"10^{10^{10}}", r" 10^{10^{10}}"),
 ]
@@ -204,7 +207,8 @@ NOT_EQUIVALENT = [
     ("(x+1)^{100000}", "(x+1)^{100000}+1"), ("1000000!", "5"),
     # repeating decimals, the empty set, named values, juxtaposed numbers, single-letter variables
     ("2 3", "6"), (r"\emptyset", "0"), ("5m", "5"), (r"0.\overline{3}", "0.3"), ("(x,y) = (1,2)", "(2,1)"),
-    ("f(x) = 2x+3", "2x+4"), ("x", "x = 5"), ("2k", "2"),
+    ("f(x) = 2x+3", "2x+4"), ("x", "x = 5"), ("2k", "2"), (r"3\sqrt2 \approx 4.24", "4.24"),
+    (r"\tan^{-1} 1", r"\frac{1}{\tan 1}"),
     # empty and degenerate
     ("", "5"), ("5", ""), (r"\text{}", "5"), ("{}", "5"), ("()", "5"), (r"\frac{}{}", "1"), ("$$", "0"),
 ]
