@@ -2,8 +2,8 @@
 
     python bench/load_memory.py [--size large|small] [--dir DIR]
 
-Writes a sharded fp32 checkpoint of a Qwen2-style model (large: about 490 MB, 6 shards; small:
-about 75 MB, 3 shards), then loads it, once per target dtype (fp32: stored dtype, read straight into
+Writes a sharded fp32 checkpoint of a Qwen2-style model (large: about 495 MB, 5 shards; small:
+about 70 MB, 3 shards), then loads it, once per target dtype (fp32: stored dtype, read straight into
 the parameters; bf16: converted through the staging buffer), each in a fresh process:
 
     ratio = (peak RSS during load - RSS before load) / bytes of the loaded weights in the target dtype

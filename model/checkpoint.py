@@ -499,50 +499,66 @@ def save_pretrained(model, path, tokenizer=None, *, max_shard_bytes: int = DEFAU
     path = Path(path)
     model = getattr(model, "_orig_mod", model)  # torch.compile wrapper
     config: ModelConfig = model.config
-    rank = torch.distributed.get_rank() if torch.distributed.is_available() and torch.distributed.is_initialized() else 0
-    if rank == 0 and path.exists() and not overwrite:
-        raise FileExistsError(f"{path}: already exists; pass overwrite=True to replace it")
-    if rank == 0 and path.exists() and not path.is_dir():
-        raise FileExistsError(f"{path}: exists and is not a folder")
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    rank = torch.distributed.get_rank() if distributed else 0
+    problem = None
+    if rank == 0 and path.exists():
+        problem = (f"{path}: exists and is not a folder" if not path.is_dir() else
+                   None if overwrite else f"{path}: already exists; pass overwrite=True to replace it")
+    if distributed:  # every rank raises, rather than waiting in gathers rank 0 would never join
+        box = [problem]
+        torch.distributed.broadcast_object_list(box, src=0)
+        problem = box[0]
+    if problem:
+        raise FileExistsError(problem)
 
     state = _tensors_to_save(model, config)
     specs = [(name, _saved_dtype(t, dtype), tuple(t.shape)) for name, t in state.items()]
     shards = _shard(specs, max_shard_bytes)
-
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+
+    # A failure on rank 0 is held until every gather has been taken part in and the ranks have met
+    # at the barrier: raising at once would leave the other ranks waiting in a collective.
+    error = None
     if rank == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.mkdir()
-    try:
-        weight_map, total = {}, 0
-        for i, shard in enumerate(shards):
-            fname = SINGLE_FILE if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            tensors = (_gathered(state[name], dt) for name, dt, _ in shard)
-            if rank == 0:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.mkdir()
+        except OSError as e:
+            error = e
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards):
+        fname = SINGLE_FILE if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        tensors = (_gathered(state[name], dt) for name, dt, _ in shard)
+        if rank == 0 and error is None:
+            try:
                 total += _write_safetensors(tmp / fname, shard, tensors)
                 weight_map.update(dict.fromkeys((name for name, _, _ in shard), fname))
-            else:
-                for _ in tensors:  # take part in every gather; rank 0 writes
-                    pass
-        if rank == 0:
+            except BaseException as e:
+                error = e
+        for _ in tensors:  # the gathers nobody wrote (all of them off rank 0)
+            pass
+    if rank == 0 and error is None:
+        try:
             if len(shards) > 1:
                 n_params = sum(math.prod(shape) for _, _, shape in specs)
                 _write_json(tmp / INDEX_FILE, {"metadata": {"total_parameters": n_params, "total_size": total},
                                                "weight_map": weight_map})
-            stored = dtype or _main_dtype(specs)
             hf = config.to_hf_config()
-            hf["torch_dtype"] = hf["dtype"] = str(stored).removeprefix("torch.")
+            hf["torch_dtype"] = hf["dtype"] = str(dtype or _main_dtype(specs)).removeprefix("torch.")
             _write_json(tmp / CONFIG_FILE, hf)
             _write_json(tmp / GENERATION_CONFIG_FILE, _generation_config(config, tokenizer))
             if tokenizer is not None:
                 tokenizer.save(tmp)
             _replace_folder(tmp, path)
-    except BaseException:
-        if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        except BaseException as e:
+            error = e
+    if error is not None:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if distributed:
         torch.distributed.barrier()
+    if error is not None:
+        raise error
     return path
 
 

@@ -452,3 +452,54 @@ def test_load_peak_memory_is_at_most_1_3x_the_weights(tmp_path):
     assert result["shards"] > 1
     for dtype, ratio in result["ratios"].items():
         assert ratio <= 1.3, (dtype, ratio, proc.stdout)
+
+
+# ------------------------------------------------------------------------------------------------
+# FSDP2: every rank gathers, rank 0 writes
+# ------------------------------------------------------------------------------------------------
+
+_FSDP_WORKER = '''
+import json, sys
+from pathlib import Path
+import torch
+import torch.distributed as dist
+from model import ModelConfig, Transformer, load_pretrained, save_pretrained
+from model.parallel import apply_fsdp
+
+dist.init_process_group("gloo")
+rank, out = dist.get_rank(), Path(sys.argv[1])
+config = ModelConfig(**json.loads(sys.argv[2]))
+torch.manual_seed(0)
+model = Transformer(config)
+reference = {k: v.clone() for k, v in model.state_dict().items()}
+apply_fsdp(model)
+sharded = any(hasattr(p, "full_tensor") for p in model.parameters())
+save_pretrained(model, out / "ckpt", max_shard_bytes=60_000)
+result = {"rank": rank, "sharded": sharded, "listing": sorted(p.name for p in out.iterdir())}
+if rank == 0:
+    back = load_pretrained(out / "ckpt").state_dict()
+    result["equal"] = back.keys() == reference.keys() and all(torch.equal(back[k], reference[k]) for k in back)
+try:  # refused on every rank, not only on the writer
+    save_pretrained(model, out / "ckpt")
+except FileExistsError as e:
+    result["refused"] = str(e)
+(out.parent / f"rank{rank}.json").write_text(json.dumps(result))
+dist.destroy_process_group()
+'''
+
+
+@pytest.mark.distributed
+def test_fsdp_sharded_model_is_gathered_and_written_by_rank_0(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(_FSDP_WORKER)
+    (tmp_path / "out").mkdir()
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script), str(tmp_path / "out"), json.dumps(CONFIGS["deepseek_v3"])],
+                          cwd=ROOT, capture_output=True, text=True, timeout=180,
+                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(r["sharded"] for r in results)
+    assert results[0]["equal"]
+    assert results[0]["listing"] == results[1]["listing"] == ["ckpt"]  # no temporary folders left
+    assert all("already exists" in r["refused"] for r in results)
