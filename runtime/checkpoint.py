@@ -16,9 +16,10 @@ Layout, one directory per saved step (8-digit step numbers sort as text):
 
 The HF folder is for people and other tools; resume reads model.pt / model_dcp/, because the HF
 copy may be in a lower precision and exact resume needs the fp32 master weights. "Sharded" means
-several ranks, or FSDP2 (DTensor) parameters even on one rank; then the state dicts are written by torch.distributed.checkpoint (DCP): each rank writes its own shards,
-so no rank ever gathers the whole model or optimizer state, and DCP can reshard on load if the
-world size changes (then the RNG states cannot be restored, and a line says so).
+several ranks, or FSDP2 (DTensor) parameters even on one rank; then the state dicts are written
+by torch.distributed.checkpoint (DCP): each rank writes its own shards, so no rank ever gathers
+the whole model or optimizer state, and DCP can reshard on load if the world size changes (then
+the RNG states cannot be restored, and a line says so).
 
 Atomicity. Everything is written into `.tmp-step-00000100-<pid>-<random>/` beside the final
 directory, every file is fsynced, the COMPLETE marker is written last, and rank 0 renames the
@@ -30,6 +31,18 @@ next save or load removes stale `.tmp-*` directories with a log line. Old checkp
 
 Distributed runs assume a file system every rank sees (what DCP needs anyway); `save_checkpoint`
 and `load_checkpoint` are collective: every rank calls them.
+
+In a training loop (model built, sharded and given its optimizer first):
+
+    ckpt = latest_checkpoint(run_dir) if resume else None
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, model=model, optimizer=optimizer)
+        step = state["step"]; sampler.load_state_dict(state["sampler"]); guard.load_state_dict(state["guard"])
+    ...
+    if is_checkpoint_step(step, every=save_every, last_step=max_steps):
+        save_checkpoint(run_dir, step, model=model, optimizer=optimizer,
+                        trainer_state={"tokens_seen": n, "sampler": sampler.state_dict(), "guard": guard.state_dict()},
+                        save_model_fn=lambda d: save_pretrained(model, d))
 """
 from __future__ import annotations
 
@@ -118,12 +131,34 @@ def _torch_save(obj, path: Path) -> None:
         os.fsync(f.fileno())
 
 
+_TMP_OWNER = re.compile(r"^\.tmp-step-\d{8,}-(\d+)-[0-9a-f]+$")
+
+
+def _save_in_progress(name: str) -> bool:
+    """True if `name` is the temporary directory of a save running now in another process on
+    this machine (an evaluator loading while the trainer saves must not delete its work)."""
+    m = _TMP_OWNER.match(name)
+    if m is None or int(m.group(1)) == os.getpid():
+        return False
+    try:
+        os.kill(int(m.group(1)), 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _remove_stale_tmp(root: Path, log) -> None:
-    """Delete `.tmp-*` directories under `root`: leftovers of interrupted saves or prunes."""
+    """Delete `.tmp-*` directories under `root`: leftovers of interrupted saves or prunes.
+
+    A save's directory is named after its process id and skipped while that process runs. Saves
+    from other machines cannot be told apart this way: only one job may write a run directory.
+    """
     if not root.is_dir():
         return
     for d in sorted(root.iterdir()):
-        if d.name.startswith(_TMP_PREFIX) and d.is_dir():
+        if d.name.startswith(_TMP_PREFIX) and d.is_dir() and not _save_in_progress(d.name):
             shutil.rmtree(d, ignore_errors=True)
             log(f"checkpoint: removed stale temporary directory {d} (left by an interrupted save)")
 
@@ -132,7 +167,7 @@ def _discard(path: Path, root: Path) -> None:
     """Delete a checkpoint directory so that no crash leaves a half-deleted `step-*` behind."""
     doomed = root / f"{_TMP_PREFIX}delete-{path.name}-{secrets.token_hex(3)}"
     os.rename(path, doomed)
-    shutil.rmtree(doomed)
+    shutil.rmtree(doomed, ignore_errors=True)  # whatever is left is removed as stale next time
 
 
 # ----------------------------------------------------------------------------- save
@@ -244,7 +279,8 @@ def _prune(root: Path, step: int, keep_last: int | None, log) -> None:
     newer = [p for s, p in found if s > step]
     if newer:
         log(f"checkpoint: warning: {len(newer)} checkpoint(s) of later steps than {step} exist "
-            f"({newer[-1].name} latest); they are from before a resume and latest_checkpoint() returns them")
+            f"({', '.join(p.name for p in newer)}), from before this run was resumed at an earlier step; "
+            f"latest_checkpoint() picks them over this run's, so move them away if they are abandoned")
     if keep_last is None:
         return
     older = [p for s, p in found if s <= step]

@@ -137,7 +137,8 @@ class NonFiniteGuard:
     def load_state_dict(self, state: dict) -> None:
         missing = {"skipped_total", "skipped_in_a_row"} - set(state)
         if missing:
-            raise ValueError(f"non-finite guard state is missing {sorted(missing)}: expected NonFiniteGuard.state_dict()")
+            raise ValueError(f"non-finite guard state is missing {sorted(missing)}: "
+                             f"expected the dict of NonFiniteGuard.state_dict()")
         self.skipped_total = int(state["skipped_total"])
         self.skipped_in_a_row = int(state["skipped_in_a_row"])
 

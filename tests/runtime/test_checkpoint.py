@@ -148,6 +148,27 @@ def test_fsdp_two_ranks_sharded_save_and_resume(tmp_path):
         sharded = [fqn for fqn in files_of if fqn.endswith(("exp_avg", "exp_avg_sq", "weight", "bias", "gain"))]
         assert sharded and all(files_of[fqn] == {"__0_0.distcp", "__1_0.distcp"} for fqn in sharded), files_of
 
+    # DCP reshards: the 2-rank checkpoint of step 10 loads into FSDP2 on a one-rank group, with a
+    # line saying the RNG states could not be restored
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        from torch.distributed.fsdp import fully_shard
+        worker = load_worker()
+        model = worker.TinyNet()
+        fully_shard(model.fc1)
+        fully_shard(model)
+        optimizer = build_optimizer(model, lr=1e-2)
+        logs = []
+        state = load_checkpoint(checkpoint_dir(straight, 10), model=model, optimizer=optimizer, log=logs.append)
+        assert state["step"] == 10 and state["examples_seen"] == 80
+        assert any("saved by 2 ranks, resumed on 1: RNG states not restored" in m for m in logs)
+        assert_bitwise_equal(torch.load(tmp_path / "straight.pt", weights_only=True),
+                             worker.full_state_dict(model, fsdp=True))
+        assert {int(s["step"]) for s in optimizer.state_dict()["state"].values()} == {10}
+    finally:
+        dist.destroy_process_group()
+
 
 # ----------------------------------------------------------------------------- layout and policy
 
@@ -195,20 +216,28 @@ def test_latest_scans_complete_directories_only(tmp_path):
         load_checkpoint(tmp_path / "checkpoints" / "step-00000009", model=model)
 
 
+def dead_pid() -> int:
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(proc.stdout)
+
+
 def test_stale_tmp_dirs_removed_on_save_and_load(tmp_path):
     model, opt = tiny()
     root = tmp_path / "checkpoints"
-    stale = root / ".tmp-step-00000004-999-abcdef"
+    stale = root / f".tmp-step-00000004-{dead_pid()}-abcdef"
     (stale / "hf").mkdir(parents=True)
     (stale / "model.pt").write_bytes(b"half")
+    live = root / f".tmp-step-00000006-{os.getppid()}-abcdef"  # a save running in another live process
+    live.mkdir()
     logs = []
     path = save(tmp_path, 5, model, opt, logs)
-    assert not stale.exists() and [p.name for p in root.iterdir()] == ["step-00000005"]
+    assert not stale.exists() and live.exists()
+    assert sorted(p.name for p in root.iterdir()) == [live.name, "step-00000005"]
     assert any("removed stale temporary directory" in m and stale.name in m for m in logs)
     stale.mkdir()
     logs.clear()
     load_checkpoint(path, model=model, optimizer=opt, log=logs.append)
-    assert not stale.exists() and len(logs) == 1
+    assert not stale.exists() and live.exists() and len(logs) == 1
 
 
 def test_round_trip_restores_weights_optimizer_and_state(tmp_path):
@@ -290,7 +319,8 @@ def test_mismatched_optimizer_groups_name_the_params(tmp_path):
     with pytest.raises(ValueError, match="2 parameter groups saved, the optimizer has 1"):
         load_checkpoint(path, model=fresh, optimizer=other_opt)
     swapped = torch.optim.AdamW([{"params": [("bias", fresh.bias)]}, {"params": [("weight", fresh.weight)]}])
-    with pytest.raises(ValueError, match="not in the optimizer's parameter group 0: weight; .* but not in the checkpoint: bias"):
+    with pytest.raises(ValueError, match="not in the optimizer's parameter group 0: weight; "
+                                         ".* but not in the checkpoint: bias"):
         load_checkpoint(path, model=fresh, optimizer=swapped)
 
 
