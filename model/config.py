@@ -181,7 +181,8 @@ class ModelConfig:
             bias = d.get("attention_bias", False)
             kw.update(attention_bias=bias, o_bias=bias, mlp_bias=d.get("mlp_bias", False), head_dim=d.get("head_dim"))
         elif mt == "qwen3":
-            kw.update(attention_bias=d.get("attention_bias", False), head_dim=d.get("head_dim", 128), qk_norm=True)
+            bias = d.get("attention_bias", False)  # Qwen3's attention_bias covers o_proj too
+            kw.update(attention_bias=bias, o_bias=bias, head_dim=d.get("head_dim", 128), qk_norm=True)
         elif mt == "deepseek_v3":
             kw.update(
                 head_dim=None,
