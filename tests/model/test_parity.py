@@ -30,6 +30,7 @@ CASES = {
     "deepseek_v3-moe-plain": dict(kind="deepseek_v3-moe", norm_topk_prob=False, n_group=1, topk_group=1,
                                   rope_scaling=None, q_lora_rank=None, n_shared_experts=2),
     "qwen2-linear-rope": dict(kind="qwen2", rope_scaling=dict(rope_type="linear", factor=2.5)),
+    "qwen3-bias": dict(kind="qwen3", attention_bias=True, o_bias=True),
     "llama-yarn": dict(kind="llama", rope_scaling=dict(rope_type="yarn", factor=3.0,
                                                        original_max_position_embeddings=64)),
 }
