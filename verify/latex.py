@@ -1,6 +1,6 @@
 """LaTeX answer strings -> clean text -> sympy expressions, without eval and with size guards.
 
-Two public functions, used by verify/math.py:
+Public functions, used by verify/math.py:
 
     clean_latex(s) -> Cleaned(text, percent)   # normalisation, pure string work
     parse_latex(text) -> sympy.Expr            # a recursive-descent parser of the cleaned text
@@ -262,10 +262,13 @@ def _digits(x: sympy.Rational) -> float:
 
 
 def _pow(base: sympy.Expr, exp: sympy.Expr) -> sympy.Expr:
+    """base^exp, refusing what sympy would expand into a huge exact number: (c*sqrt(2))^n is
+    computed as c^n * 2^(n/2), so every rational inside a numeric base is raised to |n|."""
     if exp.is_Integer and abs(int(exp)) > MAX_EXPONENT:
         raise TooLarge(f"exponent {int(exp)} is over {MAX_EXPONENT}")
-    if base.is_Rational and exp.is_Rational and not base.is_zero:
-        if abs(int(exp.p)) * _digits(base) > MAX_RESULT_DIGITS:
+    if exp.is_Rational and base.is_number:
+        biggest = max((_digits(r) for r in base.atoms(sympy.Rational) if not r.is_zero), default=0.0)
+        if abs(int(exp.p)) * biggest > MAX_RESULT_DIGITS:
             raise TooLarge(f"a power with more than {MAX_RESULT_DIGITS} digits")
     return sympy.Pow(base, exp)
 
@@ -374,13 +377,11 @@ class _Parser:
                 return f
 
     def unary(self) -> sympy.Expr:
-        if self.is_("-"):
-            self.take(); return -self.unary()
-        if self.is_("+"):
-            self.take(); return self.unary()
-        if self.is_(r"\pm") or self.is_(r"\mp"):
-            self.take(); return PM * self.unary()
-        return self.power()
+        sign = 1
+        while self.is_("-") or self.is_("+") or self.is_(r"\pm") or self.is_(r"\mp"):   # "--5" is 5
+            t = self.take().text
+            sign = sign * (-1 if t == "-" else PM if t in (r"\pm", r"\mp") else 1)
+        return sign * self.power()
 
     def starts_atom(self) -> bool:
         t = self.peek()

@@ -23,12 +23,15 @@ pmatrix/bmatrix are matrices (a one-row or one-column matrix also equals the tup
 "x = 5" is an equation, "x > 3" / "3 < x" / "x \\in (3, \\infty)" the same interval; the names in
 "(x, y) = (1, 2)" and "f(x) = 2x + 3" are dropped (the answer is the right-hand side), and so is
 an approximation after the exact value ("3\\sqrt2 \\approx 4.24" is 3\\sqrt2); "a \\pm b" is the
-unordered pair {a + b, a - b}. A one-element list or set equals its element.
+unordered pair {a + b, a - b}. A one-element list or set equals its element; lists and sets
+compare as sets (each element of one equals some element of the other, so repeats do not count);
+a tuple "(1, 2)" never equals the list "1, 2".
 
 Comparison order, cheapest first (the first that decides wins):
-  1. string: the raw strings, then the normalised strings, are identical -> equal
+  1. string: the raw strings are identical -> equal
   2. special forms: a gold that is a choice letter ("(C)", "\\text{(C)}") needs the same letter; a
-     gold that is words ("\\text{Evelyn}", "east") needs the same words, case-insensitively
+     gold that is words ("\\text{Evelyn}", "east") needs the same words, case-insensitively;
+     otherwise identical normalised strings -> equal
   3. numeric: two plain decimal numbers compare as exact fractions (no sympy); after parsing,
      two rational values compare exactly (so 1/3 != 0.333333 and 0.5 == 1/2), any other constant
      (sqrt 2, pi) compares by value at 30 digits within rel_tol (default 1e-6, relative to the larger
@@ -47,8 +50,8 @@ Policies: percent — "50\\%" equals both "50" and "0.5" (a percent sign may be 
 in either argument); without a percent sign on either side 50 != 0.5. Degrees are dropped, so
 30^\\circ equals 30 but not \\pi/6. "52_8" is an integer in base 8: it equals "52_8", "42" written as
 "42_{10}", and (since the question asked for base 8) a bare "52"; "2\\frac12" is the mixed number
-5/2. "i" is the imaginary unit and "e" Euler's number. inf, nan and division by zero equal nothing
-but themselves as written.
+5/2. "i" is the imaginary unit and "e" Euler's number. \\infty equals only \\infty (-\\infty only
+-\\infty); an undefined value (0/0, 1/0) equals nothing but the identical string.
 
 Time limits: each is_equivalent call runs under signal.setitimer(ITIMER_REAL) + SIGALRM when it is
 in the main thread of its process; a timeout means "not equivalent". In other threads no alarm is

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from verify.latex import LatexParseError, clean_latex
+from verify.latex import LatexParseError, TooLarge, clean_latex, parse_latex
 from verify.math import TimeLimitExceeded, extract_answer, is_equivalent, parse_answer, time_limit, verify
 
 PM = r"\pm"
@@ -297,6 +297,26 @@ def test_power_tower_is_refused_quickly():
     assert not is_equivalent("100000!", "100000! + 1")
     assert not is_equivalent("9^{9^{9^{9}}}", "1")
     assert time.perf_counter() - start < 3.0
+
+
+@pytest.mark.parametrize("text", [r"10^{10^{10}}", r"(10^{9999}\sqrt2)^{10000}", "x^{100000}", "1001!",
+                                  r"\binom{5000}{2}", "9" * 1001, "9^{9^{9}}", r"\left(\frac{1}{2}\right)^{10^5}"])
+def test_parser_refuses_huge_values(text):
+    with pytest.raises(TooLarge):
+        parse_latex(clean_latex(text).text)
+
+
+def test_parser_depth_guard_and_long_sign_runs():
+    with pytest.raises(LatexParseError, match="nesting"):
+        parse_latex("(" * 200 + "1" + ")" * 200)
+    assert parse_latex("-" * 1501 + "5") == -5     # a loop, not 1501 recursive calls
+
+
+def test_rel_tol_applies_to_irrational_values_only():
+    assert not is_equivalent("1.4142", r"\sqrt2")
+    assert is_equivalent("1.4142", r"\sqrt2", rel_tol=1e-4)
+    assert not is_equivalent("1.00001", "1", rel_tol=1e-3)     # two rationals: exact
+    assert not is_equivalent("0.3333", r"\frac13", rel_tol=1e-3)
 
 
 def test_slow_simplify_is_cut_and_random_points_decide():
