@@ -118,8 +118,8 @@ def _last_boxed(text: str) -> str | None:
 
 def _phrase_answer(rest: str) -> str:
     """The answer after "the answer is" / "####": a $...$ span if it starts one, else to the end of
-    the line or sentence."""
-    rest = rest.split("\n", 1)[0].strip().lstrip("*").strip()
+    the line or sentence (blank lines right after the phrase are skipped)."""
+    rest = rest.lstrip().split("\n", 1)[0].strip().lstrip("*").strip()
     math_span = re.match(r"\$\$?(.+?)\$\$?", rest)
     if math_span:
         return math_span.group(1).strip()

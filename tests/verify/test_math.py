@@ -260,6 +260,8 @@ EXTRACTIONS = [
     ("Janet sells 9 eggs.\n#### 18", "18"),
     ("#### 1,000\n", "1,000"),
     ("the answer is 4\nlater: the answer is 6", "6"),
+    ("The final answer is:\n\n$$\\frac{1}{2}$$\n", r"\frac{1}{2}"),
+    ("Answer: **5**", "5"),
 ]
 
 
