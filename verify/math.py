@@ -110,8 +110,8 @@ def _last_boxed(text: str) -> str | None:
             if end > 0:
                 return text[j + 1:end - 1]
             continue
-        bare = re.match(r"[^\s$]+", text[j:])        # "\boxed 5": the next token
-        if bare and j > m.end():
+        bare = re.match(r"[^\s${}\\][^\s$]*", text[j:])   # "\boxed 5", "\boxed5": the next word
+        if bare:
             return bare.group(0)
     return None
 

@@ -246,7 +246,7 @@ EXTRACTIONS = [
     (r"nested \boxed{\frac{\sqrt{2}}{\left(1+\sqrt{3}\right)}} done", r"\frac{\sqrt{2}}{\left(1+\sqrt{3}\right)}"),
     (r"set: \boxed{\{1\pm\sqrt{5},-2\}}", r"\{1\pm\sqrt{5},-2\}"),
     (r"the value is $\fbox{42}$", "42"),
-    (r"$\boxed 5$.", "5"),
+    (r"$\boxed 5$.", "5"), (r"so \boxed12.", "12."), (r"\boxed{3} \boxed$", "3"),
     (r"\boxed{7} and a truncated \boxed{\frac{1", "7"),
     (r"\boxed{}", ""),
     ("<think>maybe 3</think><answer> 4 </answer>", "4"),
