@@ -22,6 +22,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,12 +59,14 @@ def child(args) -> None:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current RSS
     before = _status_kib("VmRSS") * 1024
+    t0 = time.perf_counter()
     model = load_pretrained(args.dir, dtype=getattr(torch, args.dtype))
+    seconds = time.perf_counter() - t0
     peak = _status_kib("VmHWM") * 1024
     tensors = {id(t): t for t in model.state_dict().values()}.values()
     weights = sum(t.numel() * t.element_size() for t in tensors)
     print(json.dumps({"dtype": args.dtype, "weights_bytes": weights, "rss_before": before,
-                      "lazy_import_bytes": before - imported,
+                      "lazy_import_bytes": before - imported, "seconds": seconds,
                       "peak_above_before": peak - before, "ratio": (peak - before) / weights}))
 
 
@@ -107,10 +110,10 @@ def main(argv=None) -> dict:
         info = write_checkpoint(args.size, directory)
         rows = [measure(directory, dt) for dt in ("float32", "bfloat16")]
     print(f"checkpoint: {info['params'] / 1e6:.1f}M parameters, fp32, {len(info['files'])} shard(s)")
-    print(f"{'target dtype':<14}{'weights MB':>12}{'peak above MB':>15}{'ratio':>8}{'lazy imports MB':>17}")
+    print(f"{'target dtype':<14}{'weights MB':>12}{'peak above MB':>15}{'ratio':>8}{'lazy imports MB':>17}{'load s':>8}")
     for r in rows:
         print(f"{r['dtype']:<14}{r['weights_bytes'] / 1e6:>12.1f}{r['peak_above_before'] / 1e6:>15.1f}"
-              f"{r['ratio']:>8.3f}{r['lazy_import_bytes'] / 1e6:>17.1f}")
+              f"{r['ratio']:>8.3f}{r['lazy_import_bytes'] / 1e6:>17.1f}{r['seconds']:>8.2f}")
     result = {"bench": "load_memory", "size": args.size, "params": info["params"], "shards": len(info["files"]),
               "ratios": {r["dtype"]: round(r["ratio"], 4) for r in rows}, "goal": 1.3}
     print(json.dumps(result))

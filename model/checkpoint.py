@@ -337,13 +337,15 @@ def _plan_load(config: ModelConfig, declared_mtp: int, expected: dict, files, lo
         loaded = {n: f for n, f in loaded.items() if not n.startswith(dropped)}
 
     # Names of one shared tensor (tied embeddings; the MTP modules' embed_tokens and shared_head.head)
-    # need only one of them on disk; the first present in state-dict order is read, the others skipped.
+    # need only one of them on disk. One copy is read, the main model's when present (published V3
+    # checkpoints repeat the embedding and head inside the MTP layer), the others are skipped.
+    mtp_prefixes = tuple(f"model.layers.{config.num_hidden_layers + j}." for j in range(config.num_nextn_predict_layers))
     aliases: dict[int, list[str]] = {}
     for name, t in expected.items():
         aliases.setdefault(id(t), []).append(name)
     missing = []
     for names in aliases.values():
-        present = [n for n in names if n in loaded]
+        present = sorted((n for n in names if n in loaded), key=lambda n: bool(mtp_prefixes) and n.startswith(mtp_prefixes))
         if not present:
             missing += names
         for n in present[1:]:
@@ -351,7 +353,6 @@ def _plan_load(config: ModelConfig, declared_mtp: int, expected: dict, files, lo
     unexpected = sorted(n for n in loaded if n not in expected)
 
     # MTP modules: published checkpoints hold them, transformers-saved ones do not.
-    mtp_prefixes = tuple(f"model.layers.{config.num_hidden_layers + j}." for j in range(config.num_nextn_predict_layers))
     missing_mtp = [n for n in missing if mtp_prefixes and n.startswith(mtp_prefixes)]
     missing = [n for n in missing if n not in missing_mtp]
     where = files[0].path.parent
@@ -600,10 +601,10 @@ def _shard(specs, max_shard_bytes: int) -> list[list]:
 
 def _gathered(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A full, contiguous CPU copy of one tensor in `dtype` (a DTensor is all-gathered first)."""
-    t = t.detach()
+    t = t.detach().to(dtype)  # cast the local shard first: less to gather
     if hasattr(t, "full_tensor"):  # DTensor (FSDP2): a collective every rank takes part in
         t = t.full_tensor()
-    return t.to(device="cpu", dtype=dtype).contiguous()
+    return t.to(device="cpu").contiguous()
 
 
 def _generation_config(config: ModelConfig, tokenizer) -> dict:

@@ -324,11 +324,17 @@ def test_fp8_block_quantised_checkpoint_is_dequantised(tmp_path, dtype):
     for name, want in reference.items():
         assert torch.equal(state[name], want.to(dtype)), name
 
+    original = model.state_dict()
+    for name, want in reference.items():  # e4m3 rounds to 3 mantissa bits: relative error <= 2^-4
+        err = ((want - original[name]).norm() / original[name].norm()).item()
+        assert 0 < err <= 2 ** -4, (name, err)
+
     ids = _ids(config)
     with torch.no_grad():
         exact, quantised = model(ids), loaded(ids).float()
     rel = ((quantised - exact).norm() / exact.norm()).item()
-    assert 0 < rel < 0.1, rel  # e4m3 keeps 3 mantissa bits: a few percent, not more
+    # a few percent per weight, compounded over layers and an occasional flipped expert choice
+    assert 0 < rel < 0.25, rel
 
 
 def test_fp8_weight_without_scale_is_an_error(tmp_path):
@@ -339,6 +345,18 @@ def test_fp8_weight_without_scale_is_an_error(tmp_path):
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"model\.safetensors: tensor 'model\.layers\.0\.mlp\.up_proj\.weight' is "
                                          r"stored as torch\.float8_e4m3fn .* no 'model\.layers\.0\.mlp\.up_proj\.weight_scale_inv'"):
+        load_pretrained(out)
+
+
+def test_fp8_scale_of_the_wrong_shape_is_an_error(tmp_path):
+    out = save_pretrained(_random_model(ModelConfig(**_FP8_CONFIG)), tmp_path / "ckpt")
+    tensors = load_file(out / "model.safetensors")
+    name = "model.layers.0.mlp.up_proj.weight"  # [260, 200]: blocks [3, 2]
+    tensors[name] = tensors[name].to(torch.float8_e4m3fn)
+    tensors[name + "_scale_inv"] = torch.ones(2, 2)
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"'model\.layers\.0\.mlp\.up_proj\.weight_scale_inv' has shape \[2, 2\]; "
+                                         r"expected \[3, 2\] for weight shape \[260, 200\] in blocks of \[128, 128\]"):
         load_pretrained(out)
 
 
@@ -411,6 +429,19 @@ def test_missing_mtp_weights_warn_or_fail_by_loss_weight(tmp_path):
     full = save_pretrained(_random_model(config), tmp_path / "full")
     model = load_pretrained(full, config_overrides={"num_nextn_predict_layers": 0})
     assert len(model.mtp) == 0
+
+
+def test_mtp_copies_of_embedding_and_head_do_not_replace_the_main_ones(tmp_path):
+    config = ModelConfig(**CONFIGS["deepseek_v3"])
+    model = _random_model(config)
+    out = save_pretrained(model, tmp_path / "ckpt")
+    n = config.num_hidden_layers
+    _edit(out, lambda t: t.update({f"model.layers.{n}.embed_tokens.weight": torch.zeros(301, 72),
+                                   f"model.layers.{n}.shared_head.head.weight": torch.zeros(301, 72)}))
+    back = load_pretrained(out)
+    assert torch.equal(back.model.embed_tokens.weight, model.model.embed_tokens.weight)
+    assert torch.equal(back.lm_head.weight, model.lm_head.weight)
+    assert back.model.layers[n].shared_head.head.weight is back.lm_head.weight
 
 
 def test_config_errors_name_the_file(saved_qwen2):
