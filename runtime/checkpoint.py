@@ -366,21 +366,24 @@ def load_checkpoint(path: str | os.PathLike, *, model: nn.Module, optimizer: tor
     msg = _mismatch_message(path, meta["model_keys"], _state_dict_shapes(model_sd), "model")
     if msg:
         raise ValueError(msg)
-    if sharded:
-        dcp.load(model_sd, checkpoint_id=path / "model_dcp")
-        set_model_state_dict(model, model_sd)
-    else:
-        model.load_state_dict(torch.load(path / "model.pt", map_location="cpu", weights_only=True))
 
+    # The optimizer goes first: under DCP, getting a fresh optimizer's state-dict layout runs one
+    # zero-gradient step to create its state, and the weights loaded next overwrite anything it did.
     if optimizer is not None and meta["optimizer"]:
         if sharded:
-            osd = get_optimizer_state_dict(model, optimizer)  # the target layout (initialises empty state)
+            osd = get_optimizer_state_dict(model, optimizer)  # the target layout
             dcp.load(osd, checkpoint_id=path / "optim")
             set_optimizer_state_dict(model, optimizer, osd)
         else:
             osd = torch.load(path / "optim.pt", map_location="cpu", weights_only=True)
             _check_optimizer_groups(path, osd, optimizer)
             optimizer.load_state_dict(osd)
+
+    if sharded:
+        dcp.load(model_sd, checkpoint_id=path / "model_dcp")
+        set_model_state_dict(model, model_sd)
+    else:
+        model.load_state_dict(torch.load(path / "model.pt", map_location="cpu", weights_only=True))
 
     rng_file = path / f"rng-rank{get_rank()}.pt"
     if meta["world_size"] == world:

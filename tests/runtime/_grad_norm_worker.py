@@ -8,6 +8,7 @@ Writes OUT_PREFIX.rank{r}.json with:
 - plain_norm: the same gradient computed by one unsharded copy on the whole batch (the reference)
 - clipped_norm: the global norm after clipping to max_norm=0.5 (measured again, max_norm=0)
 - skipped / params_unchanged: a step where only rank 1's loss is NaN (every rank must skip)
+- groups: build_optimizer's parameter groups over the DTensor parameters
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
@@ -65,7 +67,9 @@ def main() -> None:
         with open(f"{sys.argv[1]}.rank{rank}.json", "w") as f:
             json.dump({"fsdp_norm": fsdp_norm, "plain_norm": plain_norm, "clipped_norm": clipped_norm,
                        "skipped": result.skipped, "params_unchanged": unchanged,
-                       "skipped_total": guard.skipped_total}, f)
+                       "skipped_total": guard.skipped_total,
+                       "groups": [[g["param_names"], g["weight_decay"]] for g in optimizer.param_groups],
+                       "dtensor_params": all(isinstance(p, DTensor) for p in model.parameters())}, f)
     finally:
         teardown()
 

@@ -148,3 +148,6 @@ def test_fsdp_two_ranks_global_norm_and_collective_skip(tmp_path):
         # only rank 1 saw a NaN loss, yet both ranks skipped and kept their shards
         assert rec["skipped"] and rec["params_unchanged"] and rec["skipped_total"] == 1
     assert recs[0]["fsdp_norm"] == recs[1]["fsdp_norm"]
+    # build_optimizer splits FSDP2's DTensor parameters by their global shapes, as for plain ones
+    assert recs[0]["dtensor_params"]
+    assert recs[0]["groups"] == [[["0.weight", "2.weight"], 0.1], [["0.bias", "2.bias"], 0.0]]
