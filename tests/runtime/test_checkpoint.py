@@ -52,7 +52,7 @@ def run_worker(*args, torchrun=False, timeout=120):
 
 # ----------------------------------------------------------------------------- exact resume
 
-def test_exact_resume_single_process(tmp_path):
+def test_exact_resume_single_process(tmp_path, monkeypatch):
     worker = load_worker()
     reference = worker.run_training(tmp_path / "straight", steps=10)
     worker.run_training(tmp_path / "split", steps=10, stop_at=5, save_every=5)
@@ -60,6 +60,12 @@ def test_exact_resume_single_process(tmp_path):
     seed_everything(12345)  # disturb every generator: the resume must restore them
     resumed = worker.run_training(tmp_path / "split", steps=10, resume=True)
     assert_bitwise_equal(reference, resumed)
+
+    # the comparison is sharp: without the RNG restore (dropout, noise) the weights differ
+    monkeypatch.setattr("runtime.checkpoint.restore_rng_state", lambda state: None)
+    seed_everything(12345)
+    unrestored = worker.run_training(tmp_path / "split", steps=10, resume=True)  # from step 5 again
+    assert not torch.equal(unrestored["fc1.weight"], reference["fc1.weight"])
 
     state = json.loads((checkpoint_dir(tmp_path / "split", 5) / "state.json").read_text())
     assert state["trainer"] == {"examples_seen": 40, "sampler": {"epoch": 0, "pos": 40},
