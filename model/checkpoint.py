@@ -12,7 +12,8 @@ storage), given its final dtype there, then allocated once with `to_empty`; each
 from its file with plain `readinto` calls, straight into the parameter when the dtypes agree, else
 through one reused staging buffer of at most READ_CHUNK_BYTES. Files are not mmapped, so no file
 pages are charged to the process (page cache is not part of RSS), and the header's byte ranges
-double as the truncation check. Peak RSS is the model plus one chunk.
+double as the truncation check. Peak RSS is the model plus one chunk (a few, in fp32, while
+dequantising FP8).
 
 Safetensors format (what `_SafetensorsFile` and `_write_safetensors` implement): 8 bytes little-endian
 u64 N, then N bytes of JSON {name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__":
@@ -51,6 +52,11 @@ from model.config import ModelConfig
 READ_CHUNK_BYTES = 4 << 20
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size ("5GB")
+
+# Tensors save_pretrained(dtype=...) leaves in their own dtype: the MoE router's balancing bias,
+# whose small update steps (bias_update_speed ~1e-3) bf16 would round away; published DeepSeek-V3
+# checkpoints store it in fp32 too.
+KEEP_FP32_ON_SAVE = ("e_score_correction_bias",)
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -489,7 +495,8 @@ def save_pretrained(model, path, tokenizer=None, *, max_shard_bytes: int = DEFAU
     the weights (`model.safetensors`, or shards of at most `max_shard_bytes` each plus
     model.safetensors.index.json) and, when `tokenizer` is given (any object with `save(dir)`, such as
     data.tokenizer.Tokenizer), its files and chat template. `dtype` casts floating-point tensors
-    (None: as they are in the model). With tied embeddings lm_head.weight is not written.
+    (None: as they are in the model; KEEP_FP32_ON_SAVE tensors are never cast). With tied embeddings
+    lm_head.weight is not written.
 
     The folder appears atomically: everything is written into a temporary folder beside `path`,
     then renamed. An existing `path` is an error unless `overwrite=True`; it is then moved aside and
@@ -514,7 +521,7 @@ def save_pretrained(model, path, tokenizer=None, *, max_shard_bytes: int = DEFAU
         raise FileExistsError(problem)
 
     state = _tensors_to_save(model, config)
-    specs = [(name, _saved_dtype(t, dtype), tuple(t.shape)) for name, t in state.items()]
+    specs = [(name, _saved_dtype(name, t, dtype), tuple(t.shape)) for name, t in state.items()]
     shards = _shard(specs, max_shard_bytes)
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
 
@@ -571,8 +578,10 @@ def _tensors_to_save(model, config: ModelConfig) -> dict[str, torch.Tensor]:
     return state
 
 
-def _saved_dtype(t: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
-    return dtype if dtype is not None and t.is_floating_point() else t.dtype
+def _saved_dtype(name: str, t: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
+    if dtype is None or not t.is_floating_point() or name.endswith(KEEP_FP32_ON_SAVE):
+        return t.dtype
+    return dtype
 
 
 def _main_dtype(specs) -> torch.dtype:
