@@ -124,9 +124,12 @@ def test_cache_input_errors():
         cache.copy_slots(0, [1], 9)
 
 
-def test_decode_step_compiles_fullgraph():
+# MLA's absorbed decode compiles too; it is marked slow only to keep CI time down (compiling takes
+# 20-40 s on 2 cores). MoE layers do not compile fullgraph: their dispatch reads per-expert counts.
+@pytest.mark.parametrize("kind", ["qwen2", pytest.param("deepseek_v3", marks=pytest.mark.slow)])
+def test_decode_step_compiles_fullgraph(kind):
     torch._dynamo.reset()
-    config = tiny_config("qwen2", num_hidden_layers=1)
+    config = tiny_config(kind, num_hidden_layers=1)
     model = random_model(config, seed=8)
     cache = model.make_cache(max_batch_size=2, max_seq_len=16)
     slots = torch.tensor([1, 0])
