@@ -117,15 +117,17 @@ class MLA(nn.Module):
     scale = (Dn + R)^-0.5, times mscale² under YaRN (model.rope.mla_softmax_scale).
 
     Two equal ways to compute o (tests/model/test_mla.py):
-    - naive (training, prefill without a cache): expand k_nope and v for every key with W_UKV,
-      then ordinary causal attention with Dqk = Dn + R, Dv;
-    - absorbed (with a KV cache: only c_kv and k_pe are cached): fold W_UK into the query and W_UV
-      into the output, since q_nope · (W_UK c) = (W_UKᵀ q_nope) · c and Σ p (W_UV c) = W_UV Σ p c:
+    - naive: expand k_nope and v for every key with W_UKV, then ordinary attention with
+      Dqk = Dn + R, Dv. Used for training and for prefill (T > 1), with or without a cache (with
+      one, the latents are written first and the slot's cached latents are expanded);
+    - absorbed: fold W_UK into the query and W_UV into the output, since
+      q_nope · (W_UK c) = (W_UKᵀ q_nope) · c and Σ p (W_UV c) = W_UV Σ p c:
           q_lat = W_UKᵀ q_nope [C],  score = q_lat · c_kv + q_pe · k_pe,
           o_lat = Σ_s p_s c_kv,s [C],  o = W_UV o_lat [Dv]
       i.e. multi-query attention over the cache with one kv head [c_kv; k_pe] of width C + R.
-      It reads C + R numbers per key instead of H (Dn + R + Dv) and is used for every cached call,
-      prefill included (simple, and exact; for long prefills the naive path does fewer FLOPs).
+      Used for cached decode (T = 1): it reads C + R numbers per cached key instead of expanding
+      H (Dn + Dv) per key. For a long prefill it would do more FLOPs than the naive form
+      (per score C + R + C multiply-adds instead of Dn + R + Dv: 1088 vs 320 for DeepSeek-V3).
     """
 
     def __init__(self, config: ModelConfig, layer_idx: int):
@@ -165,14 +167,18 @@ class MLA(nn.Module):
         k_pe = apply_rope(k_pe[:, :, None, :], cos, sin, self.interleaved)[:, :, 0]  # [B, T, R]
         return q_nope, q_pe, c_kv, k_pe
 
-    def attend_naive(self, q_nope, q_pe, c_kv, k_pe, cu_seqlens=None) -> torch.Tensor:
-        """Causal attention of the call's tokens over themselves, k and v expanded from c_kv -> o [B, T, H, Dv]."""
-        B, T, H, _ = q_nope.shape
-        kv = self.kv_b_proj(c_kv).view(B, T, H, self.nope_dim + self.v_dim)       # [B, T, H, Dn + Dv]
+    def attend_naive(self, q_nope, q_pe, c_kv, k_pe, cu_seqlens=None, visible=None) -> torch.Tensor:
+        """Attention with k and v expanded from the latents c_kv [B, S, C], k_pe [B, S, R] -> o [B, T, H, Dv]:
+        causal over the call's own tokens (S = T; cu_seqlens for packed rows) when `visible` is
+        None, else masked to visible [B, T, S] (keys from a cache)."""
+        B, S, H = c_kv.shape[0], c_kv.shape[1], self.n_heads
+        kv = self.kv_b_proj(c_kv).view(B, S, H, self.nope_dim + self.v_dim)       # [B, S, H, Dn + Dv]
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
-        k = torch.cat([k_nope, k_pe[:, :, None, :].expand(B, T, H, self.rope_dim)], dim=-1)  # [B, T, H, Dn + R]
+        k = torch.cat([k_nope, k_pe[:, :, None, :].expand(B, S, H, self.rope_dim)], dim=-1)  # [B, S, H, Dn + R]
         q = torch.cat([q_nope, q_pe], dim=-1)                                      # [B, T, H, Dn + R]
-        return causal_attention(q, k, v, self.scale, cu_seqlens)                   # [B, T, H, Dv]
+        if visible is None:
+            return causal_attention(q, k, v, self.scale, cu_seqlens)               # [B, T, H, Dv]
+        return masked_attention(q, k, v, visible, self.scale)
 
     def attend_absorbed(self, q_nope, q_pe, kv, visible) -> torch.Tensor:
         """Attention in latent space over cached keys kv [B, S, C + R] ([c_kv; k_pe]) with
@@ -194,5 +200,9 @@ class MLA(nn.Module):
             o = self.attend_naive(q_nope, q_pe, c_kv, k_pe, cu_seqlens)
         else:
             (kv,) = step.update(self.layer_idx, torch.cat([c_kv, k_pe], dim=-1))  # [B, S, C + R]
-            o = self.attend_absorbed(q_nope, q_pe, kv, step.visible)
+            if T == 1:  # decode
+                o = self.attend_absorbed(q_nope, q_pe, kv, step.visible)
+            else:       # prefill
+                C = self.kv_lora_rank
+                o = self.attend_naive(q_nope, q_pe, kv[..., :C], kv[..., C:], visible=step.visible)
         return self.o_proj(o.reshape(B, T, self.n_heads * self.v_dim))             # [B, T, D]

@@ -6,7 +6,7 @@ C kv_lora_rank (MLA latent), R qk_rope_head_dim (MLA rope key).
 
 What one layer keeps, per slot and position:
 - dense GQA: k, v [N, L, Hkv, Dh] (keys after RoPE and, for Qwen3, after k_norm);
-- MLA (deepseek_v3): only what the absorbed path needs, one buffer `kv` [N, L, C + R] holding the
+- MLA (deepseek_v3): only what the absorbed decode needs, one buffer `kv` [N, L, C + R] holding the
   normalised latent c_kv = kv_a_layernorm(...) in [..., :C] and the rotated rope key k_pe in
   [..., C:] (MLA is then multi-query attention with one kv "head" of width C + R whose values
   are the first C dims; FlashMLA uses the same layout). That is (C + R) numbers per token per
