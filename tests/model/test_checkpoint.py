@@ -6,6 +6,7 @@ same logits; what transformers saves, sharded, must load into ours with the same
 """
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from model import ModelConfig, Transformer, load_pretrained, save_pretrained
 from model.checkpoint import _SafetensorsFile, _write_safetensors
+from tests.model.conftest import TINY, hf_model_for, random_model, tiny_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -86,40 +89,15 @@ def test_truncated_file_is_reported_with_its_name(tmp_path, cut):
 # tiny models of every family
 # ------------------------------------------------------------------------------------------------
 
-from model import ModelConfig, Transformer, load_pretrained, save_pretrained  # noqa: E402
-
-_DENSE = dict(vocab_size=301, hidden_size=72, intermediate_size=100, num_hidden_layers=2,
-              num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=128,
-              bos_token_id=0, eos_token_id=1)
-_DSV3 = dict(model_type="deepseek_v3", vocab_size=301, hidden_size=72, intermediate_size=100,
-             num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
-             q_lora_rank=24, kv_lora_rank=20, qk_nope_head_dim=8, qk_rope_head_dim=6, v_head_dim=10,
-             rope_interleave=True, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
-             moe_intermediate_size=40, first_k_dense_replace=1, n_group=4, topk_group=2,
-             routed_scaling_factor=2.5, num_nextn_predict_layers=1, bos_token_id=0, eos_token_id=[1, 2],
-             rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32,
-                           "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0})
-CONFIGS = {
-    "qwen2-tied": dict(model_type="qwen2", attention_bias=True, tie_word_embeddings=True, **_DENSE),
-    "qwen2-untied": dict(model_type="qwen2", attention_bias=True, **_DENSE),
-    "llama": dict(model_type="llama", rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 32},
-                  **_DENSE),
-    "qwen3": dict(model_type="qwen3", head_dim=16, qk_norm=True, **_DENSE),
-    "deepseek_v3": _DSV3,
-}
+KINDS = ["qwen2", "qwen2-tied", "llama", "qwen3", "deepseek_v3", "deepseek_v3-moe"]
 
 
-def _random_model(config: ModelConfig, seed: int = 0) -> Transformer:
-    """A model whose every tensor (norm weights, biases, router bias included) is random, so a
-    tensor that is lost or misplaced on the way changes the logits."""
-    torch.manual_seed(seed)
-    model = Transformer(config)
-    with torch.no_grad():
-        for t in {id(t): t for t in model.state_dict(keep_vars=True).values()}.values():
-            if t.is_floating_point():
-                t.add_(torch.randn_like(t) * 0.05)
-    return model.eval()
+def _config(kind: str, **overrides) -> ModelConfig:
+    """conftest's tiny config with token ids; the MoE one also gets an MTP module and two eos ids."""
+    extra = dict(bos_token_id=0, eos_token_id=1)
+    if kind == "deepseek_v3-moe":
+        extra.update(num_nextn_predict_layers=1, eos_token_id=[1, 2])
+    return tiny_config(kind, **{**extra, **overrides})
 
 
 def _ids(config: ModelConfig) -> torch.Tensor:
@@ -129,7 +107,8 @@ def _ids(config: ModelConfig) -> torch.Tensor:
 def _hf_logits(directory: Path, ids: torch.Tensor) -> torch.Tensor:
     from transformers import AutoModelForCausalLM
 
-    hf = AutoModelForCausalLM.from_pretrained(directory, attn_implementation="eager", dtype=torch.float32)
+    hf = AutoModelForCausalLM.from_pretrained(directory, attn_implementation="eager", experts_implementation="eager",
+                                              dtype=torch.float32)
     with torch.no_grad():
         return hf.eval()(ids).logits
 
@@ -145,10 +124,10 @@ def _tensors(directory: Path) -> dict[str, torch.Tensor]:
 # round trips with transformers
 # ------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("name", KINDS)
 def test_transformers_loads_what_save_pretrained_writes(tmp_path, name):
-    config = ModelConfig(**CONFIGS[name])
-    model = _random_model(config)
+    config = _config(name)
+    model = random_model(config)
     out = save_pretrained(model, tmp_path / "ckpt", max_shard_bytes=60_000)
     ids = _ids(config)
     with torch.no_grad():
@@ -180,21 +159,10 @@ def test_transformers_loads_what_save_pretrained_writes(tmp_path, name):
             assert f"model.layers.{n}.{key}" in on_disk, key
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("name", KINDS)
 def test_load_pretrained_reads_what_transformers_saves_sharded(tmp_path, name):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = ModelConfig(**CONFIGS[name])
-    hf_dict = config.to_hf_config()
-    torch.manual_seed(0)
-    hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(hf_dict.pop("model_type"), **hf_dict),
-                                          attn_implementation="eager", dtype=torch.float32)
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-        for n, b in hf.named_buffers():
-            if n.endswith("e_score_correction_bias"):
-                b.add_(torch.randn_like(b) * 0.05)
+    config = _config(name)
+    hf = hf_model_for(config)
     hf.save_pretrained(tmp_path / "hf", max_shard_size="40KB")
     assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
     ids = _ids(config)
@@ -212,8 +180,8 @@ def test_load_pretrained_reads_what_transformers_saves_sharded(tmp_path, name):
 
 
 def test_round_trip_is_exact_and_dtype_casts(tmp_path):
-    config = ModelConfig(**CONFIGS["deepseek_v3"])
-    model = _random_model(config)
+    config = _config("deepseek_v3-moe")
+    model = random_model(config)
     save_pretrained(model, tmp_path / "fp32")
     assert (tmp_path / "fp32" / "model.safetensors").is_file()  # one shard: no index
     assert not (tmp_path / "fp32" / "model.safetensors.index.json").exists()
@@ -241,9 +209,8 @@ def test_tokenizer_and_generation_config_are_written(tmp_path):
     from data.tokenizer import Tokenizer
 
     tok = Tokenizer.train(["12 + 34 = 46", "<think>carry</think><answer>7</answer>"] * 20, vocab_size=300)
-    config = ModelConfig(**{**CONFIGS["qwen2-tied"], "vocab_size": tok.vocab_size, "bos_token_id": None,
-                            "eos_token_id": None})
-    out = save_pretrained(_random_model(config), tmp_path / "ckpt", tok)
+    config = tiny_config("qwen2-tied", vocab_size=tok.vocab_size)
+    out = save_pretrained(random_model(config), tmp_path / "ckpt", tok)
     back = Tokenizer.from_pretrained(out)
     assert back.encode("<think>12 + 34</think>") == tok.encode("<think>12 + 34</think>")
     assert back.chat_template == tok.chat_template
@@ -253,11 +220,11 @@ def test_tokenizer_and_generation_config_are_written(tmp_path):
 
 
 def test_save_refuses_existing_folder_and_replaces_it_atomically(tmp_path):
-    config = ModelConfig(**CONFIGS["qwen2-tied"])
-    target = save_pretrained(_random_model(config, seed=0), tmp_path / "ckpt")
+    config = _config("qwen2-tied")
+    target = save_pretrained(random_model(config, seed=0), tmp_path / "ckpt")
     with pytest.raises(FileExistsError, match="overwrite=True"):
-        save_pretrained(_random_model(config, seed=1), target)
-    new = _random_model(config, seed=1)
+        save_pretrained(random_model(config, seed=1), target)
+    new = random_model(config, seed=1)
     save_pretrained(new, target, overwrite=True)
     assert torch.equal(load_pretrained(target).lm_head.weight, new.lm_head.weight)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temporary or old folders left
@@ -268,7 +235,7 @@ def test_save_refuses_existing_folder_and_replaces_it_atomically(tmp_path):
             raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        save_pretrained(_random_model(config, seed=2), target, Broken(), overwrite=True)
+        save_pretrained(random_model(config, seed=2), target, Broken(), overwrite=True)
     assert torch.equal(load_pretrained(target).lm_head.weight, new.lm_head.weight)  # the old one is intact
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
@@ -306,7 +273,7 @@ _FP8_CONFIG = dict(model_type="deepseek_v3", vocab_size=301, hidden_size=200, in
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fp8_block_quantised_checkpoint_is_dequantised(tmp_path, dtype):
     config = ModelConfig(**_FP8_CONFIG)
-    model = _random_model(config)
+    model = random_model(config)
     out = save_pretrained(model, tmp_path / "ckpt")
     tensors = load_file(out / "model.safetensors")
     reference = {}
@@ -341,7 +308,7 @@ def test_fp8_block_quantised_checkpoint_is_dequantised(tmp_path, dtype):
 
 
 def test_fp8_weight_without_scale_is_an_error(tmp_path):
-    out = save_pretrained(_random_model(ModelConfig(**_FP8_CONFIG)), tmp_path / "ckpt")
+    out = save_pretrained(random_model(ModelConfig(**_FP8_CONFIG)), tmp_path / "ckpt")
     tensors = load_file(out / "model.safetensors")
     name = "model.layers.0.mlp.up_proj.weight"
     tensors[name] = tensors[name].to(torch.float8_e4m3fn)
@@ -352,7 +319,7 @@ def test_fp8_weight_without_scale_is_an_error(tmp_path):
 
 
 def test_fp8_scale_of_the_wrong_shape_is_an_error(tmp_path):
-    out = save_pretrained(_random_model(ModelConfig(**_FP8_CONFIG)), tmp_path / "ckpt")
+    out = save_pretrained(random_model(ModelConfig(**_FP8_CONFIG)), tmp_path / "ckpt")
     tensors = load_file(out / "model.safetensors")
     name = "model.layers.0.mlp.up_proj.weight"  # [260, 200]: blocks [3, 2]
     tensors[name] = tensors[name].to(torch.float8_e4m3fn)
@@ -369,7 +336,7 @@ def test_fp8_scale_of_the_wrong_shape_is_an_error(tmp_path):
 
 @pytest.fixture
 def saved_qwen2(tmp_path) -> Path:
-    return save_pretrained(_random_model(ModelConfig(**CONFIGS["qwen2-untied"])), tmp_path / "ckpt")
+    return save_pretrained(random_model(_config("qwen2")), tmp_path / "ckpt")
 
 
 def _edit(directory: Path, fn) -> None:
@@ -409,7 +376,7 @@ def test_shape_mismatch_names_tensor_file_and_both_shapes(saved_qwen2):
 
 
 def test_truncated_shard_is_reported_with_its_file(tmp_path):
-    out = save_pretrained(_random_model(ModelConfig(**CONFIGS["qwen2-untied"])), tmp_path / "ckpt",
+    out = save_pretrained(random_model(_config("qwen2")), tmp_path / "ckpt",
                           max_shard_bytes=60_000)
     shard = sorted(out.glob("model-*.safetensors"))[1]
     shard.write_bytes(shard.read_bytes()[:-1000])
@@ -418,8 +385,8 @@ def test_truncated_shard_is_reported_with_its_file(tmp_path):
 
 
 def test_missing_mtp_weights_warn_or_fail_by_loss_weight(tmp_path):
-    config = ModelConfig(**CONFIGS["deepseek_v3"])
-    out = save_pretrained(_random_model(config), tmp_path / "ckpt")
+    config = _config("deepseek_v3-moe")
+    out = save_pretrained(random_model(config), tmp_path / "ckpt")
     _edit(out, lambda t: [t.pop(k) for k in [k for k in t if k.startswith("model.layers.3.")]])
     with pytest.warns(UserWarning, match=r"lacks the MTP weights \(\d+: model\.layers\.3\."):
         model = load_pretrained(out)
@@ -429,14 +396,14 @@ def test_missing_mtp_weights_warn_or_fail_by_loss_weight(tmp_path):
     # dropping MTP through the config loads without a word, and a published checkpoint's MTP
     # tensors are skipped when MTP is dropped
     load_pretrained(out, config_overrides={"num_nextn_predict_layers": 0})
-    full = save_pretrained(_random_model(config), tmp_path / "full")
+    full = save_pretrained(random_model(config), tmp_path / "full")
     model = load_pretrained(full, config_overrides={"num_nextn_predict_layers": 0})
     assert len(model.mtp) == 0
 
 
 def test_mtp_copies_of_embedding_and_head_do_not_replace_the_main_ones(tmp_path):
-    config = ModelConfig(**CONFIGS["deepseek_v3"])
-    model = _random_model(config)
+    config = _config("deepseek_v3-moe")
+    model = random_model(config)
     out = save_pretrained(model, tmp_path / "ckpt")
     n = config.num_hidden_layers
     _edit(out, lambda t: t.update({f"model.layers.{n}.embed_tokens.weight": torch.zeros(301, 72),
@@ -528,9 +495,9 @@ def test_fsdp_sharded_model_is_gathered_and_written_by_rank_0(tmp_path):
     script.write_text(_FSDP_WORKER)
     (tmp_path / "out").mkdir()
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(script), str(tmp_path / "out"), json.dumps(CONFIGS["deepseek_v3"])],
+                           str(script), str(tmp_path / "out"), json.dumps(dict(TINY["deepseek_v3-moe"], num_nextn_predict_layers=1))],
                           cwd=ROOT, capture_output=True, text=True, timeout=180,
-                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert all(r["sharded"] for r in results)
