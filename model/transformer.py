@@ -144,9 +144,16 @@ class Transformer(nn.Module):
     # ---- forward ---------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                 cu_seqlens: torch.Tensor | None = None, cache: KVCache | None = None,
-                slots: torch.Tensor | None = None, attn_len: int | None = None) -> torch.Tensor:
-        """input_ids [B, T] -> logits [B, T, V] in the model's dtype. Arguments as forward_hidden."""
-        return self.lm_head(self.forward_hidden(input_ids, position_ids, cu_seqlens, cache, slots, attn_len))
+                slots: torch.Tensor | None = None, attn_len: int | None = None,
+                return_hidden: bool = False) -> torch.Tensor:
+        """input_ids [B, T] -> logits [B, T, V] in the model's dtype; arguments as forward_hidden.
+
+        return_hidden=True returns forward_hidden's h [B, T, D] instead (no [B, T, V] logits): the
+        form to use on an FSDP2-wrapped model, whose root all-gathers its parameters (embedding,
+        final norm, head) only around `forward`.
+        """
+        h = self.forward_hidden(input_ids, position_ids, cu_seqlens, cache, slots, attn_len)
+        return h if return_hidden else self.lm_head(h)
 
     def forward_hidden(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                        cu_seqlens: torch.Tensor | None = None, cache: KVCache | None = None,

@@ -89,6 +89,7 @@ def test_forward_hidden_is_the_normed_state_before_the_head():
         assert h.shape == (2, 9, config.hidden_size)
         assert (h - ref).abs().max().item() <= TOL
         assert torch.allclose(ours(ids), h @ ours.output_weight.T, atol=1e-5)
+        assert torch.equal(ours(ids, return_hidden=True), h)
 
 
 def test_meta_construction_allocates_nothing_and_keeps_ties():
