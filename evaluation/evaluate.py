@@ -162,3 +162,30 @@ def evaluate(model, tok, problems: list[dict], kind: str, *, reward=None, n: int
         mean_length=sum(s["num_tokens"] for s in samples) / total,
         truncated=sum(s["finish_reason"] == "length" for s in samples) / total,
         num_problems=len(problems), n=n, wall_s=time.perf_counter() - t0, samples=samples)
+
+
+def evaluate_sharded(model, tok, problems: list[dict], kind: str, rank: int = 0, world_size: int = 1,
+                     **kwargs) -> EvalResult:
+    """evaluate() split across ranks (rank r takes problems r, r + W, ...), totals all-reduced.
+
+    Under FSDP every rank must take part: the weights are gathered once for the whole generation
+    (model.parallel.gathered), and each rank samples its own share. Every rank returns the same
+    totals; `samples` holds this rank's share only.
+    """
+    import torch
+    import torch.distributed as dist
+
+    from model.parallel import gathered
+
+    mine = problems[rank::world_size]
+    with gathered(model):
+        r = evaluate(model, tok, mine, kind, **kwargs)
+    if world_size == 1:
+        return r
+    k = len(r.samples)
+    t = torch.tensor([r.accuracy * k, r.lenient_accuracy * k, r.mean_length * k, r.truncated * k, k],
+                     dtype=torch.float64)
+    dist.all_reduce(t)
+    total = max(t[4].item(), 1.0)
+    return EvalResult(t[0].item() / total, t[1].item() / total, t[2].item() / total, t[3].item() / total,
+                      num_problems=len(problems), n=r.n, wall_s=r.wall_s, samples=r.samples)

@@ -1,0 +1,194 @@
+"""The supervised loop: pretraining the tiny base, cold-start SFT and distillation, one function.
+
+    torchrun --nproc_per_node 2 train.py --stage sft --preset tiny --data convs.jsonl --out runs/sft
+
+`train_sft(args, run, info)` reads top to bottom: tokenizer and model, documents, sharding, then
+for each optimizer step: this rank's documents -> micro-batches -> forward/backward -> one
+update -> metrics -> checkpoint, and a held-out evaluation every --eval-every steps.
+
+Loss normalisation. The loss of a step is the mean negative log-likelihood per target token over
+the whole step: all micro-batches of all ranks. Each micro-batch's summed token loss is divided by
+the step's global target count (all-reduced before the first forward), so the accumulated
+gradient is that of the step's mean, whatever the split into micro-batches or ranks (FSDP
+reduce-scatters by sum here: we scale by world size to undo its averaging). The logged `loss` is
+the same quantity.
+
+Log-probabilities go through kernels.token_logprobs on the final hidden states, restricted to
+positions that have a target: the [tokens, vocab] logits never exist at once.
+
+The machinery shared with GRPO (optimizer, schedule, clipping and non-finite skipping,
+checkpoints) is runtime/'s and model/parallel.py's; this file holds only what is SFT's own.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.distributed as dist
+
+from data.datasets import ShardedBatchSampler, read_jsonl
+from kernels import token_logprobs
+from data.tokenizer import load_tokenizer
+from model.build import build_model, model_summary, save_model_fn
+from model.moe import moe_aux_loss, moe_load_stats, update_moe_biases
+from model.parallel import apply_activation_checkpointing, apply_fsdp, default_mixed_precision
+from runtime.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from runtime.distributed import print0
+from runtime.metrics import MetricsWriter, Progress
+from runtime.optim import build_optimizer, lr_schedule
+from runtime.rundir import write_json_atomic
+from runtime.train_step import NonFiniteGuard, optimizer_step
+from evaluation.evaluate import evaluate_sharded
+from sft.data import load_documents
+from sft.packing import IGNORE, Batch, fit_lengths, pack, pad_batch
+
+
+def _all_reduce_sum(values: list[float], device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def micro_batches(docs, micro_batch_size: int, seq_len: int, packing: bool, pad_id: int) -> list[Batch]:
+    """This rank's documents of one step as micro-batches of at most micro_batch_size documents each."""
+    out = []
+    for i in range(0, len(docs), micro_batch_size):
+        chunk = docs[i:i + micro_batch_size]
+        out.append(pack(chunk, seq_len, pad_id) if packing else pad_batch(chunk, pad_id))
+    return out
+
+
+def batch_loss_sum(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(sum of the token NLLs of the batch's targets, the model's extra losses or None).
+
+    Packed rows are laid end to end as one sequence whose documents attend only to themselves
+    (cu_seqlens); padded rows run as a batch.
+    """
+    if batch.cu_seqlens is not None:
+        ids = batch.input_ids.reshape(1, -1)
+        pos = batch.position_ids.reshape(1, -1)
+        hidden = model.forward_hidden(ids, position_ids=pos, cu_seqlens=batch.flat_cu_seqlens().to(ids.device))
+    else:
+        hidden = model.forward_hidden(batch.input_ids, position_ids=batch.position_ids)
+    targets = batch.targets.reshape(-1)
+    keep = targets != IGNORE
+    h = hidden.reshape(-1, hidden.shape[-1])[keep]  # [N_targets, D]
+    logp = token_logprobs(h, model.output_weight, targets[keep])
+    return -logp.sum(), None
+
+
+def train_sft(args, run, info) -> int:
+    device = torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    stage = args.stage
+    tok = load_tokenizer(args.tokenizer, args.model)
+    model = build_model(args, tok, device=device)
+    print0(model_summary(model))
+
+    # data: documents, over-long policy, this rank's share of each step
+    docs = load_documents(args.data, tok, stage, template=args.chat_template)
+    docs, report = fit_lengths(docs, args.seq_len, args.overlong)
+    print0(f"data {args.data}: {report.kept} documents kept, {report.dropped} dropped and {report.truncated} "
+           f"truncated for being longer than --seq-len {args.seq_len}, {report.empty} without any target token")
+    if args.batch_size % info.world_size:
+        raise ValueError(f"--batch-size {args.batch_size} is not divisible by the {info.world_size} ranks")
+    sampler = ShardedBatchSampler(len(docs), args.batch_size // info.world_size, rank=info.rank,
+                                  world_size=info.world_size, seed=args.seed)
+
+    # parallelism, then the optimizer over the (possibly sharded) parameters
+    if args.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if info.world_size > 1:
+        param_dtype, reduce_dtype = default_mixed_precision(device.type)
+        apply_fsdp(model, param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    optimizer = build_optimizer(model, lr=args.lr, weight_decay=args.weight_decay)
+    guard = NonFiniteGuard(max_in_a_row=args.max_nonfinite)
+
+    step, tokens_seen = 0, 0
+    ckpt = latest_checkpoint(run.path) if run.resumed else None
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, model=model, optimizer=optimizer)
+        step, tokens_seen = state["step"], state["tokens_seen"]
+        sampler.load_state_dict(state["sampler"])
+        guard.load_state_dict(state["guard"])
+        print0(f"resumed from {ckpt} at step {step}")
+    metrics = MetricsWriter(run.path / "metrics.jsonl", resume_step=step if run.resumed else None)
+    progress = Progress(args.max_steps, desc=stage, start=step, every_s=args.log_every_s)
+    pad_id = tok.pad_id if tok.pad_id is not None else 0
+
+    eval_rows = read_jsonl(args.eval_data)[:args.eval_problems] if args.eval_data else []
+
+    def held_out(at_step):
+        """Greedy accuracy on the held-out problems (strict and lenient), logged at `at_step`."""
+        if not eval_rows:
+            return {}
+        model.eval()
+        r = evaluate_sharded(model, tok, eval_rows, args.eval_task, info.rank, info.world_size, n=1,
+                             temperature=0.0, max_new_tokens=args.eval_max_new_tokens,
+                             template=args.chat_template, max_batch_size=args.eval_batch_size)
+        model.train()
+        print0(f"eval at step {at_step}: greedy accuracy {r.accuracy:.3f} (lenient {r.lenient_accuracy:.3f}) on "
+               f"{r.num_problems} problems, mean length {r.mean_length:.1f} tokens, {r.wall_s:.1f}s")
+        return {"greedy_accuracy": r.accuracy, "greedy_lenient_accuracy": r.lenient_accuracy,
+                "eval_response_length": r.mean_length}
+
+    def checkpoint(at_step):
+        save_checkpoint(run.path, at_step, model=model, optimizer=optimizer, keep_last=args.keep_last,
+                        trainer_state={"step": at_step, "tokens_seen": tokens_seen,
+                                       "sampler": sampler.state_dict(), "guard": guard.state_dict()},
+                        save_model_fn=save_model_fn(model, tok))
+
+    model.train()
+    t_start = time.perf_counter()
+    final_eval, step_loss = {}, float("nan")
+    while step < args.max_steps:
+        t0 = time.perf_counter()
+        step_docs = [docs[i] for i in next(sampler)]
+        mbs = micro_batches(step_docs, args.micro_batch_size, args.seq_len, not args.no_packing, pad_id)
+        local_targets = sum(b.num_targets for b in mbs)
+        global_targets, = _all_reduce_sum([local_targets], device)
+        loss_sum = 0.0
+        for i, mb in enumerate(mbs):
+            if hasattr(model, "set_requires_gradient_sync"):  # FSDP: reduce-scatter on the last micro-batch only
+                model.set_requires_gradient_sync(i == len(mbs) - 1)
+            nll, extra = batch_loss_sum(model, mb.to(device))
+            loss = nll / global_targets * info.world_size  # FSDP averages gradients over ranks
+            aux = moe_aux_loss(model)
+            if aux is not None:
+                loss = loss + aux / len(mbs)
+            loss.backward()
+            loss_sum += float(nll.detach())
+        if not mbs:  # a rank without documents this step still joins the collectives
+            raise RuntimeError(f"rank {info.rank} got no documents at step {step}")
+        step_loss = _all_reduce_sum([loss_sum], device)[0] / max(global_targets, 1)
+        lr = lr_schedule(step, max_lr=args.lr, warmup_steps=args.warmup_steps, max_steps=args.max_steps,
+                         min_lr_ratio=args.min_lr_ratio)
+        result = optimizer_step(model, optimizer, max_grad_norm=args.max_grad_norm, guard=guard, lr=lr,
+                                loss=step_loss)
+        if not result.skipped:
+            update_moe_biases(model)
+        step += 1
+        step_tokens = _all_reduce_sum([sum(int(b.input_ids.numel()) for b in mbs)], device)[0]
+        tokens_seen += int(step_tokens)
+        dt = time.perf_counter() - t0
+        row = {"loss": step_loss, "lr": lr, "grad_norm": result.grad_norm,
+               "skipped": int(result.skipped), "skipped_total": guard.skipped_total,
+               "target_tokens": int(global_targets), "tokens_per_s": step_tokens / dt, "step_s": dt,
+               **moe_load_stats(model)}
+        if (args.eval_every and step % args.eval_every == 0) or step == args.max_steps:
+            final_eval = held_out(step)
+            row.update(final_eval)
+        metrics.log(step, **row)
+        progress.update(1, loss=step_loss, lr=lr, grad_norm=result.grad_norm, tok_s=step_tokens / dt)
+        if args.save_every and step % args.save_every == 0 and step < args.max_steps:
+            checkpoint(step)
+    checkpoint(step)
+    summary = {**final_eval, "stage": stage, "steps": step, "final_loss": step_loss if args.max_steps else None,
+               "tokens_seen": tokens_seen, "wall_s": time.perf_counter() - t_start,
+               "skipped_steps": guard.skipped_total, "documents": report.kept,
+               "dropped_overlong": report.dropped, "truncated_overlong": report.truncated}
+    if info.rank == 0:
+        write_json_atomic(run.path / "summary.json", summary)
+    metrics.close()
+    return 0
