@@ -6,12 +6,13 @@ D model dim, C kv_lora_rank (latent), Cq q_lora_rank, Dn qk_nope_head_dim, R qk_
 Dv v_head_dim.
 
 Both classes take x [B, T, D] and rope tables cos, sin [B, T, R/2] and return [B, T, D], through
-one of three attention paths:
+one of two attention paths:
 - plain (no cache): causal flash attention (kernels.flash_attention) over the call's own tokens;
   with `cu_seqlens` the call is one packed row (B = 1) of documents that attend only within
   themselves (the varlen path);
 - cached (`step`, a model.cache.CacheStep): the call's keys are written into the KV cache and each
-  query attends over its slot's cached positions with a position mask (`masked_attention`).
+  query attends over its slot's cached positions with a position mask (`masked_attention`, torch
+  SDPA). MLA does this in its naive form for prefill (T > 1) and its absorbed form for decode.
 """
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ import torch
 from model.config import ModelConfig
 from model.transformer import Transformer
 
-from tests.model.conftest import TINY, hf_model_for, our_model_from_hf, tiny_config
+from tests.model.conftest import TINY, hf_model_for, our_model_from_hf, random_model, tiny_config
 
 LENGTHS = (5, 11, 17)
 TOL = 1e-4
@@ -127,3 +127,32 @@ def test_every_case_config_is_a_family_we_cover():
     kinds = {CASES[n].get("kind", n) for n in CASES}
     assert kinds == set(TINY)
     assert {tiny_config(k).model_type for k in kinds} == {"deepseek_v3", "qwen2", "llama", "qwen3"}
+
+
+def test_init_is_seeded_and_follows_the_config():
+    config = tiny_config("deepseek_v3-moe", initializer_range=0.05)
+    torch.manual_seed(0)
+    a = Transformer(config)
+    torch.manual_seed(0)
+    b = Transformer(config)
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(x, y), name
+    w = a.model.layers[1].self_attn.kv_b_proj.weight
+    assert abs(w.std().item() - 0.05) < 0.005
+    assert torch.equal(a.model.layers[0].input_layernorm.weight, torch.ones(config.hidden_size))
+    assert torch.equal(a.model.layers[1].mlp.gate.e_score_correction_bias, torch.zeros(config.n_routed_experts))
+
+
+def test_bfloat16_model_and_cache_follow_the_model_dtype():
+    config = tiny_config("qwen2")
+    model = random_model(config, seed=1)
+    ids = torch.randint(0, config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref = model(ids)
+        model.to(torch.bfloat16)
+        got = model(ids)
+        cache = model.make_cache(2, 16)
+        cached = model(ids, torch.arange(9).expand(2, 9), cache=cache)
+    assert got.dtype == cached.dtype == cache.dtype == torch.bfloat16
+    assert (got.float() - ref).abs().max().item() <= 0.1 * ref.abs().max().item()
+    assert (cached.float() - got.float()).abs().max().item() <= 0.1 * ref.abs().max().item()
