@@ -20,7 +20,8 @@ previous call dropped (set to None), so no call pays for accumulating into old g
 FLOPs (forward+backward = 3 × forward): 3 · 2 · (N·K + N·n_shared) · 3·D·I + 3 · 2·N·D·E.
 
 Timing: a warm-up, then `--repeats` rounds; each round times every variant once, in the same order,
-so slow drifts of the machine hit all of them alike; the table shows medians. Prints a table, then
+so slow drifts of the machine hit all of them alike; the table shows medians. On a machine shared
+with other jobs, `--threads 1 --clock cpu` counts only this process's CPU time. Prints a table, then
 one JSON line.
 """
 import argparse
@@ -150,6 +151,9 @@ def main():
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: os.cpu_count())")
     p.add_argument("--skip-hf", action="store_true", help="time only ours and the GEMM floor")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="wall: perf_counter; cpu: this process's CPU time (steadier on a shared machine, "
+                        "meaningful with --threads 1)")
     args = p.parse_args()
     threads = args.threads or os.cpu_count()
     torch.set_num_threads(threads)
@@ -177,17 +181,18 @@ def main():
     for _ in range(args.warmup):
         for fn in variants.values():
             fn()
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
     times = {k: [] for k in variants}
     for _ in range(args.repeats):
         for name, fn in variants.items():
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(clock() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
 
     n, d, i, e, k, s = args.tokens, args.hidden, args.inter, args.experts, args.top_k, args.shared
     flops = 3 * 2 * (n * k + n * s) * 3 * d * i + 3 * 2 * n * d * e
-    print(f"DeepSeekMoE fwd+bwd, fp32 CPU, {threads} threads: N={n} D={d} E={e} K={k} shared={s} I={i}; "
+    print(f"DeepSeekMoE fwd+bwd, fp32 CPU, {threads} threads, {args.clock} clock: N={n} D={d} E={e} K={k} shared={s} I={i}; "
           f"tokens per expert {counts}; transformers default experts implementation: {default_impl}")
     print(f"{'variant':<12} {'median ms':>10} {'GFLOP/s':>9} {'ours speed-up':>14}")
     for name, t in med.items():
@@ -198,7 +203,7 @@ def main():
                       speedup_vs_hf_eager=med["hf-eager"] / med["ours"])
     print(f"goals: >= 2.5x hf-default, >= 1.0x hf-eager, ours <= 1.15x gemm-floor "
           f"(ours / floor = {med['ours'] / med['gemm-floor']:.3f})")
-    print(json.dumps({"bench": "moe_layer", "threads": threads, "tokens": n, "hidden": d, "experts": e, "top_k": k,
+    print(json.dumps({"bench": "moe_layer", "threads": threads, "clock": args.clock, "tokens": n, "hidden": d, "experts": e, "top_k": k,
                       "shared": s, "inter": i, "repeats": args.repeats, "hf_default_impl": default_impl,
                       "median_ms": {k_: round(v * 1e3, 3) for k_, v in med.items()},
                       "ours_over_floor": round(med["ours"] / med["gemm-floor"], 4),
