@@ -1,0 +1,405 @@
+"""The GRPO loop (R1-Zero and reasoning RL), one function read top to bottom.
+
+    torchrun --nproc_per_node 2 train.py --stage grpo --model DIR --data prompts.jsonl \\
+        --reward task,format --group-size 8 --prompts-per-step 16 --lr 1e-4
+
+One step:
+ 1. rollout: this rank's prompts -> sampler (the policy's own weights, gathered once under FSDP;
+    n = group size, shared prefill) -> rewards (verify/, in-process or a worker pool) ->
+    group advantages. With --dynamic-sampling, groups whose rewards are all equal (zero advantage,
+    no gradient) are dropped and more prompts are sampled until the batch is full (DAPO). The
+    sampler's KV cache is released before training.
+ 2. log-probs: old log-probs are the sampler's when on-policy (mu = 1: the policy has not moved
+    since it sampled; the ratio is 1 in value and only its gradient matters), else recomputed
+    before the first update; the frozen reference model's when beta > 0.
+ 3. train: mu passes over the batch, each split into --num-minibatches optimizer steps; each
+    optimizer step's sequences run in token-budget micro-batches (prompt + completion packed end to
+    end, no padding), log-probs through kernels.token_logprobs on the final hidden states (no
+    [B, T, V] logits), rl.loss.policy_loss with the step's global token/sequence counts, one
+    optimizer update (clip, non-finite guard, lr schedule: runtime/).
+ 4. metrics (reward per function, accuracy, zero-std groups, lengths, truncation, KL, entropy,
+    clip ratios, grad norm, time split), checkpoints, held-out evaluation every --eval-every steps.
+
+Overlong completions (finish_reason "length"): --mask-truncated drops them from the loss (DAPO's
+overlong filtering); the soft overlong reward is a reward function (verify.rewards soft_overlong).
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+
+import torch
+import torch.distributed as dist
+
+from data.datasets import ShardedBatchSampler, load_prompts, read_jsonl
+from data.tokenizer import load_tokenizer
+from evaluation.evaluate import evaluate_sharded
+from kernels import token_logprobs
+from model.build import build_model, model_summary, save_model_fn
+from model.moe import moe_aux_loss, moe_load_stats, update_moe_biases
+from model.parallel import apply_fsdp, default_mixed_precision, gathered
+from rl.advantage import group_advantages, group_reward_stats
+from rl.loss import VARIANTS, all_reduce_metrics, combine_metrics, policy_loss
+from rl.rollout import RewardScorer, RolloutBatch, encode_prompt, generate_rollouts
+from runtime.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from runtime.distributed import print0
+from runtime.metrics import MetricsWriter, Progress
+from runtime.optim import build_optimizer, lr_schedule
+from runtime.rundir import write_json_atomic
+from runtime.train_step import NonFiniteGuard, optimizer_step
+from sampling.sampler import Sampler, SamplingParams
+
+
+# ---- log-probs of completions -----------------------------------------------------------------------
+
+def sequence_logprobs(model, prompt_ids: list[list[int]], completion_ids: list[list[int]], temperature: float,
+                      with_entropy: bool = False):
+    """Per-token log-probs (and entropies) of the completions given their prompts.
+
+    The sequences prompt + completion are packed end to end into one row [1, total] whose documents
+    attend only to themselves (cu_seqlens); the hidden states at the positions that predict
+    completion tokens go through kernels.token_logprobs (temperature-scaled, never [tokens, V]).
+    Returns logp [B, Tc] fp32 (0 on padding), entropy [B, Tc] or None, mask [B, Tc] bool.
+    """
+    device = model.output_weight.device
+    B = len(completion_ids)
+    Tc = max(1, max(len(c) for c in completion_ids))
+    ids, pos, cu, src, targets = [], [], [0], [], []
+    for p, c in zip(prompt_ids, completion_ids):
+        seq = p + c
+        start = len(ids)
+        ids += seq
+        pos += range(len(seq))
+        cu.append(len(ids))
+        # position start + len(p) - 1 + t predicts completion token t
+        src += [start + len(p) - 1 + t for t in range(len(c))]
+        targets += c
+    ids_t = torch.tensor([ids], device=device)
+    hidden = model.forward_hidden(ids_t, position_ids=torch.tensor([pos], device=device),
+                                  cu_seqlens=torch.tensor(cu, dtype=torch.int32, device=device))
+    h = hidden[0, torch.tensor(src, device=device)]  # [N_completion_tokens, D]
+    out = token_logprobs(h, model.output_weight, torch.tensor(targets, device=device), temperature=temperature,
+                         with_entropy=with_entropy)
+    logp_flat, ent_flat = (out if with_entropy else (out, None))
+    mask = torch.zeros(B, Tc, dtype=torch.bool, device=device)
+    for i, c in enumerate(completion_ids):
+        mask[i, :len(c)] = True
+    logp = torch.zeros(B, Tc, dtype=torch.float32, device=device).masked_scatter(mask, logp_flat.float())
+    entropy = None
+    if with_entropy:
+        entropy = torch.zeros(B, Tc, dtype=torch.float32, device=device).masked_scatter(mask, ent_flat.float())
+    return logp, entropy, mask
+
+
+def _pad(rows: list[list[float]], Tc: int, device) -> torch.Tensor:
+    out = torch.zeros(len(rows), Tc, dtype=torch.float32, device=device)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = torch.tensor(r, dtype=torch.float32)
+    return out
+
+
+def token_budget_chunks(lengths: list[int], budget: int) -> list[list[int]]:
+    """Indices grouped into consecutive chunks of at most `budget` tokens (a longer sequence alone)."""
+    chunks, cur, used = [], [], 0
+    for i, n in enumerate(lengths):
+        if cur and used + n > budget:
+            chunks.append(cur)
+            cur, used = [], 0
+        cur.append(i)
+        used += n
+    if cur:
+        chunks.append(cur)
+    return chunks
+
+
+def _all_reduce(values: list[float], device, op=None) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+# ---- the loop ---------------------------------------------------------------------------------------
+
+def loss_options(args) -> tuple[dict, dict]:
+    """(policy_loss options, group_advantages options) from a --variant and the explicit flags."""
+    loss = dict(VARIANTS[args.variant]["loss"]) if args.variant else {}
+    adv = dict(VARIANTS[args.variant]["advantage"]) if args.variant else {}
+    for flag, key in (("eps_low", "eps_low"), ("eps_high", "eps_high"), ("beta", "beta"), ("kl", "kl"),
+                      ("loss_agg", "agg"), ("ratio_level", "ratio_level"), ("dual_clip", "dual_clip")):
+        value = getattr(args, flag)
+        if value is not None:
+            loss[key] = value
+    for flag, key in (("scale_rewards", "scale"), ("advantage_estimator", "estimator")):
+        value = getattr(args, flag)
+        if value is not None:
+            adv[key] = value
+    loss.setdefault("agg", "token_mean")
+    if loss["agg"] == "seq_mean_token_sum_norm":
+        loss["max_tokens"] = args.max_new_tokens
+    if args.entropy_coef:
+        loss["entropy_coef"] = args.entropy_coef
+    if args.tis_cap:
+        loss["is_cap"] = args.tis_cap
+    return loss, adv
+
+
+def train_grpo(args, run, info) -> int:
+    device = torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    tok = load_tokenizer(args.tokenizer, args.model)
+    model = build_model(args, tok, device=device)
+    print0(model_summary(model))
+    loss_opts, adv_opts = loss_options(args)
+    beta = loss_opts.get("beta", 0.0)
+    ref_model = None
+    if beta > 0:
+        ref_model = copy.deepcopy(model).requires_grad_(False).eval()
+    if info.world_size > 1:
+        param_dtype, reduce_dtype = default_mixed_precision(device.type)
+        apply_fsdp(model, param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+        if ref_model is not None:
+            apply_fsdp(ref_model, param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    optimizer = build_optimizer(model, lr=args.lr, weight_decay=args.weight_decay)
+    guard = NonFiniteGuard(max_in_a_row=args.max_nonfinite)
+
+    rows = load_prompts(args.data)
+    if args.prompts_per_step % info.world_size:
+        raise ValueError(f"--prompts-per-step {args.prompts_per_step} is not divisible by {info.world_size} ranks")
+    per_rank = args.prompts_per_step // info.world_size
+    prompt_sampler = ShardedBatchSampler(len(rows), per_rank, rank=info.rank, world_size=info.world_size,
+                                         seed=args.seed)
+    scorer = RewardScorer(args.reward, workers=args.reward_workers, timeout_s=args.reward_timeout_s)
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                            max_new_tokens=args.max_new_tokens)
+    longest_prompt = 0  # the sampler is sized on first use from the prompts it sees
+    sampler = None
+
+    step = 0
+    ckpt = latest_checkpoint(run.path) if run.resumed else None
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, model=model, optimizer=optimizer)
+        step = state["step"]
+        prompt_sampler.load_state_dict(state["sampler"])
+        guard.load_state_dict(state["guard"])
+        if ref_model is not None and state.get("ref_from_step", 0) != 0:
+            print0("note: the reference model restarts from the resumed policy (refreshed references are not saved)")
+        print0(f"resumed from {ckpt} at step {step}")
+    metrics = MetricsWriter(run.path / "metrics.jsonl", resume_step=step if run.resumed else None)
+    progress = Progress(args.max_steps, desc="grpo", start=step, every_s=args.log_every_s)
+    eval_rows = read_jsonl(args.eval_data)[:args.eval_problems] if args.eval_data else []
+
+    def held_out(at_step) -> dict:
+        if not eval_rows:
+            return {}
+        model.eval()
+        out = {}
+        for name, n, temp in (("greedy", 1, 0.0), ("sampled", args.eval_samples, 1.0)):
+            if n <= 0:
+                continue
+            r = evaluate_sharded(model, tok, eval_rows, args.eval_task, info.rank, info.world_size, n=n,
+                                 temperature=temp, max_new_tokens=args.eval_max_new_tokens,
+                                 template=args.chat_template, max_batch_size=args.eval_batch_size, seed=at_step)
+            out.update({f"eval/{name}_accuracy": r.accuracy, f"eval/{name}_lenient_accuracy": r.lenient_accuracy,
+                        f"eval/{name}_response_length": r.mean_length})
+        model.train()
+        print0(f"eval at step {at_step}: " + ", ".join(f"{k.split('/')[1]} {v:.3f}" for k, v in out.items()
+                                                         if "accuracy" in k))
+        return out
+
+    def checkpoint(at_step):
+        save_checkpoint(run.path, at_step, model=model, optimizer=optimizer, keep_last=args.keep_last,
+                        trainer_state={"step": at_step, "sampler": prompt_sampler.state_dict(),
+                                       "guard": guard.state_dict()},
+                        save_model_fn=save_model_fn(model, tok))
+
+    first_eval = held_out(step) if (eval_rows and not run.resumed) else {}
+    if first_eval:
+        metrics.log(step, **first_eval)
+        write_json_atomic(run.path / "initial_eval.json", first_eval) if info.rank == 0 else None
+    t_start = time.perf_counter()
+    last_eval = first_eval
+    model.train()
+    while step < args.max_steps:
+        t0 = time.perf_counter()
+        # ---- 1. rollout ----------------------------------------------------------------------------
+        batches, kept, tries = [], 0, 0
+        t_gen = t_rew = 0.0
+        while kept < per_rank:
+            chunk = [rows[i] for i in next(prompt_sampler)]
+            chunk_ids = [encode_prompt(tok, r, args.chat_template) for r in chunk]
+            need = max(len(p) for p in chunk_ids)
+            if sampler is None or need + args.max_new_tokens > sampler.max_seq_len:
+                longest_prompt = max(longest_prompt, need)
+                sampler = Sampler(model, max_batch_size=args.sampler_batch_size,
+                                  max_seq_len=longest_prompt + args.max_new_tokens, tokenizer=tok,
+                                  verbose=info.rank == 0 and sampler is None)
+            tg = time.perf_counter()
+            with gathered(model):
+                part = generate_rollouts(sampler, tok, chunk, group_size=args.group_size, params=params,
+                                         template=args.chat_template, seed=args.seed * 100_003 + step * 101 + tries,
+                                         prompt_ids=chunk_ids)
+            sampler.release()
+            t_gen += time.perf_counter() - tg
+            tr = time.perf_counter()
+            scorer.score(part)
+            t_rew += time.perf_counter() - tr
+            tries += 1
+            if args.dynamic_sampling:
+                stats = part.rewards.view(-1, args.group_size)
+                valid = [g for g in range(part.num_groups)
+                         if len({float(x) for x in stats[g] if not math.isnan(float(x))}) > 1]
+                if tries >= args.max_sampling_tries and kept + len(valid) < per_rank:
+                    valid = list(range(part.num_groups))  # give up filtering: fill with what we have
+                part = part.select_groups(valid[:per_rank - kept])
+            batches.append(part)
+            kept += part.num_groups
+        batch = RolloutBatch.concat(batches)
+        batch.advantages = group_advantages(batch.rewards, args.group_size, **adv_opts)
+
+        # ---- 2. masks, old and reference log-probs -------------------------------------------------
+        N = len(batch)
+        Tc = max(1, max(len(c) for c in batch.completion_ids))
+        mask_rows = [[1.0] * len(c) if not (args.mask_truncated and f == "length") else [0.0] * len(c)
+                     for c, f in zip(batch.completion_ids, batch.finish_reasons)]
+        mask_all = _pad(mask_rows, Tc, device)
+        rollout_logp_all = _pad(batch.rollout_logp, Tc, device)
+        advantages = batch.advantages.to(device)
+        lengths = [len(p) + len(c) for p, c in zip(batch.prompt_ids, batch.completion_ids)]
+        # micro-batches by token budget; every rank runs the same number (FSDP's collectives)
+        minibatches = [list(range(N))[i::args.num_minibatches] for i in range(args.num_minibatches)]
+        plans = [[[mb[j] for j in ch] for ch in token_budget_chunks([lengths[i] for i in mb], args.micro_batch_tokens)]
+                 for mb in minibatches]
+        n_micro = [int(x) for x in _all_reduce([len(p) for p in plans], device, dist.ReduceOp.MAX)] \
+            if dist.is_initialized() else [len(p) for p in plans]
+
+        def logps_of(m, idx, entropy=False):
+            return sequence_logprobs(m, [batch.prompt_ids[i] for i in idx], [batch.completion_ids[i] for i in idx],
+                                     args.temperature, with_entropy=entropy)
+
+        need_old = args.mu > 1 or args.recompute_old_logp
+        old_all = rollout_logp_all
+        ref_all = None
+        with torch.no_grad():
+            if need_old or beta > 0:
+                old_parts, ref_parts = {}, {}
+                for plan, count in zip(plans, n_micro):
+                    for k in range(count):
+                        idx = plan[k] if k < len(plan) else [plan[0][0]]  # a repeat keeps collectives in step
+                        if need_old:
+                            lp, _, _ = logps_of(model, idx)
+                            for j, i in enumerate(idx):
+                                old_parts[i] = lp[j]
+                        if beta > 0:
+                            lp, _, _ = logps_of(ref_model, idx)
+                            for j, i in enumerate(idx):
+                                ref_parts[i] = lp[j]
+                if need_old:
+                    old_all = torch.zeros(N, Tc, device=device)
+                    for i, row in old_parts.items():
+                        old_all[i, :row.shape[0]] = row
+                if beta > 0:
+                    ref_all = torch.zeros(N, Tc, device=device)
+                    for i, row in ref_parts.items():
+                        ref_all[i, :row.shape[0]] = row
+
+        # ---- 3. train: mu passes x minibatches (one optimizer step each) x token-budget micro-batches -
+        t_train = time.perf_counter()
+        step_metrics, grad_norms, skipped = [], [], 0
+        lr = lr_schedule(step, max_lr=args.lr, warmup_steps=args.warmup_steps, max_steps=args.max_steps,
+                         min_lr_ratio=args.min_lr_ratio, kind=args.lr_schedule)
+        for _ in range(args.mu):
+            for mb, plan, count in zip(minibatches, plans, n_micro):
+                local_tokens = float(mask_all[mb].sum())
+                num_tokens, num_seqs = _all_reduce([local_tokens, float(len(mb))], device)
+                parts = []
+                for k in range(count):
+                    dummy = k >= len(plan)
+                    idx = plan[k] if not dummy else [plan[0][0]]
+                    logp, ent, m = logps_of(model, idx, entropy=True)
+                    Tm = logp.shape[1]
+                    msk = mask_all[idx, :Tm] * (0.0 if dummy else 1.0)
+                    loss, lm = policy_loss(
+                        logp, old_all[idx, :Tm] if need_old else None, advantages[idx], msk,
+                        ref_all[idx, :Tm] if ref_all is not None else None,
+                        num_tokens=max(num_tokens, 1.0), num_seqs=max(num_seqs, 1.0), entropy=ent,
+                        rollout_logp=rollout_logp_all[idx, :Tm] if args.tis_cap else None,
+                        **{k_: v for k_, v in loss_opts.items()})
+                    aux = moe_aux_loss(model)
+                    if aux is not None:
+                        loss = loss + aux / max(count, 1)
+                    (loss * info.world_size).backward()  # FSDP averages over ranks; the counts are global
+                    if not dummy:
+                        parts.append(lm)
+                result = optimizer_step(model, optimizer, max_grad_norm=args.max_grad_norm, guard=guard, lr=lr)
+                if not result.skipped:
+                    update_moe_biases(model)
+                grad_norms.append(result.grad_norm)
+                skipped += int(result.skipped)
+                if parts:
+                    step_metrics.append(combine_metrics(parts))
+        t_train = time.perf_counter() - t_train
+        step += 1
+
+        # ---- 4. metrics ------------------------------------------------------------------------------
+        lm = all_reduce_metrics(combine_metrics(step_metrics)) if step_metrics else {}
+        row = _rollout_metrics(batch, args, device)
+        row.update({k: float(v) for k, v in lm.items()})
+        row.update(lr=lr, grad_norm=sum(grad_norms) / len(grad_norms), skipped_total=guard.skipped_total,
+                   skipped=skipped, **{f"time/{k}": v for k, v in (("rollout", t_gen), ("reward", t_rew),
+                                                                    ("train", t_train))},
+                   step_s=time.perf_counter() - t0, **moe_load_stats(model))
+        row["tokens_per_s"] = row["tokens"] / row["step_s"] if "tokens" in row else 0.0
+        if args.ref_refresh_every and ref_model is not None and step % args.ref_refresh_every == 0:
+            ref_model.load_state_dict(model.state_dict())  # R1 refreshed its reference model periodically
+        if (args.eval_every and step % args.eval_every == 0) or step == args.max_steps:
+            last_eval = held_out(step)
+            row.update(last_eval)
+        if row.get("reward/mean") == 0.0 and step > 1:
+            print0(f"warning: step {step}: mean reward is 0; every advantage is 0 and nothing is learned "
+                   f"(learning rate too high? format collapsed?)")
+        metrics.log(step, **row)
+        progress.update(1, reward=row.get("reward/mean"), acc=row.get("accuracy"),
+                        len=row.get("response_length/mean"), kl=row.get("kl"))
+        if args.save_every and step % args.save_every == 0 and step < args.max_steps:
+            checkpoint(step)
+    scorer.close()
+    checkpoint(step)
+    summary = {"stage": "grpo", "steps": step, "wall_s": time.perf_counter() - t_start,
+               "initial_eval": first_eval, "final_eval": last_eval, "skipped_steps": guard.skipped_total}
+    if info.rank == 0:
+        write_json_atomic(run.path / "summary.json", summary)
+    metrics.close()
+    return 0
+
+
+def _rollout_metrics(batch: RolloutBatch, args, device) -> dict:
+    """Reward, accuracy, group and length statistics of a step's rollouts, over all ranks."""
+    r = batch.rewards
+    lens = [len(c) for c in batch.completion_ids]
+    trunc = [f == "length" for f in batch.finish_reasons]
+    groups = group_reward_stats(r, args.group_size)
+    acc_name = next((n for n in batch.reward_columns if n.split(":")[0] in ("accuracy", "task", "arithmetic",
+                                                                             "countdown", "code")), None)
+    acc = [v for v in batch.reward_columns.get(acc_name, []) if v is not None]
+    valid = r[~torch.isnan(r)]
+    sums = [float(valid.sum()), float((valid ** 2).sum()), float(valid.numel()), float(sum(lens)), float(len(lens)),
+            float(sum(trunc)), float(sum(a >= 1.0 for a in acc)), float(len(acc)),
+            groups["frac_groups_zero_std"] * batch.num_groups, float(batch.num_groups)]
+    for name in batch.reward_columns:
+        vals = [v for v in batch.reward_columns[name] if v is not None]
+        sums += [float(sum(vals)), float(len(vals))]
+    tot = _all_reduce(sums, device)
+    mins = _all_reduce([min(lens)], device, dist.ReduceOp.MIN if dist.is_initialized() else None)
+    maxs = _all_reduce([max(lens)], device, dist.ReduceOp.MAX if dist.is_initialized() else None)
+    n = max(tot[2], 1.0)
+    mean = tot[0] / n
+    out = {"reward/mean": mean, "reward/std": math.sqrt(max(tot[1] / n - mean ** 2, 0.0)),
+           "response_length/mean": tot[3] / tot[4], "response_length/min": mins[0], "response_length/max": maxs[0],
+           "truncated": tot[5] / tot[4], "frac_groups_zero_std": tot[8] / max(tot[9], 1.0)}
+    if acc_name is not None:
+        out["accuracy"] = tot[6] / max(tot[7], 1.0)
+    for j, name in enumerate(batch.reward_columns):
+        s, c = tot[10 + 2 * j], tot[11 + 2 * j]
+        out[f"reward/{name}"] = s / c if c else float("nan")
+    return out

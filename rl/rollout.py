@@ -1,0 +1,159 @@
+"""Rollouts: prompts -> chat template -> the sampler (n = group size) -> rewards -> advantages.
+
+    batch = generate_rollouts(sampler, tok, rows, group_size=8, params=..., template="r1-zero")
+    score_rollouts(batch, rewards, scorer)          # per-function rewards and their weighted total
+    batch.advantages = group_advantages(batch.rewards, batch.group_size, scale="group")
+
+A RolloutBatch holds its completions grouped by prompt (completion k belongs to prompt
+k // group_size), with the token ids, the sampler's log-probs of each sampled token (under the
+temperature-scaled, untruncated distribution: what the importance ratio compares with), the
+finish reasons and the decoded texts; rewards arrive as one column per reward function plus the
+weighted total (NaN where every function said None: no signal).
+
+Rewards are scored by `RewardScorer`: in-process for cheap checks, or in verify.pool.RewardPool's
+long-lived worker processes with per-item timeouts (math verification, code sandbox), so one
+pathological completion cannot stall a step.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from data.chat import render
+from sampling.sampler import SamplingParams
+
+
+@dataclass
+class RolloutBatch:
+    group_size: int
+    rows: list[dict]  # one data set row per completion (repeated group_size times)
+    prompt_ids: list[list[int]]  # per completion
+    completion_ids: list[list[int]]
+    rollout_logp: list[list[float]]
+    finish_reasons: list[str]
+    texts: list[str]
+    prompts: list[str]  # the problem text (reward functions' `prompts`)
+    reward_columns: dict[str, list[float | None]] = field(default_factory=dict)
+    rewards: torch.Tensor | None = None  # [N] weighted total, NaN = no signal
+    advantages: torch.Tensor | None = None  # [N]
+
+    def __len__(self) -> int:
+        return len(self.completion_ids)
+
+    @property
+    def num_groups(self) -> int:
+        return len(self) // self.group_size
+
+    def select_groups(self, groups: list[int]) -> "RolloutBatch":
+        """The sub-batch of the given prompt groups (in that order)."""
+        idx = [g * self.group_size + j for g in groups for j in range(self.group_size)]
+        pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
+        return RolloutBatch(self.group_size, pick(self.rows), pick(self.prompt_ids), pick(self.completion_ids),
+                            pick(self.rollout_logp), pick(self.finish_reasons), pick(self.texts), pick(self.prompts),
+                            {k: pick(v) for k, v in self.reward_columns.items()},
+                            None if self.rewards is None else self.rewards[idx],
+                            None if self.advantages is None else self.advantages[idx])
+
+    @staticmethod
+    def concat(parts: list["RolloutBatch"]) -> "RolloutBatch":
+        first = parts[0]
+        cat = lambda name: [x for p in parts for x in getattr(p, name)]  # noqa: E731
+        cols = {k: [x for p in parts for x in p.reward_columns[k]] for k in first.reward_columns}
+        rewards = None if first.rewards is None else torch.cat([p.rewards for p in parts])
+        return RolloutBatch(first.group_size, cat("rows"), cat("prompt_ids"), cat("completion_ids"),
+                            cat("rollout_logp"), cat("finish_reasons"), cat("texts"), cat("prompts"), cols, rewards)
+
+
+def prompt_text(row: dict) -> str:
+    for key in ("prompt", "problem", "question"):
+        if isinstance(row.get(key), str):
+            return row[key]
+    raise ValueError(f"prompt row has no 'prompt', 'problem' or 'question' string; columns {sorted(row)}")
+
+
+def encode_prompt(tok, row: dict, template: str | None) -> list[int]:
+    """The rendered prompt's token ids (a chat prompt from `messages` or a user turn from the prompt text)."""
+    messages = row.get("messages") or [{"role": "user", "content": prompt_text(row)}]
+    source = template if template is not None else tok.chat_template
+    if source is None:
+        raise ValueError("the tokenizer has no chat template; pass --chat-template ('r1-zero', 'chatml' or Jinja)")
+    return tok.encode(render(messages, source, add_generation_prompt=True, **tok.special_tokens))
+
+
+def generate_rollouts(sampler, tok, rows: list[dict], *, group_size: int, params: SamplingParams,
+                      template: str | None, seed: int, prompt_ids: list[list[int]] | None = None) -> RolloutBatch:
+    """group_size completions of each row's prompt, one generate call (shared prefill per prompt).
+    prompt_ids: the rows' encoded prompts when the caller has them already (encode_prompt)."""
+    if prompt_ids is None:
+        prompt_ids = [encode_prompt(tok, r, template) for r in rows]
+    per_prompt = [SamplingParams(**{**params.__dict__, "n": group_size, "seed": seed * 1_000_003 + i})
+                  for i in range(len(rows))]
+    outs = sampler.generate(prompt_ids, per_prompt)
+    flat = [(r, p, c) for r, p, group in zip(rows, prompt_ids, outs) for c in group]
+    return RolloutBatch(
+        group_size=group_size,
+        rows=[r for r, _, _ in flat],
+        prompt_ids=[p for _, p, _ in flat],
+        completion_ids=[c.token_ids for _, _, c in flat],
+        rollout_logp=[c.logprobs for _, _, c in flat],
+        finish_reasons=[c.finish_reason for _, _, c in flat],
+        texts=[c.text if c.text is not None else tok.decode(c.token_ids) for _, _, c in flat],
+        prompts=[prompt_text(r) for r, _, _ in flat],
+    )
+
+
+class RewardScorer:
+    """Scores completions with reward specs ("name" or "name:weight"); in-process or in a worker pool.
+
+    `score(batch)` fills batch.reward_columns (one per spec name) and batch.rewards, the weighted sum
+    of the functions that gave a value (NaN when all gave None).
+    """
+
+    def __init__(self, spec: str, workers: int = 0, timeout_s: float = 30.0):
+        from verify.rewards import get_reward
+
+        self.parts = []
+        for part in [p.strip() for p in spec.split(",") if p.strip()]:
+            name, _, weight = part.rpartition(":")
+            if name and _is_number(weight):
+                self.parts.append((name, float(weight)))
+            else:
+                self.parts.append((part, 1.0))
+        for name, _ in self.parts:
+            get_reward(name)  # unknown names fail now, listing the known ones
+        self.pool = None
+        if workers > 0:
+            from verify.pool import RewardPool
+            self.pool = RewardPool(num_workers=workers, timeout_s=timeout_s)
+
+    def score(self, batch: RolloutBatch) -> None:
+        from verify.rewards import get_reward
+
+        columns = {k: [r.get(k) for r in batch.rows] for k in {k for r in batch.rows for k in r}}
+        columns.update(prompts=batch.prompts, completion_ids=batch.completion_ids)
+        names = [n for n, _ in self.parts]
+        if self.pool is not None:
+            scored = self.pool.score(names, batch.texts, **columns)
+        else:
+            scored = {n: get_reward(n)(batch.texts, **columns) for n in names}
+        batch.reward_columns = {n: list(scored[n]) for n in names}
+        total = []
+        for i in range(len(batch)):
+            vals = [scored[n][i] * w for n, w in self.parts if scored[n][i] is not None]
+            total.append(sum(vals) if vals else math.nan)
+        batch.rewards = torch.tensor(total, dtype=torch.float32)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
+
+
+def _is_number(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
