@@ -1,0 +1,342 @@
+"""The generate stage: R1's rejection sampling, written as an SFT data set that survives a crash.
+
+    python train.py --stage generate --model DIR --data prompts.jsonl --gen-n 16 \\
+        --reward accuracy,format,language --keep-if accuracy>=1,format>=1,language>=0.95 --max-per-prompt 4
+
+DeepSeek-R1 (section 2.3.3) made its 600k reasoning samples this way: sample several responses per
+prompt from the RL checkpoint, keep only the correct ones, and filter out chain-of-thought with
+mixed languages and other unreadable output. The result is the SFT data of the next stage and of
+distillation. For each prompt of --data (data.datasets.load_prompts: a `prompt` string or
+`messages`, plus columns such as `answer` that the rewards read):
+
+  1. sample --gen-n completions; prompt i (0-based, in file order) samples with seed
+     --seed * 1_000_003 + i, so its completions do not depend on the prompts before it;
+  2. score every completion with each --reward spec (verify.rewards.get_reward, in a
+     verify.pool.RewardPool so a hanging check costs at most --reward-timeout-s); every score is
+     recorded, None meaning "no signal";
+  3. keep, in sample order, the completions that are not identical to an earlier completion of
+     the same prompt, meet every --keep-if condition (a None score meets none), and fit under
+     --max-per-prompt (0: no cap).
+
+A kept completion becomes one row of <run>/generated.jsonl:
+
+    {"messages": [<the prompt's messages>, {"role": "assistant", "content": completion}],
+     "prompt_id": the row's `id` (else its 0-based index), "sample": j (its index among the n),
+     "scores": {spec: value}, "num_tokens": ..., "finish_reason": "stop" | "length"}
+
+The completion is kept as generated, minus the special token it stopped at: for an R1-Zero-format
+model it holds <think>...</think><answer>...</answer>, so SFT on these rows (data.datasets
+.load_conversations reads them) teaches that format.
+
+Crash safety and resume. Prompts are processed in batches of --gen-batch-prompts. After a batch,
+its rows are appended to generated.jsonl, flushed and fsynced; only then progress.json is replaced
+atomically with {"prompts_done", "rows", "bytes" (the file's size after that batch), counts,
+settings}. So after a crash (kill -9 included) progress.json describes a prefix of the file that
+is complete. `--resume` truncates generated.jsonl to that size, which drops both a half-written
+last line and whole rows of a batch that was written but not yet recorded, and continues with
+prompt prompts_done. The batch redrawn holds the same prompts with the same seeds, so its rows
+come out as before: the finished file equals an uninterrupted run's. A resume whose settings
+(data, model, sampling, rewards, filters, batch size, seed) differ from the run's is refused,
+naming them, since it would mix two data sets in one file.
+
+Also written: metrics.jsonl, one line per batch (step = prompts done): samples, kept, duplicate,
+filtered, capped, reward/<spec> (the mean over samples that got a value), response_length/mean,
+tokens_per_s; summary.json at the end with the run's totals. Generation runs in one process; to
+use several GPUs, split the prompts file and run one process per part.
+"""
+from __future__ import annotations
+
+import json
+import operator
+import os
+import re
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from evaluation.eval_stage import completion_text
+
+OUTPUT_FILE = "generated.jsonl"
+PROGRESS_FILE = "progress.json"
+_OPS = {">=": operator.ge, "<=": operator.le, "==": operator.eq, "!=": operator.ne, ">": operator.gt,
+        "<": operator.lt}
+_CONDITION = re.compile(r"^(?P<name>[^<>=!]+?)\s*(?P<op>>=|<=|==|!=|>|<)\s*(?P<value>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)$")
+
+
+# ---- what to keep ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Condition:
+    """One --keep-if condition: score(name) op value; a missing or None score never holds."""
+    name: str
+    op: str
+    value: float
+
+    def holds(self, scores: dict) -> bool:
+        score = scores.get(self.name)
+        return score is not None and _OPS[self.op](score, self.value)
+
+
+def parse_rewards(text: str) -> list[str]:
+    """--reward "accuracy,format" -> ["accuracy", "format"], each checked with get_reward (ValueError)."""
+    from verify.rewards import get_reward
+    specs = [part.strip() for part in text.split(",") if part.strip()]
+    if not specs:
+        raise ValueError(f"--reward {text!r}: expected comma-separated reward names such as accuracy,format")
+    if len(set(specs)) != len(specs):
+        raise ValueError(f"--reward {text!r}: a reward is named twice")
+    for spec in specs:
+        get_reward(spec)
+    return specs
+
+
+def parse_keep_if(text: str, rewards: list[str]) -> list[Condition]:
+    """--keep-if "accuracy>=1,format>=1" -> Conditions on names of `rewards`; "none" (or "") -> []."""
+    if text.strip().lower() in ("", "none"):
+        return []
+    conditions = []
+    for part in text.split(","):
+        m = _CONDITION.match(part.strip())
+        if m is None:
+            raise ValueError(f"--keep-if: cannot read {part.strip()!r}; expected NAME OP NUMBER with OP one of "
+                             f"{', '.join(_OPS)}, e.g. accuracy>=1 (or 'none' to keep everything)")
+        if m["name"] not in rewards:
+            raise ValueError(f"--keep-if: {part.strip()!r} names {m['name']!r}, which --reward does not score; "
+                             f"scored: {', '.join(rewards)}")
+        conditions.append(Condition(m["name"], m["op"], float(m["value"])))
+    return conditions
+
+
+def select(texts: list[str], scores: list[dict], conditions: list[Condition],
+           max_per_prompt: int = 0) -> tuple[list[int], Counter]:
+    """Indices of one prompt's samples to keep, in sample order, and why the others were dropped.
+
+    A sample identical to an earlier one is a "duplicate"; one failing a condition is "filtered"
+    (counted also under "failed/<name>" per failed condition); one past max_per_prompt (0: no cap)
+    kept samples is "capped". Counter keys: kept, duplicate, filtered, capped, failed/<name>.
+    """
+    kept, seen, counts = [], set(), Counter()
+    for j, text in enumerate(texts):
+        if text in seen:
+            counts["duplicate"] += 1
+            continue
+        seen.add(text)
+        failed = [c.name for c in conditions if not c.holds(scores[j])]
+        if failed:
+            counts["filtered"] += 1
+            counts.update(f"failed/{name}" for name in failed)
+            continue
+        if max_per_prompt and len(kept) >= max_per_prompt:
+            counts["capped"] += 1
+            continue
+        kept.append(j)
+    counts["kept"] = len(kept)
+    return kept, counts
+
+
+# ---- prompts ------------------------------------------------------------------------------------
+
+def prompt_messages(row: dict, where: str) -> list[dict]:
+    """The conversation a completion answers: the row's `messages` (ending with a user turn), else
+    one user message holding `prompt`."""
+    if "messages" in row:
+        messages = [dict(m) for m in row["messages"]]
+        if messages[-1]["role"] != "user":
+            raise ValueError(f"{where}: the prompt's messages end with a {messages[-1]['role']!r} turn; "
+                             f"a prompt to complete must end with a user turn")
+        return messages
+    return [{"role": "user", "content": row["prompt"]}]
+
+
+def render_prompts(tok, conversations: list[list[dict]], template: str | None) -> list[list[int]]:
+    """Token ids of each conversation rendered with the generation prompt (the assistant turn opened)."""
+    from data.chat import render
+    source = template if template is not None else tok.chat_template
+    if source is None:
+        raise ValueError("the tokenizer has no chat template; pass --chat-template ('r1-zero', 'chatml' or Jinja)")
+    texts = [render(m, source, add_generation_prompt=True, **tok.special_tokens) for m in conversations]
+    return tok.encode_batch(texts)
+
+
+# ---- one batch ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    n: int
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+    seed: int
+    rewards: tuple[str, ...]
+    conditions: tuple[Condition, ...] = ()
+    max_per_prompt: int = 0
+
+
+def generate_batch(sampler, tok, pool, rows: list[dict], indices: list[int], prompts: list[list[int]],
+                   conversations: list[list[dict]], cfg: GenerateConfig) -> tuple[list[dict], Counter, dict]:
+    """Sample, score and select for one batch of prompts (rows[k] is prompt indices[k] of the file).
+
+    Returns (the rows to write, counts as select's plus "samples" and "tokens" (completion tokens of
+    all samples), per-reward score lists over all samples). sampler: anything with generate(prompt_ids, [SamplingParams]) -> [[Completion]].
+    """
+    from sampling.sampler import SamplingParams
+
+    params = [SamplingParams(n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
+                             seed=cfg.seed * 1_000_003 + i) for i in indices]
+    outs = sampler.generate(prompts, params)
+    texts = [[completion_text(tok, c) for c in comps] for comps in outs]
+
+    # one scoring call for the whole batch: every completion with its row's columns
+    flat_rows = [row for row, comps in zip(rows, outs) for _ in comps]
+    keys = sorted({key for row in rows for key in row})
+    columns = {key: [row.get(key) for row in flat_rows] for key in keys}
+    columns["prompts"] = ["\n".join(m["content"] for m in conv if m["role"] == "user")
+                          for conv, comps in zip(conversations, outs) for _ in comps]
+    columns["completion_ids"] = [c.token_ids for comps in outs for c in comps]
+    scored = pool.score({spec: spec for spec in cfg.rewards}, [t for ts in texts for t in ts], **columns)
+
+    written, counts, pos = [], Counter(), 0
+    for row, index, conv, comps, ts in zip(rows, indices, conversations, outs, texts):
+        scores = [{spec: scored[spec][pos + j] for spec in cfg.rewards} for j in range(len(ts))]
+        pos += len(ts)
+        kept, why = select(ts, scores, list(cfg.conditions), cfg.max_per_prompt)
+        counts.update(why)
+        counts["samples"] += len(ts)
+        counts["tokens"] += sum(len(c.token_ids) for c in comps)
+        for j in kept:
+            written.append({"messages": conv + [{"role": "assistant", "content": ts[j]}],
+                            "prompt_id": row.get("id", index), "sample": j, "scores": scores[j],
+                            "num_tokens": len(comps[j].token_ids), "finish_reason": comps[j].finish_reason})
+    return written, counts, scored
+
+
+# ---- the output file and its progress record -------------------------------------------------------
+
+class GeneratedFile:
+    """generated.jsonl and progress.json of a run directory: append whole batches, resume after a crash.
+
+    On opening, the file is cut back to the size progress.json records (0 without one), so it holds
+    exactly the rows of the prompts progress.json calls done; `dropped_bytes` says how much was cut.
+    `settings` must equal the recorded ones (ValueError naming the differences).
+    """
+
+    def __init__(self, run_dir, settings: dict):
+        from runtime.rundir import write_json_atomic
+        self._write_json = write_json_atomic
+        self.path = Path(run_dir) / OUTPUT_FILE
+        self.progress_path = Path(run_dir) / PROGRESS_FILE
+        fresh = {"prompts_done": 0, "rows": 0, "bytes": 0, "counts": {}, "settings": settings}
+        self.state = json.loads(self.progress_path.read_text()) if self.progress_path.exists() else fresh
+        changed = sorted(k for k in set(settings) | set(self.state["settings"])
+                         if settings.get(k) != self.state["settings"].get(k))
+        if changed:
+            was = {k: self.state["settings"].get(k) for k in changed}
+            raise ValueError(f"{self.progress_path}: this run was made with {was}; resuming it with "
+                             f"{ {k: settings.get(k) for k in changed} } would mix two data sets in {self.path.name}. "
+                             f"Resume with the run's settings, or start a new run without --resume")
+        size = self.path.stat().st_size if self.path.exists() else 0
+        if size < self.state["bytes"]:
+            raise RuntimeError(f"{self.path} holds {size} bytes but {self.progress_path} records {self.state['bytes']} "
+                               f"written and fsynced: the file was changed outside this run")
+        self.dropped_bytes = size - self.state["bytes"]
+        self.file = open(self.path, "ab")
+        self.file.truncate(self.state["bytes"])   # a half-written line, or a batch that was not recorded
+
+    @property
+    def prompts_done(self) -> int:
+        return self.state["prompts_done"]
+
+    def append(self, rows: list[dict], prompts_done: int, counts: Counter) -> None:
+        """Write a batch's rows, fsync them, then record the batch in progress.json (atomically)."""
+        data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
+        self.file.write(data)
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        total = Counter(self.state["counts"]) + counts
+        self.state = {**self.state, "prompts_done": prompts_done, "rows": self.state["rows"] + len(rows),
+                      "bytes": self.state["bytes"] + len(data), "counts": dict(sorted(total.items()))}
+        self._write_json(self.progress_path, self.state)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+# ---- the stage ------------------------------------------------------------------------------------
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def run_generate(args, run, info) -> int:
+    """--stage generate: rejection sampling over --data into <run>/generated.jsonl (module docstring)."""
+    from data.datasets import load_prompts
+    from evaluation.eval_stage import load_model_and_tokenizer, template_source
+    from runtime.distributed import print0
+    from runtime.metrics import MetricsWriter, Progress
+    from runtime.rundir import write_json_atomic
+    from sampling.sampler import Sampler
+    from verify.pool import RewardPool
+
+    if info.world_size > 1:
+        raise ValueError("--stage generate runs in one process (it got WORLD_SIZE="
+                         f"{info.world_size}); split --data and run one process per part")
+    for flag in ("gen_n", "gen_batch_prompts"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.max_per_prompt < 0:
+        raise ValueError(f"--max-per-prompt must be >= 0 (0: no cap), got {args.max_per_prompt}")
+    rewards = parse_rewards(args.reward)
+    cfg = GenerateConfig(n=args.gen_n, temperature=args.gen_temperature, top_p=args.gen_top_p,
+                         max_new_tokens=args.gen_max_new_tokens, seed=args.seed, rewards=tuple(rewards),
+                         conditions=tuple(parse_keep_if(args.keep_if, rewards)), max_per_prompt=args.max_per_prompt)
+    rows = load_prompts(args.data)
+    conversations = [prompt_messages(row, f"{args.data} row {i + 1}") for i, row in enumerate(rows)]
+    settings = {"data": str(Path(args.data).resolve()), "num_prompts": len(rows), "model": args.model,
+                "preset": args.preset, "tokenizer": args.tokenizer, "chat_template": args.chat_template,
+                "gen_n": args.gen_n, "gen_temperature": args.gen_temperature, "gen_top_p": args.gen_top_p,
+                "gen_max_new_tokens": args.gen_max_new_tokens, "gen_batch_prompts": args.gen_batch_prompts,
+                "reward": rewards, "keep_if": args.keep_if, "max_per_prompt": args.max_per_prompt, "seed": args.seed}
+    out = GeneratedFile(run.path, settings)
+    if out.dropped_bytes:
+        print0(f"generate: dropped {out.dropped_bytes} bytes written after the last recorded batch of {out.path}")
+    start = out.prompts_done
+    if start:
+        print0(f"generate: resuming at prompt {start}/{len(rows)} ({out.state['rows']} rows kept so far)")
+
+    model, tok = load_model_and_tokenizer(args, info.device)
+    prompts = render_prompts(tok, conversations, template_source(args.chat_template))
+    sampler = Sampler(model, max_batch_size=args.sampler_batch_size,
+                      max_seq_len=max(map(len, prompts)) + cfg.max_new_tokens, tokenizer=tok)
+    metrics = MetricsWriter(run.path / "metrics.jsonl", resume_step=start if run.resumed else None)
+    progress = Progress(len(rows), desc="generate", every_s=args.log_every_s, start=start, unit="prompt")
+    t0 = time.perf_counter()
+    try:
+        with RewardPool(num_workers=args.reward_workers, timeout_s=args.reward_timeout_s) as pool:
+            for lo in range(start, len(rows), args.gen_batch_prompts):
+                hi = min(lo + args.gen_batch_prompts, len(rows))
+                tb, before = time.perf_counter(), sampler.stats.generated_tokens
+                written, counts, scored = generate_batch(sampler, tok, pool, rows[lo:hi], list(range(lo, hi)),
+                                                         prompts[lo:hi], conversations[lo:hi], cfg)
+                out.append(written, hi, counts)
+                seconds = time.perf_counter() - tb
+                metrics.log(hi, samples=counts["samples"], kept=counts["kept"], duplicate=counts["duplicate"],
+                            filtered=counts["filtered"], capped=counts["capped"],
+                            **{f"reward/{spec}": _mean(scored[spec]) for spec in rewards},
+                            **{"response_length/mean": counts["tokens"] / counts["samples"],
+                               "tokens_per_s": (sampler.stats.generated_tokens - before) / seconds})
+                progress.update(hi - lo, rows=out.state["rows"], keep_rate=counts["kept"] / counts["samples"],
+                                batch_s=seconds)
+    finally:
+        out.close()
+        metrics.close()
+        sampler.release()
+    counts = out.state["counts"]
+    summary = {"prompts": len(rows), "rows": out.state["rows"], "samples": counts.get("samples", 0),
+               "keep_rate": out.state["rows"] / max(counts.get("samples", 0), 1),
+               **{k: v for k, v in counts.items() if k != "samples"}, "wall_s_this_process": time.perf_counter() - t0}
+    write_json_atomic(run.path / "summary.json", summary)
+    print0(f"generate: {summary['rows']} rows from {summary['samples']} samples of {len(rows)} prompts "
+           f"(keep rate {summary['keep_rate']:.3f}) in {out.path}")
+    return 0
