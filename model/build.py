@@ -54,7 +54,7 @@ def model_summary(model) -> str:
     c = model.config
     counts = count_params(model)
     return (f"model {c.model_type}: {c.num_hidden_layers} layers, hidden {c.hidden_size}, vocab {c.vocab_size}, "
-            f"{counts['total'] / 1e6:.2f}M parameters ({counts['active'] / 1e6:.2f}M active per token)")
+            f"{counts.total / 1e6:.2f}M parameters ({counts.active / 1e6:.2f}M active per token)")
 
 
 def save_model_fn(model, tok):
