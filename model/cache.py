@@ -13,11 +13,14 @@ What one layer keeps, per slot and position:
   layer instead of H (2 Dh) for GQA: 576 vs 32768 for DeepSeek-V3.
 
 Protocol (Transformer.forward with cache=..., slots=..., position_ids=...): row b of the call
-writes its keys at (slots[b], position_ids[b, t]) and then each query attends over positions
-0..attn_len-1 of its slot, a key at position p' being visible iff p' ≤ the query's position.
+writes its keys at (slots[b], position_ids[b, t]) (slot b when slots=None) and then each query
+attends over positions 0..attn_len-1 of its slot, a key at position p' being visible iff p' ≤ the
+query's position.
 Entries beyond a query's position (left over from an earlier, longer use of the slot) are never
 seen, so slots are reused without clearing. Prefill (T > 1) and decode (T = 1) go through the same
 code; a decode step with fixed B and attn_len has static shapes (torch.compile fullgraph).
+Consecutive slots (slots=None, or a CPU slots tensor holding a run s..s+B-1) are read as views of
+the buffers; any other set is gathered, a copy of B × attn_len entries per buffer per layer.
 """
 from __future__ import annotations
 
@@ -68,30 +71,52 @@ class KVCache:
         if not 0 <= length <= self.max_seq_len:
             raise ValueError(f"copy_slots: length {length} is outside 0..max_seq_len ({self.max_seq_len})")
         dst = torch.as_tensor(dst, dtype=torch.long, device=self.device).reshape(-1)
+        rows = _consecutive(dst) or dst  # a run of slots is written through a view
         for layer in self.layers:
             for t in layer:
-                t[dst, :length] = t[src, :length]  # [len(dst), length, ...] <- broadcast [length, ...]
+                t[rows, :length] = t[src, :length]  # [len(dst), length, ...] <- broadcast [length, ...]
 
-    def step(self, slots: torch.Tensor, position_ids: torch.Tensor, attn_len: int | None = None) -> "CacheStep":
-        """The view of this cache one forward call uses (see CacheStep)."""
+    def step(self, slots: torch.Tensor | None, position_ids: torch.Tensor, attn_len: int | None = None) -> "CacheStep":
+        """The view of this cache one forward call uses (see CacheStep). slots=None means row b is
+        slot b, known without looking at any tensor (so also on GPU and under torch.compile)."""
         attn_len = self.max_seq_len if attn_len is None else attn_len
         if not 0 < attn_len <= self.max_seq_len:
             raise ValueError(f"attn_len {attn_len} is outside 1..max_seq_len ({self.max_seq_len})")
         key_pos = torch.arange(attn_len, device=position_ids.device)
         visible = key_pos[None, None, :] <= position_ids[:, :, None]  # [B, T, S]
-        return CacheStep(self, slots, position_ids, attn_len, visible)
+        if slots is None:
+            B = position_ids.shape[0]
+            return CacheStep(self, torch.arange(B, device=position_ids.device), position_ids, attn_len, visible,
+                             slice(0, B))
+        return CacheStep(self, slots, position_ids, attn_len, visible, _consecutive(slots))
+
+
+def _consecutive(slots: torch.Tensor) -> slice | None:
+    """`slots` as a slice when they are s, s+1, ..., s+B-1, else None.
+
+    Reading a consecutive run of slots is a view of the buffers; any other set of slots is a gathered
+    copy of B × attn_len entries per buffer per layer (at batch 32 and a few hundred positions, a
+    copy as large as the attention's own reads). The test reads the slots on the host, so it runs
+    only where that is free: CPU tensors outside torch.compile (a static compiled step gathers).
+    """
+    if not slots.is_cpu or torch.compiler.is_compiling():
+        return None
+    s = slots.tolist()
+    return slice(s[0], s[0] + len(s)) if s and s == list(range(s[0], s[0] + len(s))) else None
 
 
 @dataclass
 class CacheStep:
     """One forward call's use of a KVCache: rows `slots` [B] at positions `position_ids` [B, T],
-    attending over positions 0..attn_len-1 with `visible` [B, T, S] (S = attn_len)."""
+    attending over positions 0..attn_len-1 with `visible` [B, T, S] (S = attn_len). `run` is
+    `slots` as a slice when they are consecutive (the buffers are then read as views)."""
 
     cache: KVCache
     slots: torch.Tensor
     position_ids: torch.Tensor
     attn_len: int
     visible: torch.Tensor
+    run: slice | None = None
 
     def update(self, layer_idx: int, *new: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Write this call's entries (each [B, T, ...]) into layer `layer_idx` and return that
@@ -99,8 +124,9 @@ class CacheStep:
         buffers = self.cache.layers[layer_idx]
         assert len(new) == len(buffers), f"layer {layer_idx}: {len(new)} tensors for {len(buffers)} buffers"
         rows = self.slots[:, None]  # [B, 1], broadcast against position_ids [B, T]
+        read = self.slots if self.run is None else self.run
         out = []
         for buf, x in zip(buffers, new):
             buf[rows, self.position_ids] = x.to(buf.dtype)         # scatter [B, T, ...]
-            out.append(buf[self.slots, : self.attn_len])           # [B, S, ...]
+            out.append(buf[read, : self.attn_len])                  # [B, S, ...] (a view for a run)
         return tuple(out)

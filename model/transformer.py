@@ -166,7 +166,8 @@ class Transformer(nn.Module):
           reaches the real tokens.
         - cu_seqlens int32 [ndocs + 1]: packed documents in one row (B = 1), attending only within
           themselves (kernels.flash_attention's varlen path).
-        - cache, slots [B] int64 (default 0..B-1), attn_len: the KV-cached path (model/cache.py).
+        - cache, slots [B] int64, attn_len: the KV-cached path (model/cache.py). slots=None means
+          row b is slot b (read as views: cheaper than a gather when a batch fills slots 0..B-1).
           position_ids is then required; row b writes its keys at (slots[b], position_ids[b]) and
           attends over cache positions 0..attn_len-1 (default max_seq_len) up to its own position.
           For a static decode step keep B and attn_len fixed.
@@ -180,8 +181,6 @@ class Transformer(nn.Module):
                 raise ValueError("cu_seqlens (packed documents) cannot be combined with a KV cache")
             if position_ids is None:
                 raise ValueError("the KV-cached forward needs position_ids [B, T] (where each token goes in its slot)")
-            if slots is None:
-                slots = torch.arange(B, device=device)
         if cu_seqlens is not None and not torch.compiler.is_compiling():
             if B != 1 or cu_seqlens.dim() != 1 or int(cu_seqlens[-1]) != T:
                 raise ValueError(f"packed documents need input_ids of shape [1, total] and cu_seqlens [ndocs + 1] "
@@ -214,8 +213,13 @@ class Transformer(nn.Module):
         """User-facing checks (one device sync): ids in vocab, positions non-negative and within
         the cache, slots within the cache."""
         V = self.config.vocab_size
-        lo, hi, pmin, pmax = torch.stack([input_ids.min(), input_ids.max(),
-                                          position_ids.min(), position_ids.max()]).tolist()
+        B = input_ids.shape[0]
+        if slots is not None and slots.shape != (B,):
+            raise ValueError(f"slots must be [B] = [{B}], got {tuple(slots.shape)}")
+        extremes = [input_ids.min(), input_ids.max(), position_ids.min(), position_ids.max()]
+        if slots is not None:
+            extremes += [slots.min(), slots.max()]
+        lo, hi, pmin, pmax, *slot_span = torch.stack([e.long() for e in extremes]).tolist()
         if lo < 0 or hi >= V:
             raise ValueError(f"input_ids out of range: ids span {lo}..{hi} (max id {hi}) but vocab_size is {V} "
                              f"(valid ids 0..{V - 1})")
@@ -224,11 +228,11 @@ class Transformer(nn.Module):
         if cache is not None:
             if pmax >= cache.max_seq_len:
                 raise ValueError(f"position {pmax} does not fit the cache (max_seq_len {cache.max_seq_len})")
-            if slots.shape != (input_ids.shape[0],):
-                raise ValueError(f"slots must be [B] = [{input_ids.shape[0]}], got {tuple(slots.shape)}")
-            smin, smax = int(slots.min()), int(slots.max())
-            if smin < 0 or smax >= cache.max_batch_size:
-                raise ValueError(f"slots span {smin}..{smax}; the cache has max_batch_size {cache.max_batch_size}")
+            if slots is None and B > cache.max_batch_size:
+                raise ValueError(f"batch {B} exceeds the cache's max_batch_size {cache.max_batch_size}")
+            if slots is not None and (slot_span[0] < 0 or slot_span[1] >= cache.max_batch_size):
+                raise ValueError(f"slots span {slot_span[0]}..{slot_span[1]}; the cache has max_batch_size "
+                                 f"{cache.max_batch_size}")
         self.rope.ensure(pmax + 1, input_ids.device)
 
     # ---- KV cache ---------------------------------------------------------------------------------

@@ -94,6 +94,25 @@ def test_attn_len_limits_the_attended_positions():
         model(seq[None], torch.arange(6)[None], cache=cache, attn_len=65)
 
 
+@pytest.mark.parametrize("kind", ["qwen2", "deepseek_v3"])
+def test_default_slots_are_the_first_rows(kind):
+    config = tiny_config(kind)
+    model = random_model(config, seed=12)
+    ids = torch.randint(0, config.vocab_size, (2, 5), generator=torch.Generator().manual_seed(7))
+    pos = torch.arange(5).expand(2, 5)
+    a, b = model.make_cache(3, 8), model.make_cache(3, 8)
+    with torch.no_grad():
+        la = model(ids, pos, cache=a)                                  # slots=None: rows are slots 0, 1
+        lb = model(ids, pos, cache=b, slots=torch.tensor([0, 1]))
+        da = model(ids[:, :1], torch.full((2, 1), 5), cache=a)
+        db = model(ids[:, :1], torch.full((2, 1), 5), cache=b, slots=torch.tensor([0, 1]))
+    assert torch.equal(la, lb) and torch.equal(da, db)
+    for x, y in zip(a.layers[0], b.layers[0]):
+        assert torch.equal(x, y)
+    with pytest.raises(ValueError, match="batch 4 exceeds the cache's max_batch_size 3"):
+        model(torch.zeros(4, 1, dtype=torch.long), torch.zeros(4, 1, dtype=torch.long), cache=a)
+
+
 def test_sizes():
     gqa = tiny_config("qwen2")  # 2 layers, 2 kv heads of 12 dims, k and v
     cache = KVCache(gqa, max_batch_size=3, max_seq_len=10, dtype=torch.float32)
@@ -118,6 +137,8 @@ def test_cache_input_errors():
         model(ids, torch.tensor([[6, 7, 8]]), cache=cache)
     with pytest.raises(ValueError, match="slots span 2..2; the cache has max_batch_size 2"):
         model(ids, torch.tensor([[0, 1, 2]]), cache=cache, slots=torch.tensor([2]))
+    with pytest.raises(ValueError, match=r"slots must be \[B\] = \[1\], got \(2,\)"):
+        model(ids, torch.tensor([[0, 1, 2]]), cache=cache, slots=torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="cannot be combined with a KV cache"):
         model(ids, torch.tensor([[0, 1, 2]]), cache=cache, cu_seqlens=torch.tensor([0, 3], dtype=torch.int32))
     with pytest.raises(ValueError, match="copy_slots: length 9"):
