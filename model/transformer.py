@@ -145,15 +145,21 @@ class Transformer(nn.Module):
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                 cu_seqlens: torch.Tensor | None = None, cache: KVCache | None = None,
                 slots: torch.Tensor | None = None, attn_len: int | None = None,
-                return_hidden: bool = False) -> torch.Tensor:
+                return_hidden: bool = False, with_mtp_loss: bool = False,
+                target_mask: torch.Tensor | None = None):
         """input_ids [B, T] -> logits [B, T, V] in the model's dtype; arguments as forward_hidden.
 
-        return_hidden=True returns forward_hidden's h [B, T, D] instead (no [B, T, V] logits): the
-        form to use on an FSDP2-wrapped model, whose root all-gathers its parameters (embedding,
-        final norm, head) only around `forward`.
+        return_hidden=True returns forward_hidden's h [B, T, D] instead (no [B, T, V] logits).
+        with_mtp_loss=True returns (logits or h, (mtp_loss, metrics)) with the weighted MTP loss
+        of model.mtp.mtp_loss (target_mask as there). Both are the forms to use on an FSDP2-wrapped
+        model, whose root all-gathers its parameters (embedding, final norm, head, which the MTP
+        modules share) only around `forward`.
         """
         h = self.forward_hidden(input_ids, position_ids, cu_seqlens, cache, slots, attn_len)
-        return h if return_hidden else self.lm_head(h)
+        out = h if return_hidden else self.lm_head(h)
+        if not with_mtp_loss:
+            return out
+        return out, self.mtp_loss(h, input_ids, position_ids, cu_seqlens, target_mask)
 
     def forward_hidden(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                        cu_seqlens: torch.Tensor | None = None, cache: KVCache | None = None,
@@ -248,7 +254,8 @@ class Transformer(nn.Module):
     def mtp_loss(self, hidden: torch.Tensor, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                  cu_seqlens: torch.Tensor | None = None, target_mask: torch.Tensor | None = None):
         """The weighted multi-token-prediction loss (model/mtp.py) from the main model's final hidden
-        states: returns (loss, metrics). See model.mtp.mtp_loss."""
+        states: returns (loss, metrics). See model.mtp.mtp_loss. On an FSDP2-wrapped model use
+        forward(..., with_mtp_loss=True) instead (the shared embedding and head are gathered there)."""
         from model.mtp import mtp_loss
 
         return mtp_loss(self, hidden, input_ids, position_ids, cu_seqlens, target_mask)

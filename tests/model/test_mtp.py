@@ -66,6 +66,19 @@ def test_loss_equals_hand_computation_and_trains_trunk_and_module():
             assert grad is not None and grad.abs().sum() > 0, name
 
 
+def test_forward_with_mtp_loss_equals_the_separate_call():
+    config = tiny_config("deepseek_v3", num_nextn_predict_layers=1, mtp_loss_weight=0.5)
+    model = random_model(config, seed=12)
+    ids = torch.randint(0, config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(7))
+    mask = torch.rand(2, 8, generator=torch.Generator().manual_seed(8)) > 0.3
+    with torch.no_grad():
+        h, (loss, metrics) = model(ids, return_hidden=True, with_mtp_loss=True, target_mask=mask)
+        logits, (loss2, _) = model(ids, with_mtp_loss=True, target_mask=mask)
+        ref, ref_metrics = model.mtp_loss(model.forward_hidden(ids), ids, target_mask=mask)
+    assert torch.equal(h, model.forward_hidden(ids)) and logits.shape == (2, 8, config.vocab_size)
+    assert loss.item() == ref.item() == loss2.item() and metrics == ref_metrics
+
+
 def test_packed_documents_are_not_crossed():
     config = tiny_config("deepseek_v3", num_nextn_predict_layers=1, mtp_loss_weight=1.0)
     model = random_model(config, seed=10)
