@@ -151,11 +151,11 @@ class Transformer(nn.Module):
 
         return_hidden=True returns forward_hidden's h [B, T, D] instead (no [B, T, V] logits).
         with_mtp_loss=True returns (logits or h, (mtp_loss, metrics)) with the weighted MTP loss
-        of model.mtp.mtp_loss (target_mask as there). Both are the forms to use on an FSDP2-wrapped
-        model, whose root all-gathers its parameters (embedding, final norm, head, which the MTP
-        modules share) only around `forward`.
+        of model.mtp.mtp_loss (target_mask as there): the form to use on an FSDP2-wrapped model,
+        whose root all-gathers its parameters (embedding, final norm, head, which the MTP modules
+        share) around `forward` only, so a separate mtp_loss call may find them sharded.
         """
-        h = self.forward_hidden(input_ids, position_ids, cu_seqlens, cache, slots, attn_len)
+        h = self._hidden(input_ids, position_ids, cu_seqlens, cache, slots, attn_len)
         out = h if return_hidden else self.lm_head(h)
         if not with_mtp_loss:
             return out
@@ -165,6 +165,9 @@ class Transformer(nn.Module):
                        cu_seqlens: torch.Tensor | None = None, cache: KVCache | None = None,
                        slots: torch.Tensor | None = None, attn_len: int | None = None) -> torch.Tensor:
         """The final normalised hidden states h [B, T, D] (logits = h @ output_weight.T).
+
+        It goes through `self(..., return_hidden=True)`, so module hooks (FSDP2's all-gather of the
+        root's parameters) run as for any forward.
 
         - input_ids [B, T] int64.
         - position_ids [B, T]: default 0..T-1 per row (or restarting per document with cu_seqlens).
@@ -178,6 +181,9 @@ class Transformer(nn.Module):
           attends over cache positions 0..attn_len-1 (default max_seq_len) up to its own position.
           For a static decode step keep B and attn_len fixed.
         """
+        return self(input_ids, position_ids, cu_seqlens, cache, slots, attn_len, return_hidden=True)
+
+    def _hidden(self, input_ids, position_ids, cu_seqlens, cache, slots, attn_len) -> torch.Tensor:
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
         B, T = input_ids.shape
