@@ -10,7 +10,8 @@ Public API:
     m.output_weight                                          # [V, D] (lm_head, or the tied embedding)
     cache = m.make_cache(max_batch_size, max_seq_len)        # static KV cache (model/cache.py)
     logits = m(ids, position_ids, cache=cache, slots=slots)  # KV-cached prefill / decode
-    loss, metrics = m.mtp_loss(h, input_ids)                 # weighted MTP loss (model/mtp.py)
+    h, (mtp, metrics) = m(input_ids, return_hidden=True, with_mtp_loss=True)  # + weighted MTP loss
+    from model.stats import count_params, flops_per_token   # ParamCount; 6N + attention FLOPs
 
 Files: config.py (ModelConfig), rope.py, layers.py (RMSNorm, MLP), attention.py (GQA, MLA),
 moe.py (DeepSeekMoE), cache.py (KVCache), mtp.py, transformer.py (Block, Transformer),
