@@ -15,7 +15,8 @@ Public API:
 
 Files: config.py (ModelConfig), rope.py, layers.py (RMSNorm, MLP), attention.py (GQA, MLA),
 moe.py (DeepSeekMoE), cache.py (KVCache), mtp.py, transformer.py (Block, Transformer),
-checkpoint.py (HF folders), stats.py (parameter and FLOP counts), parallel.py (FSDP2).
+checkpoint.py (HF folders), stats.py (parameter and FLOP counts), parallel.py (FSDP2), build.py
+(the model and tokenizer a training stage starts from).
 """
 from model.checkpoint import load_pretrained, save_pretrained
 from model.config import ModelConfig
