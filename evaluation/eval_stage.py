@@ -255,6 +255,8 @@ def sample_and_score(rows: list[dict], tok, pool, *, n: int, sampler=None, model
     cache afterwards. pool: a verify.pool.RewardPool. indices: the rows' positions in their set
     (default 0..len-1; they pick the seeds). `where` names the set in errors.
     """
+    if not rows:   # a rank whose share of a small set is empty
+        return []
     prompts = eval_prompts(tok, rows, template)
     own = sampler is None
     if own:

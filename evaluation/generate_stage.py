@@ -191,6 +191,8 @@ def generate_batch(sampler, tok, pool, rows: list[dict], indices: list[int], pro
     flat_rows = [row for row, comps in zip(rows, outs) for _ in comps]
     keys = sorted({key for row in rows for key in row})
     columns = {key: [row.get(key) for row in flat_rows] for key in keys}
+    # rewards read the question from `prompt` (language consistency): a messages-only row gives its chat
+    columns["prompt"] = [row.get("prompt", row.get("messages")) for row in flat_rows]
     columns["prompts"] = ["\n".join(m["content"] for m in conv if m["role"] == "user")
                           for conv, comps in zip(conversations, outs) for _ in comps]
     columns["completion_ids"] = [c.token_ids for comps in outs for c in comps]

@@ -167,32 +167,58 @@ def test_humaneval_canonical_solutions_pass_and_broken_ones_fail(shared_data_dir
         assert all(r["answer"].startswith(row["prompt"].rstrip()) for r, row in zip(records[::2], rows))
 
 
-def test_tiny_model_on_math500_subset_end_to_end(shared_data_dir, tmp_path):
+def _tokenizer(shared_data_dir, tmp_path) -> Path:
     problems = [json.loads(line) for line in (shared_data_dir / "math500.jsonl").read_text().splitlines()[:50]]
     tok = Tokenizer.train([p["problem"] + "\n" + p["solution"] for p in problems], vocab_size=512)
-    tok.save(tmp_path / "tok")
+    return tok.save(tmp_path / "tok")
+
+
+def _eval(tmp_path, shared_data_dir, out, *flags, torchrun=False):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "R1_DATA_DIR": str(shared_data_dir)}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"] \
+        if torchrun else [sys.executable]
+    cmd = [*launcher, str(ROOT / "train.py"), "--stage", "eval", "--preset", "tiny", "--tokenizer",
+           str(tmp_path / "tok"), "--chat-template", "r1-zero", "--reward-workers", "1", "--out", str(tmp_path / out),
+           *flags]
+    p = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 0, p.stdout + p.stderr
+    return tmp_path / out
+
+
+def _samples(run: Path, label: str) -> list[dict]:
+    return [json.loads(line) for line in (run / f"samples-{label}.jsonl").read_text().splitlines()]
+
+
+def test_tiny_model_on_math500_subset_end_to_end(shared_data_dir, tmp_path):
+    _tokenizer(shared_data_dir, tmp_path)
     mine = tmp_path / "mine.jsonl"
     mine.write_text("".join(json.dumps({"question": f"What is {i} + {i}?", "answer": str(2 * i)}) + "\n"
                             for i in range(3)))
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "R1_DATA_DIR": str(shared_data_dir)}
-    cmd = [sys.executable, str(ROOT / "train.py"), "--stage", "eval", "--preset", "tiny", "--tokenizer",
-           str(tmp_path / "tok"), "--chat-template", "r1-zero", "--eval-sets", f"math500,{mine}",
-           "--eval-limit", "20", "--eval-n", "4", "--eval-k", "1,2,4", "--eval-max-new-tokens", "16",
-           "--reward-workers", "1", "--out", str(tmp_path / "run")]
-    p = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
-    assert p.returncode == 0, p.stdout + p.stderr
+    run = _eval(tmp_path, shared_data_dir, "run", "--eval-sets", f"math500,{mine}", "--eval-limit", "20",
+                "--eval-n", "4", "--eval-k", "1,2,4", "--eval-max-new-tokens", "16")
 
-    report = json.loads((tmp_path / "run" / "eval.json").read_text())
+    report = json.loads((run / "eval.json").read_text())
     assert sorted(report) == ["math500", "mine"]
     m = report["math500"]
     assert sorted(m) == sorted(["num_problems", "n", "kinds", "pass@1", "pass@k", "maj@k", "mean_length",
                                 "truncated", "scoring_timeouts", "wall_s"])
     assert m["num_problems"] == 20 and m["n"] == 4 and sorted(m["pass@k"]) == sorted(m["maj@k"]) == ["1", "2", "4"]
     assert 0 < m["mean_length"] <= 16 and report["mine"]["num_problems"] == 3
-    samples = [json.loads(line) for line in (tmp_path / "run" / "samples-math500.jsonl").read_text().splitlines()]
+    samples = _samples(run, "math500")
     ids = [row["id"] for row in load_eval_set("math500", shared_data_dir)[:20]]
     assert [(s["id"], s["sample"]) for s in samples] == [(i, j) for i in ids for j in range(4)]
     assert all(set(s) >= {"completion", "answer", "correct", "score"} for s in samples)
     assert m["pass@1"] == sum(s["correct"] for s in samples) / 80
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    summary = json.loads((run / "summary.json").read_text())
     assert summary["math500/pass@1"] == m["pass@1"] and "mine/maj@4" in summary
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_ranks_sample_what_one_process_samples(shared_data_dir, tmp_path):
+    # rank r takes problems r, r + 2, ...; seeds follow the problem's index, so the samples are the same
+    _tokenizer(shared_data_dir, tmp_path)
+    flags = ["--eval-sets", "math500", "--eval-limit", "7", "--eval-n", "2", "--eval-max-new-tokens", "8"]
+    one = _samples(_eval(tmp_path, shared_data_dir, "one", *flags), "math500")
+    two = _samples(_eval(tmp_path, shared_data_dir, "two", *flags, torchrun=True), "math500")
+    assert len(one) == 14 and one == two
