@@ -106,11 +106,9 @@ class Router(nn.Module):
         """x [N, D] -> Routing for the N tokens."""
         if x.dim() != 2 or x.shape[1] != self.weight.shape[1]:
             raise ValueError(f"Router: expected input [N, {self.weight.shape[1]}], got {tuple(x.shape)}")
-        logits = F.linear(x.to(self.weight.dtype), self.weight)  # [N, E]
-        if self.scoring_func == "sigmoid":
-            scores = logits.sigmoid()
-        else:
-            scores = logits.softmax(dim=-1)
+        with torch.autocast(x.device.type, enabled=False):  # an autocast region must not lower it
+            logits = F.linear(x.to(self.weight.dtype), self.weight)  # [N, E]
+            scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
         topk_idx = self.select(scores.detach())  # [N, K]
         weight = scores.gather(1, topk_idx)  # [N, K]: unbiased scores of the chosen experts
         if self.norm_topk_prob:

@@ -400,6 +400,8 @@ def test_router_stays_fp32_when_the_model_is_cast_to_bf16():
     assert y.dtype == torch.bfloat16 and y.shape == x.shape
     ref = make_moe()(x.float())
     assert (y.float() - ref).abs().max() < 0.1 * ref.abs().max()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast does not lower the router either
+        assert moe.gate(x.view(-1, SIZES["hidden_size"]).float()).scores.dtype == torch.float32
 
 
 def test_state_dict_uses_checkpoint_names():
