@@ -5,7 +5,7 @@ version on GPU machines; an unpinned torch requirement would otherwise pull the 
 """
 from setuptools import setup
 
-PACKAGES = ["model", "kernels", "sampling", "evaluation", "verify", "sft", "rl", "data", "runtime"]
+PACKAGES = ["model", "kernels", "sampling", "evaluation", "verify", "sft", "rl", "data", "runtime", "recipes"]
 
 setup(
     name="r1-recipe",
@@ -22,7 +22,6 @@ setup(
         "tokenizers>=0.20",
         "numpy>=1.26",
         "sympy>=1.13",
-        "lark>=1.1",  # backend of sympy's LaTeX parser, used by verify/
         "jinja2>=3.1",  # checkpoints' own chat templates
     ],
     extras_require={

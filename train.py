@@ -52,9 +52,14 @@ def _grpo_stage(args, run, info):
     return train_grpo(args, run, info)
 
 
+def _r1_tiny(args, run, info):
+    from recipes.r1_tiny import run_r1_tiny
+    return run_r1_tiny(args, run, info)
+
+
 # name -> function(args, run_dir, dist_info) that runs it; a name absent here is not built yet.
 BUILT: dict[str, Callable] = {
-    "pretrain": _sft_stage, "sft": _sft_stage, "grpo": _grpo_stage, "eval": _eval_stage, "generate": _generate_stage}
+    "r1-tiny": _r1_tiny, "pretrain": _sft_stage, "sft": _sft_stage, "grpo": _grpo_stage, "eval": _eval_stage, "generate": _generate_stage}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run one stage; without it the --recipe runs")
     g.add_argument("--recipe", choices=RECIPES, default="r1-tiny",
                    help="a named chain of stages (used when --stage is not given)")
+    g.add_argument("--recipe-smoke", action="store_true",
+                   help="run every stage of the recipe for a step or two on small data: checks that the stages "
+                   "chain and the summary is written, not the figures")
 
     # run directory
     g = p.add_argument_group("run directory")
