@@ -32,7 +32,8 @@ sums the layers'.
 Dispatch: the A (token, expert) assignments are sorted by expert, the tokens gathered into one
 contiguous [A, D] buffer, each expert runs on its contiguous slice (a loop over experts, not over
 tokens), and the weighted outputs are scatter-added back. `moe_forward_reference` is the plain
-per-expert masking loop it is tested against.
+per-expert masking loop it is tested against. `MoE.static_dispatch = True` swaps in a fixed-shape
+dense path (all experts on all tokens) so that a decode step compiles with fullgraph=True.
 
 Departures from transformers' DeepseekV3MoE: experts stay a ModuleList of per-expert MLPs (the
 on-disk checkpoint names, no fused [E, 2I, D] tensors); the router keeps fp32 even when the model is
@@ -163,6 +164,9 @@ class MoE(nn.Module):
         self.last_load: torch.Tensor | None = None
         self.aux_loss: torch.Tensor | None = None
         self._load_since_update: torch.Tensor | None = None  # [E] int64, training forwards only
+        # Fixed shapes instead of the sorted dispatch (see _run_dense): set it on the layers of a model
+        # whose decode step is compiled with torch.compile(fullgraph=True) or captured in a CUDA graph.
+        self.static_dispatch = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.hidden_size or x.dim() not in (2, 3):
@@ -170,11 +174,14 @@ class MoE(nn.Module):
                              f"[N, {self.hidden_size}], got {tuple(x.shape)}")
         x2 = x.reshape(-1, self.hidden_size)  # [N, D]
         routing = self.gate(x2)
-        x_sorted, token_of, order, counts = self._dispatch(x2, routing.topk_idx)
-        w_sorted = routing.topk_weight.reshape(-1)[order].to(x.dtype)  # [A]
-        y_sorted = self._run_experts(x_sorted, w_sorted, counts.tolist())  # [A, D], weighted by g
         out = self.shared_experts(x2) if self.shared_experts is not None else torch.zeros_like(x2)
-        out = self._combine(out, y_sorted, token_of)  # [N, D]
+        if self.static_dispatch:
+            out, counts = self._run_dense(out, x2, routing)
+        else:
+            x_sorted, token_of, order, counts = self._dispatch(x2, routing.topk_idx)
+            w_sorted = routing.topk_weight.reshape(-1)[order].to(x.dtype)  # [A]
+            y_sorted = self._run_experts(x_sorted, w_sorted, counts.tolist())  # [A, D], weighted by g
+            out = self._combine(out, y_sorted, token_of)  # [N, D]
         self._record(routing, counts, x)
         return out.view(x.shape)
 
@@ -211,6 +218,22 @@ class MoE(nn.Module):
         may vary between runs).
         """
         return out.index_add_(0, token_of, y_sorted)
+
+    def _run_dense(self, out: torch.Tensor, x: torch.Tensor, routing: Routing):
+        """The routed part with no data-dependent shapes: every expert runs on all N tokens and is
+        weighted by the dense combine matrix (g on each token's K experts, 0 elsewhere).
+
+        out [N, D] (the shared experts' output), x [N, D] -> (out + Σ_e g_e · FFN_e(x) [N, D],
+        counts [E]). E/K times the FLOPs of the sorted dispatch: meant for decode steps, where N is
+        small and every expert's weights are read anyway; the sorted path is the one to train with.
+        """
+        n, e = x.shape[0], self.n_experts
+        dense = x.new_zeros(n, e).scatter(1, routing.topk_idx, routing.topk_weight.to(x.dtype))  # [N, E]
+        for j, expert in enumerate(self.experts):
+            out = out + dense[:, j:j + 1] * expert(x)  # [N, D]
+        flat = routing.topk_idx.reshape(-1)  # [A]
+        counts = torch.zeros(e, dtype=torch.int64, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
+        return out, counts
 
     # ---- balancing ----------------------------------------------------------------------------
     def _record(self, routing: Routing, counts: torch.Tensor, x: torch.Tensor):

@@ -176,6 +176,39 @@ def test_sorted_dispatch_equals_per_expert_loop_fp64_with_gradients():
     assert ours["experts.5.gate_proj.weight"].abs().max() == 0
 
 
+def test_static_dispatch_equals_sorted_dispatch():
+    """The fixed-shape dense path (for compiled decode) computes the same values, gradients, loads."""
+    moe = make_moe().double().train()
+    x = torch.randn(3, 5, moe.hidden_size, dtype=torch.float64)
+    results = []
+    for static in (False, True):
+        moe.static_dispatch = static
+        moe.zero_grad(set_to_none=True)
+        xg = x.clone().requires_grad_()
+        y = moe(xg)
+        y.backward(torch.ones_like(y))
+        results.append((y.detach(), xg.grad, moe.last_load.clone(),
+                        {n: p.grad for n, p in moe.named_parameters() if p.grad is not None}))
+    (y0, gx0, load0, g0), (y1, gx1, load1, g1) = results
+    assert (y0 - y1).abs().max() <= 1e-12 and (gx0 - gx1).abs().max() <= 1e-12
+    assert torch.equal(load0, load1)
+    assert moe._load_since_update.tolist() == (2 * load0).tolist()  # both training forwards counted
+    for name, grad in g1.items():  # the dense path gives unused experts zero gradients, not None
+        assert (g0.get(name, torch.zeros_like(grad)) - grad).abs().max() <= 1e-12, name
+
+
+@pytest.mark.slow
+def test_static_dispatch_compiles_fullgraph():
+    moe = make_moe().eval()
+    x = torch.randn(4, 1, moe.hidden_size)
+    with torch.no_grad():
+        ref = moe(x)
+        load = moe.last_load.clone()
+        moe.static_dispatch = True
+        y = torch.compile(moe, fullgraph=True, dynamic=False)(x)
+    assert (y - ref).abs().max() <= 1e-5 and torch.equal(moe.last_load, load)
+
+
 def test_frozen_experts_and_no_grad_input():
     """Only the requested gradients are produced; the rest stay None."""
     moe = make_moe()
