@@ -38,6 +38,11 @@ dense path (all experts on all tokens) so that a decode step compiles with fullg
 Departures from transformers' DeepseekV3MoE: experts stay a ModuleList of per-expert MLPs (the
 on-disk checkpoint names, no fused [E, 2I, D] tensors); the router keeps fp32 even when the model is
 cast to bf16 (transformers does this at load time with `_keep_in_fp32_modules_strict`).
+
+Notes: the sorted path runs the experts' weights through GroupedSwiGLU, not through each MLP's
+forward, so forward hooks on single experts do not fire. Activation checkpointing re-runs the
+forward and so counts each training token's loads twice; the bias step depends only on the sign of
+mean − load, which a uniform factor leaves unchanged.
 """
 from __future__ import annotations
 
