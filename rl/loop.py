@@ -41,7 +41,8 @@ from model.moe import moe_aux_loss, moe_load_stats, update_moe_biases
 from model.parallel import apply_fsdp, default_mixed_precision, gathered
 from rl.advantage import group_advantages, group_reward_stats
 from rl.loss import VARIANTS, all_reduce_metrics, combine_metrics, policy_loss
-from rl.rollout import RewardScorer, RolloutBatch, encode_prompt, generate_rollouts
+from rl.rollout import (RewardScorer, RolloutBatch, encode_prompt, generate_rollouts,
+                        select_for_dynamic_sampling)
 from runtime.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from runtime.distributed import print0
 from runtime.metrics import MetricsWriter, Progress
@@ -111,6 +112,12 @@ def token_budget_chunks(lengths: list[int], budget: int) -> list[list[int]]:
     if cur:
         chunks.append(cur)
     return chunks
+
+
+def rollout_seed(seed: int, step: int, round_: int, rank: int) -> int:
+    """The generate_rollouts seed of one rollout round: distinct for every (step, round, rank) of a run, so
+    ranks draw independent samples and a resumed run draws what the uninterrupted one drew."""
+    return ((seed * 1_000_003 + step) * 1_009 + round_) * 1_000_003 + rank
 
 
 def _all_reduce(values: list[float], device, op=None) -> list[float]:
@@ -223,9 +230,17 @@ def train_grpo(args, run, info) -> int:
     while step < args.max_steps:
         t0 = time.perf_counter()
         # ---- 1. rollout ----------------------------------------------------------------------------
-        batches, kept, tries = [], 0, 0
+        # Rounds until every rank holds per_rank groups. Every rank runs every round, because
+        # gathered() all-gathers the sharded weights (a collective): a rank that is already full
+        # (dynamic sampling refills the others) joins the gather and samples nothing.
+        batches, kept, tries, dropped, rounds = [], 0, 0, 0, 0
         t_gen = t_rew = 0.0
-        while kept < per_rank:
+        while _all_reduce([per_rank - kept], device, dist.ReduceOp.MAX)[0] > 0:
+            rounds += 1
+            if kept >= per_rank:
+                with gathered(model):
+                    pass
+                continue
             chunk = [rows[i] for i in next(prompt_sampler)]
             chunk_ids = [encode_prompt(tok, r, args.chat_template) for r in chunk]
             need = max(len(p) for p in chunk_ids)
@@ -237,7 +252,8 @@ def train_grpo(args, run, info) -> int:
             tg = time.perf_counter()
             with gathered(model):
                 part = generate_rollouts(sampler, tok, chunk, group_size=args.group_size, params=params,
-                                         template=args.chat_template, seed=args.seed * 100_003 + step * 101 + tries,
+                                         template=args.chat_template,
+                                         seed=rollout_seed(args.seed, step, tries, info.rank),
                                          prompt_ids=chunk_ids)
             sampler.release()
             t_gen += time.perf_counter() - tg
@@ -246,12 +262,9 @@ def train_grpo(args, run, info) -> int:
             t_rew += time.perf_counter() - tr
             tries += 1
             if args.dynamic_sampling:
-                stats = part.rewards.view(-1, args.group_size)
-                valid = [g for g in range(part.num_groups)
-                         if len({float(x) for x in stats[g] if not math.isnan(float(x))}) > 1]
-                if tries >= args.max_sampling_tries and kept + len(valid) < per_rank:
-                    valid = list(range(part.num_groups))  # give up filtering: fill with what we have
-                part = part.select_groups(valid[:per_rank - kept])
+                part, n_dropped = select_for_dynamic_sampling(part, per_rank - kept,
+                                                              last_round=tries >= args.max_sampling_tries)
+                dropped += n_dropped
             batches.append(part)
             kept += part.num_groups
         batch = RolloutBatch.concat(batches)
@@ -345,6 +358,9 @@ def train_grpo(args, run, info) -> int:
         lm = all_reduce_metrics(combine_metrics(step_metrics)) if step_metrics else {}
         row = _rollout_metrics(batch, args, device)
         row.update({k: float(v) for k, v in lm.items()})
+        if args.dynamic_sampling:
+            row["sampling/rounds"] = rounds  # the same on every rank
+            row["sampling/groups_dropped"] = _all_reduce([dropped], device)[0]
         row.update(lr=lr, grad_norm=sum(grad_norms) / len(grad_norms), skipped_total=guard.skipped_total,
                    skipped=skipped, **{f"time/{k}": v for k, v in (("rollout", t_gen), ("reward", t_rew),
                                                                     ("train", t_train))},

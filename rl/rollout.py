@@ -82,13 +82,23 @@ def encode_prompt(tok, row: dict, template: str | None) -> list[int]:
     return tok.encode(render(messages, source, add_generation_prompt=True, **tok.special_tokens))
 
 
+SEED_MODULUS = 2**40  # the sampler seeds sample j with seed * 1_000_003 + j: that must stay below 2**64
+
+
+def prompt_seed(seed: int, i: int) -> int:
+    """The sampling seed of the i-th prompt of a generate_rollouts call with `seed`: (seed * 1_000_003 + i)
+    reduced below SEED_MODULUS, so that any non-negative seed (a --seed of 200 at step 10**5 included)
+    gives torch a valid 64-bit generator seed."""
+    return (seed * 1_000_003 + i) % SEED_MODULUS
+
+
 def generate_rollouts(sampler, tok, rows: list[dict], *, group_size: int, params: SamplingParams,
                       template: str | None, seed: int, prompt_ids: list[list[int]] | None = None) -> RolloutBatch:
     """group_size completions of each row's prompt, one generate call (shared prefill per prompt).
     prompt_ids: the rows' encoded prompts when the caller has them already (encode_prompt)."""
     if prompt_ids is None:
         prompt_ids = [encode_prompt(tok, r, template) for r in rows]
-    per_prompt = [SamplingParams(**{**params.__dict__, "n": group_size, "seed": seed * 1_000_003 + i})
+    per_prompt = [SamplingParams(**{**params.__dict__, "n": group_size, "seed": prompt_seed(seed, i)})
                   for i in range(len(rows))]
     outs = sampler.generate(prompt_ids, per_prompt)
     flat = [(r, p, c) for r, p, group in zip(rows, prompt_ids, outs) for c in group]
@@ -102,6 +112,31 @@ def generate_rollouts(sampler, tok, rows: list[dict], *, group_size: int, params
         texts=[c.text if c.text is not None else tok.decode(c.token_ids) for _, _, c in flat],
         prompts=[prompt_text(r) for r, _, _ in flat],
     )
+
+
+def informative_groups(rewards: torch.Tensor, group_size: int) -> list[int]:
+    """The groups (prompt indices) whose valid rewards are not all equal. rewards [num_groups * group_size]
+    in group order, NaN = no signal. A group with fewer than two distinct valid rewards has zero advantage
+    everywhere (rl.advantage), so it adds nothing to the policy gradient."""
+    groups = rewards.view(-1, group_size).tolist()  # [num_groups, G]
+    return [g for g, row in enumerate(groups) if len({x for x in row if not math.isnan(x)}) > 1]
+
+
+def select_for_dynamic_sampling(batch: RolloutBatch, need: int, last_round: bool) -> tuple[RolloutBatch, int]:
+    """DAPO's dynamic sampling, one round: (the groups of `batch` to keep, how many were dropped).
+
+    Keeps the first `need` informative groups (informative_groups: rewards not all equal), in batch
+    order; the others are dropped and the loop samples more prompts to fill the batch. On the last
+    round allowed (last_round), the batch is topped up with dropped groups, in batch order, so that a
+    step never trains on fewer than `need` groups when too few are informative. `batch` must be scored.
+    """
+    if batch.rewards is None:
+        raise ValueError("select_for_dynamic_sampling: the batch has no rewards; score it first (RewardScorer)")
+    keep = informative_groups(batch.rewards, batch.group_size)[:need]
+    if last_round and len(keep) < need:
+        rest = [g for g in range(batch.num_groups) if g not in keep]
+        keep = sorted(keep + rest[:need - len(keep)])
+    return batch.select_groups(keep), batch.num_groups - len(keep)
 
 
 class RewardScorer:
