@@ -29,15 +29,16 @@ model it holds <think>...</think><answer>...</answer>, so SFT on these rows (dat
 .load_conversations reads them) teaches that format.
 
 Crash safety and resume. Prompts are processed in batches of --gen-batch-prompts. After a batch,
-its rows are appended to generated.jsonl, flushed and fsynced; only then progress.json is replaced
-atomically with {"prompts_done", "rows", "bytes" (the file's size after that batch), counts,
-settings}. So after a crash (kill -9 included) progress.json describes a prefix of the file that
-is complete. `--resume` truncates generated.jsonl to that size, which drops both a half-written
-last line and whole rows of a batch that was written but not yet recorded, and continues with
-prompt prompts_done. The batch redrawn holds the same prompts with the same seeds, so its rows
-come out as before: the finished file equals an uninterrupted run's. A resume whose settings
-(data, model, sampling, rewards, filters, batch size, seed) differ from the run's is refused,
-naming them, since it would mix two data sets in one file.
+its rows are appended to generated.jsonl, flushed and fsynced, and its metrics line is written;
+only then progress.json is replaced atomically with {"prompts_done", "rows", "bytes" (the file's
+size after that batch), counts, settings}. So after a crash (kill -9 included) progress.json
+describes a complete prefix of the file. `--resume` truncates generated.jsonl to that size, which
+drops both a half-written last line and the rows of a batch written but not yet recorded, drops
+the metrics lines of later steps, and continues with prompt prompts_done. The batch redrawn holds
+the same prompts with the same seeds, so its rows come out as before: the finished file equals an
+uninterrupted run's. A resume whose settings (data, model, sampling, rewards, filters, batch
+size, seed) differ from the run's is refused, naming them, since it would mix two data sets in
+one file.
 
 Also written: metrics.jsonl, one line per batch (step = prompts done): samples, kept, duplicate,
 filtered, capped, reward/<spec> (the mean over samples that got a value), response_length/mean,
@@ -244,21 +245,28 @@ class GeneratedFile:
         self.dropped_bytes = size - self.state["bytes"]
         self.file = open(self.path, "ab")
         self.file.truncate(self.state["bytes"])   # a half-written line, or a batch that was not recorded
+        self._pending = (0, 0)                     # rows and bytes written but not yet recorded
 
     @property
     def prompts_done(self) -> int:
         return self.state["prompts_done"]
 
-    def append(self, rows: list[dict], prompts_done: int, counts: Counter) -> None:
-        """Write a batch's rows, fsync them, then record the batch in progress.json (atomically)."""
+    def write_rows(self, rows: list[dict]) -> None:
+        """Append a batch's rows and fsync them; they count once `record` has run."""
         data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
         self.file.write(data)
         self.file.flush()
         os.fsync(self.file.fileno())
+        self._pending = (self._pending[0] + len(rows), self._pending[1] + len(data))
+
+    def record(self, prompts_done: int, counts: Counter) -> None:
+        """Record the rows written since the last call as the prompts before prompts_done (atomically)."""
+        rows, size = self._pending
         total = Counter(self.state["counts"]) + counts
-        self.state = {**self.state, "prompts_done": prompts_done, "rows": self.state["rows"] + len(rows),
-                      "bytes": self.state["bytes"] + len(data), "counts": dict(sorted(total.items()))}
+        self.state = {**self.state, "prompts_done": prompts_done, "rows": self.state["rows"] + rows,
+                      "bytes": self.state["bytes"] + size, "counts": dict(sorted(total.items()))}
         self._write_json(self.progress_path, self.state)
+        self._pending = (0, 0)
 
     def close(self) -> None:
         self.file.close()
@@ -321,13 +329,15 @@ def run_generate(args, run, info) -> int:
                 tb, before = time.perf_counter(), sampler.stats.generated_tokens
                 written, counts, scored = generate_batch(sampler, tok, pool, rows[lo:hi], list(range(lo, hi)),
                                                          prompts[lo:hi], conversations[lo:hi], cfg)
-                out.append(written, hi, counts)
+                out.write_rows(written)
                 seconds = time.perf_counter() - tb
                 metrics.log(hi, samples=counts["samples"], kept=counts["kept"], duplicate=counts["duplicate"],
                             filtered=counts["filtered"], capped=counts["capped"],
                             **{f"reward/{spec}": _mean(scored[spec]) for spec in rewards},
                             **{"response_length/mean": counts["tokens"] / counts["samples"],
                                "tokens_per_s": (sampler.stats.generated_tokens - before) / seconds})
+                # last: a kill before this line redoes the batch, and a resume drops its metrics line
+                out.record(hi, counts)
                 progress.update(hi - lo, rows=out.state["rows"], keep_rate=counts["kept"] / counts["samples"],
                                 batch_s=seconds)
     finally:

@@ -109,7 +109,8 @@ def test_batch_rows_are_sft_conversations_with_their_scores(tok, tmp_path):
 def test_output_file_drops_what_a_crash_left_after_the_last_recorded_batch(tmp_path):
     settings = {"data": "p.jsonl", "gen_n": 2}
     out = GeneratedFile(tmp_path, settings)
-    out.append([{"a": 1}, {"a": 2}], 2, Counter(kept=2))
+    out.write_rows([{"a": 1}, {"a": 2}])
+    out.record(2, Counter(kept=2))
     out.close()
     good = (tmp_path / "generated.jsonl").read_bytes()
     with open(tmp_path / "generated.jsonl", "ab") as f:   # a batch written but not recorded, then half a line
@@ -118,7 +119,8 @@ def test_output_file_drops_what_a_crash_left_after_the_last_recorded_batch(tmp_p
     out = GeneratedFile(tmp_path, settings)
     assert out.dropped_bytes == len(b'{"a": 3}\n{"a": 4') and out.prompts_done == 2
     assert (tmp_path / "generated.jsonl").read_bytes() == good
-    out.append([{"a": 3}], 3, Counter(kept=1))
+    out.write_rows([{"a": 3}])
+    out.record(3, Counter(kept=1))
     out.close()
     assert [json.loads(line) for line in (tmp_path / "generated.jsonl").read_text().splitlines()] == [
         {"a": 1}, {"a": 2}, {"a": 3}]
