@@ -1,7 +1,7 @@
 """Parallelism applied from outside the model (torchtitan's way): FSDP2 and activation checkpointing.
 
-`apply_fsdp(model)` shards every transformer block (and the MTP modules) with FSDP2's
-`fully_shard`, then the root (embeddings, final norm, lm_head), so each block's parameters are
+`apply_fsdp(model)` shards every transformer block with FSDP2's `fully_shard`, then the root
+(embeddings, final norm, lm_head and the MTP modules, which share the embedding and head), so each block's parameters are
 all-gathered just before its forward and freed after, and gradients are reduce-scattered per
 block. Parameters become DTensors sharded on dim 0 over the ranks.
 
@@ -49,7 +49,9 @@ def apply_fsdp(model: nn.Module, *, mesh=None, param_dtype: torch.dtype | None =
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
-    for block in _blocks(model):
+    # the main blocks only: an MTP module shares the embedding and output head with the root, and
+    # FSDP needs tied parameters in one group, so MTP modules stay in the root's group
+    for block in model.layers:
         fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     # the root holds embeddings, final norm and lm_head; it is gathered for the whole forward anyway
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
