@@ -86,6 +86,9 @@ class Transformer(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
+        if config.extra.get("use_sliding_window"):
+            raise ValueError(f"{config.model_type} config has use_sliding_window=true: sliding-window "
+                             f"attention is not supported (every layer attends to all earlier positions)")
         self.config = config
         # lm_head is registered first so that named_parameters(), which lists a shared Parameter once
         # under the first name it meets, calls the output head "lm_head.weight" (not the MTP alias)

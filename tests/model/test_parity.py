@@ -113,6 +113,15 @@ def test_unsupported_model_type_and_missing_key_are_named():
         ModelConfig.from_hf_config(d)
 
 
+def test_sliding_window_configs_are_refused():
+    d = tiny_config("qwen2").to_hf_config()
+    d.update(use_sliding_window=True, sliding_window=16)
+    with pytest.raises(ValueError, match="use_sliding_window=true: sliding-window attention is not supported"):
+        Transformer(ModelConfig.from_hf_config(d))
+    d["use_sliding_window"] = False  # what Qwen2/2.5 checkpoints ship
+    Transformer(ModelConfig.from_hf_config(d))
+
+
 def test_out_of_vocab_ids_name_the_max_id_and_vocab_size():
     m = Transformer(tiny_config("qwen2"))
     with pytest.raises(ValueError, match=r"max id 301\b.*vocab_size is 301"):
