@@ -42,8 +42,10 @@ one file.
 
 Also written: metrics.jsonl, one line per batch (step = prompts done): samples, kept, duplicate,
 filtered, capped, reward/<spec> (the mean over samples that got a value), response_length/mean,
-tokens_per_s; summary.json at the end with the run's totals. Generation runs in one process; to
-use several GPUs, split the prompts file and run one process per part.
+tokens_per_s; summary.json at the end with the run's totals (prompts, rows, samples, keep_rate,
+kept, duplicate, filtered, capped, failed/<spec>, tokens: completion tokens of all samples).
+Generation runs in one process; to use several GPUs, split the prompts file and run one process
+per part.
 """
 from __future__ import annotations
 
@@ -315,14 +317,15 @@ def run_generate(args, run, info) -> int:
     if start:
         print0(f"generate: resuming at prompt {start}/{len(rows)} ({out.state['rows']} rows kept so far)")
 
-    model, tok = load_model_and_tokenizer(args, info.device)
-    prompts = render_prompts(tok, conversations, template_source(args.chat_template))
-    sampler = Sampler(model, max_batch_size=args.sampler_batch_size,
-                      max_seq_len=max(map(len, prompts)) + cfg.max_new_tokens, tokenizer=tok)
-    metrics = MetricsWriter(run.path / "metrics.jsonl", resume_step=start if run.resumed else None)
-    progress = Progress(len(rows), desc="generate", every_s=args.log_every_s, start=start, unit="prompt")
-    t0 = time.perf_counter()
+    sampler = metrics = None
     try:
+        model, tok = load_model_and_tokenizer(args, info.device)
+        prompts = render_prompts(tok, conversations, template_source(args.chat_template))
+        sampler = Sampler(model, max_batch_size=args.sampler_batch_size,
+                          max_seq_len=max(map(len, prompts)) + cfg.max_new_tokens, tokenizer=tok)
+        metrics = MetricsWriter(run.path / "metrics.jsonl", resume_step=start if run.resumed else None)
+        progress = Progress(len(rows), desc="generate", every_s=args.log_every_s, start=start, unit="prompt")
+        t0 = time.perf_counter()
         with RewardPool(num_workers=args.reward_workers, timeout_s=args.reward_timeout_s) as pool:
             for lo in range(start, len(rows), args.gen_batch_prompts):
                 hi = min(lo + args.gen_batch_prompts, len(rows))
@@ -342,8 +345,10 @@ def run_generate(args, run, info) -> int:
                                 batch_s=seconds)
     finally:
         out.close()
-        metrics.close()
-        sampler.release()
+        if metrics is not None:
+            metrics.close()
+        if sampler is not None:
+            sampler.release()
     counts = out.state["counts"]
     summary = {"prompts": len(rows), "rows": out.state["rows"], "samples": counts.get("samples", 0),
                "keep_rate": out.state["rows"] / max(counts.get("samples", 0), 1),
