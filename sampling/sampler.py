@@ -19,11 +19,18 @@ How it works
   (counted in `stats.prefill_tokens`).
 - Continuous batching: every decode step advances all active slots by one token; a finished
   sequence frees its slot and the next waiting sample takes it at once. Requests beyond
-  max_batch_size wait in a FIFO queue.
+  max_batch_size wait in a FIFO queue. The running samples always sit in slots 0..A-1: when one
+  finishes, the sample in the highest slot moves into its slot (a copy of that sample's cached
+  positions, once), so every decode step reads the cache as a view of consecutive slots instead of
+  gathering B × positions entries per layer.
 - Seeds: each sample draws from its own torch.Generator seeded with (request seed, sample index),
   so a seeded request gives the same completion alone or batched with others (up to the float
-  rounding of batched matmuls). Sampling uses the exponential-race form of the categorical
-  draw (argmax p / E, E ~ Exp(1)), which needs one noise vector per row.
+  rounding of batched matmuls). A draw is an inverse-CDF draw: one uniform u per token from the
+  sample's generator, and the token is the first whose cumulative mass exceeds u times the total
+  (searchsorted over the row's running sum of exp(logits - max)). One random number per token
+  instead of one per vocabulary entry: the draw costs a few passes over [B, V] whatever B is.
+  The running sum is fp32 accumulated in fp64 per element (torch's CPU cumsum) or fp32 (GPU), so a
+  token's probability is honoured to about 1e-7 of the row's mass.
 - Logprobs: the log-probability of each sampled token under the temperature-scaled distribution
   *before* top-k / top-p / min-p truncation, log softmax(logits / T), which is what GRPO's
   importance ratio compares with the trainer's recomputation. For greedy decoding (T = 0) they are
@@ -98,27 +105,54 @@ class _Request:
     slot: int = -1
     pos: int = 0  # position of the next token to write
     finish: str | None = None
+    uniforms: deque = field(default_factory=deque)  # this sample's next U[0, 1) draws
+
+    def uniform(self) -> float:
+        """The next U[0, 1) number of this sample's stream (drawn from its generator in blocks)."""
+        if not self.uniforms:
+            self.uniforms.extend(torch.rand(_UNIFORM_BLOCK, generator=self.generator, dtype=torch.float64).tolist())
+        return self.uniforms.popleft()
 
 
-def _truncate(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
-    """Mask logits [B, V] (already temperature-scaled) outside top-k, top-p and min-p, per row."""
+_UNIFORM_BLOCK = 64  # uniforms drawn per generator call; part of what a seed reproduces
+
+
+def _truncate(logits: torch.Tensor, top_k: list[int], top_p: list[float], min_p: list[float]) -> torch.Tensor:
+    """Mask logits [B, V] (already temperature-scaled) outside top-k, top-p and min-p, per row.
+
+    The per-row settings come as host lists, so deciding which filters run needs no device sync;
+    a value that switches a filter off (top_k 0, top_p 1, min_p 0) leaves its row untouched.
+    """
     B, V = logits.shape
-    if bool((top_k > 0).any()):
-        k = torch.where(top_k > 0, top_k.clamp(max=V), torch.full_like(top_k, V))
-        kth = torch.sort(logits, dim=-1, descending=True).values.gather(1, (k - 1).unsqueeze(1))  # [B, 1]
+    dev = logits.device
+    if any(k > 0 for k in top_k):
+        k = torch.tensor([min(k, V) if k > 0 else V for k in top_k], device=dev)
+        kth = torch.topk(logits, int(k.max()), dim=-1).values.gather(1, (k - 1).unsqueeze(1))  # [B, 1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if bool((min_p > 0).any()):
+    if any(m > 0 for m in min_p):
         probs = torch.softmax(logits, dim=-1)
-        thresh = probs.max(dim=-1, keepdim=True).values * min_p.unsqueeze(1)
+        thresh = probs.max(dim=-1, keepdim=True).values * torch.tensor(min_p, device=dev).unsqueeze(1)
         logits = logits.masked_fill(probs < thresh, float("-inf"))
-    if bool((top_p < 1).any()):
+    if any(p < 1 for p in top_p):
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+        sorted_probs = torch.softmax(sorted_logits, dim=-1)
         # keep a token if the mass before it is < top_p (the first token is always kept)
-        drop_sorted = (cum - torch.softmax(sorted_logits, dim=-1)) >= top_p.unsqueeze(1)
+        drop_sorted = (sorted_probs.cumsum(-1) - sorted_probs) >= torch.tensor(top_p, device=dev).unsqueeze(1)
         drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
+
+
+def _inverse_cdf(cdf: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Token ids [B] drawn from running masses cdf [B, V] (non-decreasing, unnormalised) with
+    uniforms u [B] in [0, 1): the first v with cdf[v] > u · cdf[-1].
+
+    Tokens of zero mass are never drawn (their cdf equals their predecessor's). The target is
+    kept strictly below the total, where float rounding of u · total could otherwise reach it.
+    """
+    total = cdf[:, -1]
+    target = torch.minimum(u.to(cdf.dtype) * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, target.unsqueeze(1), right=True).squeeze(1)
 
 
 class Sampler:
@@ -171,41 +205,56 @@ class Sampler:
         self.release()
 
     # -- the model -------------------------------------------------------------------------------
-    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, attn_len: int) -> torch.Tensor:
-        """Logits of the last position of each row: ids, pos [B, T]; slots [B] -> [B, V] fp32."""
+    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor | None, attn_len: int) -> torch.Tensor:
+        """Logits of the last position of each row: ids, pos [B, T]; slots [B] (None: row b in slot
+        b, read as views of the cache) -> [B, V] fp32."""
         logits = self.model(ids, position_ids=pos, cache=self.cache, slots=slots, attn_len=attn_len)
         return logits[:, -1].float()
 
-    def _static_step(self, ids: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        logits = self.model(ids, position_ids=pos, cache=self.cache, slots=slots, attn_len=self.max_seq_len + 1)
+    def _static_step(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """The fixed-shape decode step over all slots: ids, pos [max_batch_size, 1] -> [max_batch_size, V]."""
+        logits = self.model(ids, position_ids=pos, cache=self.cache, slots=None, attn_len=self.max_seq_len + 1)
         return logits[:, -1].float()
 
     # -- sampling ----------------------------------------------------------------------------------
     def _draw(self, logits: torch.Tensor, reqs: list[_Request]) -> tuple[list[int], list[float]]:
-        """Sample one token per row of logits [B, V] for reqs (one per row)."""
-        temps = torch.tensor([r.params.temperature for r in reqs], dtype=torch.float32, device=logits.device)
-        greedy = temps == 0
-        scaled = logits / torch.where(greedy, torch.ones_like(temps), temps).unsqueeze(1)
-        logp_full = torch.log_softmax(scaled, dim=-1)  # [B, V] untruncated, temperature-scaled
-        tokens = torch.empty(len(reqs), dtype=torch.long, device=logits.device)
-        if bool(greedy.any()):
-            tokens[greedy] = scaled[greedy].argmax(-1)
-        if not bool(greedy.all()):
-            idx = (~greedy).nonzero().squeeze(1)
-            sub = _truncate(
-                scaled[idx],
-                torch.tensor([reqs[i].params.top_k for i in idx.tolist()], device=logits.device),
-                torch.tensor([reqs[i].params.top_p for i in idx.tolist()], dtype=torch.float32, device=logits.device),
-                torch.tensor([reqs[i].params.min_p for i in idx.tolist()], dtype=torch.float32, device=logits.device),
-            )
-            probs = torch.softmax(sub, dim=-1)
-            # exponential race: argmax_v p_v / E_v with E_v ~ Exp(1) iid is a draw from p; one
-            # generator per request keeps a seeded request's draws independent of its batch mates
-            noise = torch.stack([torch.empty(sub.shape[1], device="cpu").exponential_(generator=reqs[i].generator)
-                                 for i in idx.tolist()]).to(logits.device)
-            tokens[idx] = (probs / noise).argmax(-1)
-        lp = logp_full.gather(1, tokens.unsqueeze(1)).squeeze(1)
-        return tokens.tolist(), lp.tolist()
+        """Sample one token per row of logits [B, V] for reqs (one per row): (token ids, logprobs).
+
+        The logprob is log softmax(logits / T) at the token, before truncation (T = 1 for greedy
+        rows). Per-row settings are read on the host, so rows that share them cost a few whole-
+        batch passes over [B, V] (scale, max, exp, running sum, searchsorted, gather) and no syncs.
+        """
+        B, V = logits.shape
+        dev = logits.device
+        temps = [r.params.temperature for r in reqs]
+        if all(t == temps[0] for t in temps):
+            scaled = logits if temps[0] in (0.0, 1.0) else logits / temps[0]
+        else:
+            scaled = logits / torch.tensor([t if t > 0 else 1.0 for t in temps], device=dev).unsqueeze(1)
+        greedy = [i for i, t in enumerate(temps) if t == 0]
+        truncated = [i for i, r in enumerate(reqs) if r.params.temperature > 0 and
+                     (r.params.top_k > 0 or r.params.top_p < 1 or r.params.min_p > 0)]
+        m = scaled.amax(dim=-1, keepdim=True)  # [B, 1]
+        mass = (scaled - m).exp_()  # [B, V] unnormalised probabilities (row max 1)
+        if len(greedy) == B:
+            total = mass.sum(-1)  # [B]
+            tokens = scaled.argmax(-1)
+        else:
+            cdf = mass.cumsum_(-1)  # [B, V] running mass, in place
+            total = cdf[:, -1]
+            u = torch.tensor([reqs[i].uniform() if temps[i] > 0 else 0.0 for i in range(B)],
+                             dtype=torch.float64, device=dev)
+            tokens = _inverse_cdf(cdf, u)  # greedy and truncated rows are overwritten below
+            if greedy:
+                g = torch.tensor(greedy, device=dev)
+                tokens[g] = scaled[g].argmax(-1)
+            if truncated:
+                t = torch.tensor(truncated, device=dev)
+                sub = _truncate(scaled[t], [reqs[i].params.top_k for i in truncated],
+                                [reqs[i].params.top_p for i in truncated], [reqs[i].params.min_p for i in truncated])
+                tokens[t] = _inverse_cdf((sub - m[t]).exp_().cumsum_(-1), u[t])
+        logp = scaled.gather(1, tokens.unsqueeze(1)).squeeze(1) - (m.squeeze(1) + total.log())  # [B]
+        return tokens.tolist(), logp.tolist()
 
     def _append(self, r: _Request, token: int, logprob: float) -> None:
         r.tokens.append(token)
@@ -254,23 +303,24 @@ class Sampler:
                 gen.manual_seed((sp.seed if sp.seed is not None else base_seed + g) * 1_000_003 + j)
                 queue.append(_Request(g, j, sp, gen, stop))
         results: list[list[Completion | None]] = [[None] * sp.n for sp in params]
-        free = list(range(self.max_batch_size))
         slot_prompt = [-1] * self.max_batch_size  # which prompt's tokens a slot holds in positions < P
         prefill_logits: dict[int, torch.Tensor] = {}  # prompt -> last-position logits [V]
-        active: list[_Request] = []
+        active: list[_Request] = []  # the running samples; active[i].slot == i
 
-        def finish(r: _Request):
-            text = self.tokenizer.decode(r.tokens) if self.tokenizer is not None else None
-            results[r.group][r.index] = Completion(r.tokens, r.logprobs, r.finish, text)
-            free.append(r.slot)
+        def settle(rows: list[_Request]) -> list[_Request]:
+            """Record the finished rows' completions and compact the rest into slots 0..A-1."""
+            for r in rows:
+                if r.finish:
+                    text = self.tokenizer.decode(r.tokens) if self.tokenizer is not None else None
+                    results[r.group][r.index] = Completion(r.tokens, r.logprobs, r.finish, text)
+            return self._compact(rows, slot_prompt)
 
         while queue or active:
-            # admit waiting samples into free slots (a slot that still holds the sample's prompt first)
+            # admit waiting samples into the free slots A, A+1, ...
             admitted: list[_Request] = []
-            while queue and free:
+            while queue and len(active) + len(admitted) < self.max_batch_size:
                 r = queue.popleft()
-                r.slot = next((s for s in free if slot_prompt[s] == r.group), free[0])
-                free.remove(r.slot)
+                r.slot = len(active) + len(admitted)
                 if slot_prompt[r.slot] != r.group:
                     slot_prompt[r.slot] = -1  # about to be overwritten
                 admitted.append(r)
@@ -281,46 +331,53 @@ class Sampler:
                 for r, t, lp in zip(admitted, toks, lps):
                     r.pos = len(prompts[r.group])
                     self._append(r, t, lp)
-                    if r.finish:
-                        finish(r)
-                    else:
-                        active.append(r)
                 for g in {r.group for r in admitted}:
                     if not any(q.group == g for q in queue):
                         prefill_logits.pop(g, None)
+                active = settle(active + admitted)
             if active:
-                active = self._decode_step(active, finish)
+                active = settle(self._decode_step(active))
         return results
 
-    def _decode_step(self, active: list[_Request], finish) -> list[_Request]:
-        """Advance every active row by one token; returns the rows still running."""
+    def _compact(self, rows: list[_Request], slot_prompt: list[int]) -> list[_Request]:
+        """The unfinished rows, moved so that they fill slots 0..A-1 (rows[i].slot == i on entry).
+
+        Each unfinished row in a slot ≥ A moves into a slot < A that a finished row left: its
+        positions 0..pos-1 are copied once (model.cache.KVCache.copy_slots). The decode step then
+        reads the cache rows as a view of consecutive slots, not a gathered copy every step.
+        """
+        running = [r for r in rows if r.finish is None]
+        A = len(running)
+        holes = [r.slot for r in rows if r.finish is not None and r.slot < A]
+        movers = [r for r in running if r.slot >= A]
+        for hole, r in zip(holes, movers):
+            self.cache.copy_slots(r.slot, [hole], r.pos)
+            slot_prompt[hole] = r.group  # the copied positions start with the prompt
+            r.slot = hole
+        running.sort(key=lambda r: r.slot)
+        return running
+
+    def _decode_step(self, active: list[_Request]) -> list[_Request]:
+        """Advance every active row (active[i] in slot i) by one token; returns the same rows."""
         t0 = time.perf_counter()
+        A = len(active)
+        ids = torch.tensor([[r.tokens[-1]] for r in active], device=self.device)  # [A, 1]
+        pos = torch.tensor([[r.pos] for r in active], device=self.device)  # [A, 1]
         if self.static:
             # fixed shapes for torch.compile / CUDA graphs: all slots, idle ones writing to the scratch position
             B = self.max_batch_size
-            ids = torch.zeros(B, 1, dtype=torch.long, device=self.device)
-            pos = torch.full((B, 1), self.max_seq_len, dtype=torch.long, device=self.device)
-            rows = torch.tensor([r.slot for r in active], device=self.device)
-            ids[rows, 0] = torch.tensor([r.tokens[-1] for r in active], device=self.device)
-            pos[rows, 0] = torch.tensor([r.pos for r in active], device=self.device)
-            logits = self._step(ids, pos, torch.arange(B, device=self.device))[rows]
+            ids = torch.cat([ids, ids.new_zeros(B - A, 1)])
+            pos = torch.cat([pos, pos.new_full((B - A, 1), self.max_seq_len)])
+            logits = self._step(ids, pos)[:A]
         else:
-            ids = torch.tensor([[r.tokens[-1]] for r in active], device=self.device)
-            pos = torch.tensor([[r.pos] for r in active], device=self.device)
-            slots = torch.tensor([r.slot for r in active], device=self.device)
-            logits = self._forward(ids, pos, slots, max(r.pos for r in active) + 1)
+            logits = self._forward(ids, pos, None, max(r.pos for r in active) + 1)
         self.stats.decode_steps += 1
         toks, lps = self._draw(logits, active)
         self.stats.decode_s += time.perf_counter() - t0
-        still = []
         for r, t, lp in zip(active, toks, lps):
             r.pos += 1
             self._append(r, t, lp)
-            if r.finish:
-                finish(r)
-            else:
-                still.append(r)
-        return still
+        return active
 
     def _admit(self, admitted: list[_Request], prompts, slot_prompt, prefill_logits) -> None:
         """Put each admitted sample's prompt into its slot: prefill once per prompt, copy for the rest."""
