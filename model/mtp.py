@@ -19,9 +19,10 @@ Notes on the choices made here:
 - `embed_tokens` and `shared_head.head` are the main model's embedding and output head (one
   Parameter each, as the report and README_WEIGHTS.md say they are shared): their names exist in
   the state dict (the V3 checkpoint stores copies) but training updates one tensor. FSDP2 needs a
-  shared Parameter inside one group: shard an MTP module's own parts together
-  (`fully_shard([input_layernorm, self_attn, post_attention_layernorm, mlp, enorm, hnorm, eh_proj,
-  shared_head.norm])`) and leave the two aliases to the root, and get the loss from
+  shared Parameter inside one group: model/parallel.py keeps the MTP modules in the root's group
+  (at scale one would shard a module's own parts together, `fully_shard([input_layernorm,
+  self_attn, post_attention_layernorm, mlp, enorm, hnorm, eh_proj, shared_head.norm])`, leaving
+  the two aliases to the root). Either way take the loss from
   `Transformer.forward(..., with_mtp_loss=True)`, inside the root's forward.
   `shared_head.norm` is the module's own final norm.
 - h^0 is the main model's final *normalised* hidden state (what Transformer.forward_hidden
