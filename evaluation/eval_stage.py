@@ -323,6 +323,46 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     tmp.replace(path)
 
 
+def check_sampling_flags(args, prefix: str) -> None:
+    """ValueError for a bad --model/--preset choice or bad --<prefix>-n/-temperature/-top-p/-max-new-tokens,
+    --reward-workers, --reward-timeout-s (shared by the eval and generate stages)."""
+    if (args.model is None) == (args.preset is None):
+        raise ValueError("give exactly one of --model DIR and --preset NAME (with --tokenizer DIR)")
+    if args.model is None and args.tokenizer is None:
+        raise ValueError("--preset needs --tokenizer DIR (a fresh model has no tokenizer of its own)")
+    n, temperature, top_p, max_new = (getattr(args, f"{prefix}_{k}") for k in ("n", "temperature", "top_p",
+                                                                            "max_new_tokens"))
+    flag = f"--{prefix}"
+    if n < 1 or max_new < 1:
+        raise ValueError(f"{flag}-n and {flag}-max-new-tokens must be >= 1, got {n} and {max_new}")
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"{flag}-temperature must be >= 0 and {flag}-top-p in (0, 1], got {temperature} and {top_p}")
+    if args.reward_workers < 1 or not args.reward_timeout_s > 0:
+        raise ValueError(f"--reward-workers must be >= 1 and --reward-timeout-s > 0, got {args.reward_workers} "
+                         f"and {args.reward_timeout_s}")
+
+
+def set_names(text: str) -> list[str]:
+    """--eval-sets "math500,mine.jsonl" -> its names, each a benchmark name or an existing file."""
+    from data.datasets import EVAL_SETS
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    if not names:
+        raise ValueError(f"--eval-sets {text!r}: expected benchmark names or files, comma-separated")
+    for name in names:
+        if name not in EVAL_SETS and not Path(name).is_file():
+            raise ValueError(f"--eval-sets: {name!r} is neither a benchmark ({', '.join(EVAL_SETS)}) nor a file")
+    return names
+
+
+def check_flags(args, world_size: int) -> None:
+    """The eval stage's flags, checked before anything is written (ValueError naming the flag)."""
+    check_sampling_flags(args, "eval")
+    if args.eval_limit < 0:
+        raise ValueError(f"--eval-limit must be >= 0 (0: every problem), got {args.eval_limit}")
+    parse_ks(args.eval_k, args.eval_n)
+    set_names(args.eval_sets)
+
+
 def run_eval(args, run, info) -> int:
     """--stage eval: every set of --eval-sets; writes eval.json, samples-<set>.jsonl, summary.json."""
     from runtime.distributed import print0
@@ -330,14 +370,8 @@ def run_eval(args, run, info) -> int:
     from data.datasets import load_eval_set
     from verify.pool import RewardPool
 
-    if args.eval_n < 1:
-        raise ValueError(f"--eval-n must be >= 1, got {args.eval_n}")
-    if args.eval_limit < 0:
-        raise ValueError(f"--eval-limit must be >= 0 (0: every problem), got {args.eval_limit}")
-    ks = parse_ks(args.eval_k, args.eval_n)
-    names = [s.strip() for s in args.eval_sets.split(",") if s.strip()]
-    if not names:
-        raise ValueError(f"--eval-sets {args.eval_sets!r}: expected benchmark names or files, comma-separated")
+    check_flags(args, info.world_size)
+    ks, names = parse_ks(args.eval_k, args.eval_n), set_names(args.eval_sets)
     sets = {}
     for name in names:   # every set is read (and checked) before the model is loaded
         label = set_label(name)

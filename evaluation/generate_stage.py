@@ -281,6 +281,21 @@ def _mean(values) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def check_flags(args, world_size: int) -> None:
+    """The generate stage's flags, checked before anything is written (ValueError naming the flag)."""
+    from evaluation.eval_stage import check_sampling_flags
+    if world_size > 1:
+        raise ValueError(f"--stage generate runs in one process (it got WORLD_SIZE={world_size}); split --data "
+                         f"and run one process per part")
+    if args.data is None or not Path(args.data).is_file():
+        raise ValueError(f"--stage generate needs --data, a prompts JSONL/Parquet file; got {args.data!r}")
+    check_sampling_flags(args, "gen")
+    if args.gen_batch_prompts < 1 or args.max_per_prompt < 0:
+        raise ValueError(f"--gen-batch-prompts must be >= 1 and --max-per-prompt >= 0 (0: no cap), got "
+                         f"{args.gen_batch_prompts} and {args.max_per_prompt}")
+    parse_keep_if(args.keep_if, parse_rewards(args.reward))
+
+
 def run_generate(args, run, info) -> int:
     """--stage generate: rejection sampling over --data into <run>/generated.jsonl (module docstring)."""
     from data.datasets import load_prompts
@@ -291,14 +306,7 @@ def run_generate(args, run, info) -> int:
     from sampling.sampler import Sampler
     from verify.pool import RewardPool
 
-    if info.world_size > 1:
-        raise ValueError("--stage generate runs in one process (it got WORLD_SIZE="
-                         f"{info.world_size}); split --data and run one process per part")
-    for flag in ("gen_n", "gen_batch_prompts"):
-        if getattr(args, flag) < 1:
-            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
-    if args.max_per_prompt < 0:
-        raise ValueError(f"--max-per-prompt must be >= 0 (0: no cap), got {args.max_per_prompt}")
+    check_flags(args, info.world_size)
     rewards = parse_rewards(args.reward)
     cfg = GenerateConfig(n=args.gen_n, temperature=args.gen_temperature, top_p=args.gen_top_p,
                          max_new_tokens=args.gen_max_new_tokens, seed=args.seed, rewards=tuple(rewards),

@@ -11,7 +11,7 @@ import pytest
 
 from data.datasets import load_eval_set
 from data.tokenizer import Tokenizer
-from evaluation.eval_stage import (AnswerClasses, parse_ks, program_of, sample_and_score, set_label, summarise,
+from evaluation.eval_stage import (AnswerClasses, check_flags, parse_ks, program_of, sample_and_score, set_label, summarise,
                                    template_source)
 from sampling.sampler import Completion
 from verify.pool import RewardPool
@@ -142,6 +142,26 @@ def test_parse_ks_and_labels(tmp_path):
     f = tmp_path / "t.jinja"
     f.write_text("{{ messages[0].content }}")
     assert template_source(str(f)) == "{{ messages[0].content }}" and template_source("r1-zero") == "r1-zero"
+
+
+def test_flag_errors_name_the_flag():
+    import train
+
+    def flags(*extra, model=("--preset", "tiny", "--tokenizer", "tok")):
+        return train.build_parser().parse_args(["--stage", "eval", *model, *extra])
+
+    check_flags(flags("--eval-sets", "math500,aime24", "--eval-k", "1,2"), 1)
+    for extra, message in [(("--eval-k", "8"), "every k must be in 1..--eval-n \\(4\\), got \\[8\\]"),
+                           (("--eval-sets", "nope.jsonl"), "'nope.jsonl' is neither a benchmark"),
+                           (("--eval-top-p", "0"), "--eval-top-p in \\(0, 1\\], got 0.6 and 0.0"),
+                           (("--eval-n", "0"), "--eval-n and --eval-max-new-tokens must be >= 1"),
+                           (("--eval-limit", "-1"), "--eval-limit must be >= 0")]:
+        with pytest.raises(ValueError, match=message):
+            check_flags(flags(*extra), 1)
+    with pytest.raises(ValueError, match="exactly one of --model DIR and --preset NAME"):
+        check_flags(flags(model=()), 1)
+    with pytest.raises(ValueError, match="--preset needs --tokenizer"):
+        check_flags(flags(model=("--preset", "tiny")), 1)
 
 
 def test_unknown_kind_is_an_error_naming_the_set(tok, pool):

@@ -13,8 +13,8 @@ import pytest
 
 from data.datasets import load_conversations
 from data.tokenizer import Tokenizer
-from evaluation.generate_stage import (Condition, GenerateConfig, GeneratedFile, generate_batch, parse_keep_if,
-                                       parse_rewards, render_prompts, select)
+from evaluation.generate_stage import (Condition, GenerateConfig, GeneratedFile, check_flags, generate_batch,
+                                       parse_keep_if, parse_rewards, render_prompts, select)
 from sampling.sampler import Completion
 from verify.pool import RewardPool
 
@@ -56,6 +56,27 @@ def test_keep_if_and_reward_specs():
     cond = Condition("accuracy", ">=", 1.0)
     assert cond.holds({"accuracy": 1.0}) and not cond.holds({"accuracy": 0.0})
     assert not cond.holds({"accuracy": None}) and not cond.holds({})   # no signal is not a pass
+
+
+def test_flag_errors_name_the_flag(tmp_path):
+    import train
+    data = tmp_path / "p.jsonl"
+    data.write_text('{"prompt": "1 + 1?", "answer": "2"}\n')
+
+    def flags(*extra):
+        return train.build_parser().parse_args(["--stage", "generate", "--preset", "tiny", "--tokenizer", "tok",
+                                                "--data", str(data), *extra])
+
+    check_flags(flags("--reward", "accuracy,language", "--keep-if", "language>=0.9"), 1)
+    with pytest.raises(ValueError, match="runs in one process \\(it got WORLD_SIZE=2\\)"):
+        check_flags(flags(), 2)
+    for extra, message in [(("--keep-if", "language>=0.9"), "names 'language', which --reward does not score"),
+                           (("--reward", "acuracy"), "unknown reward 'acuracy'"),
+                           (("--data", str(tmp_path / "none.jsonl")), "needs --data, a prompts JSONL/Parquet file"),
+                           (("--max-per-prompt", "-1"), "--max-per-prompt >= 0"),
+                           (("--gen-temperature", "-1"), "--gen-temperature must be >= 0")]:
+        with pytest.raises(ValueError, match=message):
+            check_flags(flags(*extra), 1)
 
 
 def test_select_deduplicates_filters_and_caps():
