@@ -53,8 +53,10 @@ def apply_fsdp(model: nn.Module, *, mesh=None, param_dtype: torch.dtype | None =
     # FSDP needs tied parameters in one group, so MTP modules stay in the root's group
     for block in model.layers:
         fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
-    # the root holds embeddings, final norm and lm_head; it is gathered for the whole forward anyway
-    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    # The root holds embeddings, final norm and lm_head. It stays unsharded from its forward to its
+    # backward (FSDP2's own default for a root): the training loops use the output weight after the
+    # forward, in kernels.token_logprobs on the final hidden states, so it must still be gathered then.
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=False)
     model._reshard_after_forward = reshard_after_forward  # restored by gathered()
     return model
 
@@ -100,10 +102,12 @@ def gathered(model: nn.Module):
         return
     for m in modules:
         m.unshard()
-        m.set_reshard_after_forward(False)
+        m.set_reshard_after_forward(False, recurse=False)
     try:
         yield model
     finally:
         for m in modules:
             m.reshard()
-            m.set_reshard_after_forward(getattr(model, "_reshard_after_forward", True))
+            # blocks back to their setting; the root stays unsharded between forward and backward
+            again = False if m is model else getattr(model, "_reshard_after_forward", True)
+            m.set_reshard_after_forward(again, recurse=False)

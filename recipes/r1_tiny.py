@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from runtime.distributed import DistInfo, barrier, print0
-from runtime.rundir import prepare_run_dir, write_json_atomic, write_run_config
+from runtime.rundir import RunDir, prepare_run_dir, write_json_atomic, write_run_config
 
 # The recipe's settings: one dict per stage, flags of train.py (dashes as underscores).
 RECIPE = {
@@ -162,9 +162,11 @@ def _generate(parser, name: str, root: Path, model_dir: Path, paths: dict, seed:
     args = _stage_args(parser, {k: v for k, v in g.items() if k != "num_prompts"}, stage="generate",
                        model=str(model_dir), tokenizer=str(paths["tokenizer"]), chat_template="r1-zero",
                        data=str(out_dir / f"prompts-rank{info.rank}.jsonl"), seed=seed, log_every_s=30.0)
+    # each rank generates its share as a single process into its own directory (prepare_run_dir is
+    # collective, so the directory is made here)
     local = DistInfo(rank=0, world_size=1, local_rank=0, device=info.device, backend=None)
-    run = prepare_run_dir(shard_dir, log=lambda *_: None)
-    run_generate(args, run, local)
+    shard_dir.mkdir(parents=True, exist_ok=False)
+    run_generate(args, RunDir(shard_dir, moved_to=None, resumed=False), local)
     barrier()
     merged = out_dir / "generated.jsonl"
     if info.rank == 0:
