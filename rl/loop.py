@@ -232,12 +232,13 @@ def train_grpo(args, run, info) -> int:
         # ---- 1. rollout ----------------------------------------------------------------------------
         # Rounds until every rank holds per_rank groups. Every rank runs every round, because
         # gathered() all-gathers the sharded weights (a collective): a rank that is already full
-        # (dynamic sampling refills the others) joins the gather and samples nothing.
+        # (dynamic sampling refills the others) joins the gather, skips its prompts and samples nothing.
         batches, kept, tries, dropped, rounds = [], 0, 0, 0, 0
         t_gen = t_rew = 0.0
         while _all_reduce([per_rank - kept], device, dist.ReduceOp.MAX)[0] > 0:
             rounds += 1
             if kept >= per_rank:
+                next(prompt_sampler)  # prompt positions stay equal on all ranks (the checkpoint holds rank 0's)
                 with gathered(model):
                     pass
                 continue
@@ -290,31 +291,21 @@ def train_grpo(args, run, info) -> int:
             return sequence_logprobs(m, [batch.prompt_ids[i] for i in idx], [batch.completion_ids[i] for i in idx],
                                      args.temperature, with_entropy=entropy)
 
+        def no_grad_logps(m) -> torch.Tensor:
+            """[N, Tc] log-probs of every completion under m, no gradient. m stays gathered for the pass:
+            one all-gather instead of one per micro-batch, and under FSDP2 a no-grad forward reshards even
+            the root afterwards, which would leave output_weight sharded for token_logprobs."""
+            out = torch.zeros(N, Tc, device=device)
+            with torch.no_grad(), gathered(m):
+                for plan in plans:
+                    for idx in plan:
+                        lp, _, _ = logps_of(m, idx)
+                        out[idx, :lp.shape[1]] = lp
+            return out
+
         need_old = args.mu > 1 or args.recompute_old_logp
-        old_all = rollout_logp_all
-        ref_all = None
-        with torch.no_grad():
-            if need_old or beta > 0:
-                old_parts, ref_parts = {}, {}
-                for plan, count in zip(plans, n_micro):
-                    for k in range(count):
-                        idx = plan[k] if k < len(plan) else [plan[0][0]]  # a repeat keeps collectives in step
-                        if need_old:
-                            lp, _, _ = logps_of(model, idx)
-                            for j, i in enumerate(idx):
-                                old_parts[i] = lp[j]
-                        if beta > 0:
-                            lp, _, _ = logps_of(ref_model, idx)
-                            for j, i in enumerate(idx):
-                                ref_parts[i] = lp[j]
-                if need_old:
-                    old_all = torch.zeros(N, Tc, device=device)
-                    for i, row in old_parts.items():
-                        old_all[i, :row.shape[0]] = row
-                if beta > 0:
-                    ref_all = torch.zeros(N, Tc, device=device)
-                    for i, row in ref_parts.items():
-                        ref_all[i, :row.shape[0]] = row
+        old_all = no_grad_logps(model) if need_old else rollout_logp_all
+        ref_all = no_grad_logps(ref_model) if beta > 0 else None
 
         # ---- 3. train: mu passes x minibatches (one optimizer step each) x token-budget micro-batches -
         t_train = time.perf_counter()

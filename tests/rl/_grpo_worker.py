@@ -10,7 +10,8 @@ Under torchrun (gloo) the worker
     gathered(model); rank 0 gathers every rank's token ids, log-probs and finish reasons and writes
     them to OUT/rollouts.json (the test compares them with a one-process run on the same prompts);
  2. runs train.py's GRPO stage for 2 steps on both ranks into OUT/grpo (FSDP, the reference model,
-    the parity reward below), whose metrics.jsonl and summary.json the test reads.
+    dynamic sampling over prompts where rank 1's first ones have a constant reward, so the ranks need
+    different numbers of sampling rounds), whose metrics.jsonl and summary.json the test reads.
 
 A random model rarely earns the task rewards, so every advantage would be 0 and training would not
 move. `token_parity` gives a reward that varies within a group (1 when the completion's token ids sum
@@ -45,6 +46,11 @@ def token_parity(completions: list[str], completion_ids: list[list[int]], **colu
     return [1.0 if sum(ids) % 2 == 0 else 0.0 for ids in completion_ids]
 
 
+def fixed_or_none(completions: list[str], fixed=None, **columns) -> list[float | None]:
+    """The row's `fixed` value, None (no signal) for rows without one."""
+    return list(fixed) if fixed is not None else [None] * len(completions)
+
+
 def parity_unless_fixed(completions: list[str], completion_ids: list[list[int]], fixed=None,
                         **columns) -> list[float]:
     """The row's `fixed` value where the prompt row has one (the same reward for its whole group: zero
@@ -56,14 +62,15 @@ def parity_unless_fixed(completions: list[str], completion_ids: list[list[int]],
 
 # ---- a tiny model folder and prompts ------------------------------------------------------------
 
-def write_prompts(path: Path, n: int, seed: int = 0, fixed_every: int = 0) -> list[dict]:
-    """n arithmetic prompt rows as JSONL; with fixed_every = k, every k-th row gets `fixed`: 1.0."""
+def write_prompts(path: Path, n: int, seed: int = 0, fixed_every: int = 0, fixed_rows=()) -> list[dict]:
+    """n arithmetic prompt rows as JSONL; every fixed_every-th row (when > 0) and the rows in fixed_rows
+    get `fixed`: 1.0."""
     rng = random.Random(seed)
     rows = []
     for i in range(n):
         a, b = rng.randint(10, 99), rng.randint(10, 99)
         row = {"id": f"p{i}", "task": "arithmetic", "prompt": f"What is {a} + {b}?", "answer": str(a + b)}
-        if fixed_every and i % fixed_every == 0:
+        if (fixed_every and i % fixed_every == 0) or i in fixed_rows:
             row["fixed"] = 1.0
         rows.append(row)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -101,6 +108,15 @@ def rollout_params():
     from sampling.sampler import SamplingParams
 
     return SamplingParams(temperature=1.0, max_new_tokens=MAX_NEW_TOKENS)
+
+
+def step_metric_keys(reward_specs: list[str]) -> list[str]:
+    """The keys every GRPO step's metrics line must hold (the issue's list) for a run scoring reward_specs
+    (the accuracy comes from the "task" reward)."""
+    return ["reward/mean", "reward/std", *(f"reward/{r}" for r in reward_specs), "accuracy", "frac_groups_zero_std",
+            "response_length/mean", "response_length/min", "response_length/max", "truncated", "kl", "entropy",
+            "clip_ratio", "clip_ratio/low", "clip_ratio/high", "grad_norm", "lr", "time/rollout", "time/reward",
+            "time/train", "tokens_per_s"]
 
 
 def grpo_argv(model_dir, prompts, out, *extra) -> list[str]:
@@ -152,8 +168,22 @@ def main() -> int:
         (out / "rollouts.json").write_text(json.dumps(every))
     dist.barrier()
 
-    # the GRPO stage on both ranks (train.main joins the same group and leaves it at the end)
-    return train.main(grpo_argv(args.model, args.prompts, out / "grpo"))
+    # The GRPO stage on both ranks (train.main joins the same group and leaves it at the end), with
+    # dynamic sampling over prompts where rank 1's first two are fixed-reward ones: rank 1 needs more
+    # rounds than rank 0, whose collectives must stay in step with it.
+    grpo_prompts = out / "grpo_prompts.jsonl"
+    if info.rank == 0:
+        write_prompts(grpo_prompts, 32, fixed_rows=rank1_first_rows(32, per_rank=2))
+    dist.barrier()
+    return train.main(grpo_argv(args.model, grpo_prompts, out / "grpo", "--dynamic-sampling",
+                                "--reward", f"{FIXED_REWARD},format,task"))
+
+
+def rank1_first_rows(num_rows: int, per_rank: int) -> set[int]:
+    """The rows rank 1 of 2 draws first in a GRPO run with --seed 0 (data.datasets.ShardedBatchSampler)."""
+    from data.datasets import ShardedBatchSampler
+
+    return {int(i) for i in next(ShardedBatchSampler(num_rows, per_rank, rank=1, world_size=2, seed=0))}
 
 
 if __name__ == "__main__":
