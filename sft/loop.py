@@ -16,6 +16,12 @@ the same quantity.
 Log-probabilities go through kernels.token_logprobs on the final hidden states, restricted to
 positions that have a target: the [tokens, vocab] logits never exist at once.
 
+Bad steps and bad flags. A step whose loss or gradient norm is not finite on any rank is skipped
+(no update; counted in `skipped_total`, logged, said on the console); --max-nonfinite of them in a
+row stop the run with exit status 3 and no further checkpoint. A checkpoint is written only when
+every weight is finite. `check_flags` rejects inconsistent flags before train.py creates the run
+directory, so a bad invocation leaves nothing behind.
+
 The machinery shared with GRPO (optimizer, schedule, clipping and non-finite skipping,
 checkpoints) is runtime/'s and model/parallel.py's; this file holds only what is SFT's own.
 """
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -31,6 +38,7 @@ from data.datasets import ShardedBatchSampler, read_jsonl
 from kernels import token_logprobs
 from data.tokenizer import load_tokenizer
 from model.build import build_model, model_summary, save_model_fn
+from model.config import PRESETS
 from model.moe import moe_aux_loss, moe_load_stats, update_moe_biases
 from model.parallel import apply_activation_checkpointing, apply_fsdp, default_mixed_precision
 from runtime.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -38,7 +46,7 @@ from runtime.distributed import print0
 from runtime.metrics import MetricsWriter, Progress
 from runtime.optim import build_optimizer, lr_schedule
 from runtime.rundir import write_json_atomic
-from runtime.train_step import NonFiniteGuard, optimizer_step
+from runtime.train_step import NonFiniteError, NonFiniteGuard, optimizer_step
 from evaluation.evaluate import evaluate_sharded
 from sft.data import load_documents
 from sft.packing import IGNORE, Batch, fit_lengths, pack, pad_batch
@@ -79,6 +87,58 @@ def batch_loss_sum(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | No
     return -logp.sum(), None
 
 
+def check_flags(args, world_size: int) -> None:
+    """Raise ValueError naming the flag for any inconsistency that would otherwise surface mid-run;
+    called by train.py before the run directory is created or moved. Reads nothing but the flags
+    and the existence of the files they name."""
+    def need(ok: bool, message: str):
+        if not ok:
+            raise ValueError(message)
+
+    need(args.data is not None, f"--stage {args.stage} needs --data (a JSONL/Parquet file)")
+    need(Path(args.data).is_file(), f"--data {args.data}: no such file")
+    need((args.model is None) != (args.preset is None), "give exactly one of --model DIR and --preset NAME")
+    if args.preset is not None:
+        need(args.preset in PRESETS, f"--preset {args.preset!r}: unknown; known presets: {', '.join(sorted(PRESETS))}")
+    if args.model is not None:
+        need(Path(args.model).is_dir(), f"--model {args.model}: no such directory")
+    tokenizer = args.tokenizer or args.model
+    need(tokenizer is not None, "no tokenizer: give --tokenizer DIR (or --model DIR holding tokenizer files)")
+    need((Path(tokenizer) / "tokenizer.json").is_file(), f"--tokenizer {tokenizer}: no tokenizer.json there")
+    need(args.max_steps >= 0, f"--max-steps {args.max_steps}: expected >= 0")
+    need(0 <= args.warmup_steps <= args.max_steps,
+         f"--warmup-steps {args.warmup_steps}: expected between 0 and --max-steps ({args.max_steps})")
+    need(args.batch_size >= 1 and args.batch_size % world_size == 0,
+         f"--batch-size {args.batch_size}: expected a positive multiple of the {world_size} rank(s)")
+    need(args.micro_batch_size >= 1, f"--micro-batch-size {args.micro_batch_size}: expected >= 1")
+    need(args.seq_len >= 2, f"--seq-len {args.seq_len}: expected >= 2 (a token and its target)")
+    need(args.lr > 0 and math.isfinite(args.lr), f"--lr {args.lr}: expected a positive number")
+    need(0.0 <= args.min_lr_ratio <= 1.0, f"--min-lr-ratio {args.min_lr_ratio}: expected a value in [0, 1]")
+    need(args.weight_decay >= 0, f"--weight-decay {args.weight_decay}: expected >= 0")
+    need(args.max_grad_norm >= 0, f"--max-grad-norm {args.max_grad_norm}: expected >= 0 (0: no clipping)")
+    need(args.max_nonfinite >= 1, f"--max-nonfinite {args.max_nonfinite}: expected >= 1")
+    need(args.save_every >= 0, f"--save-every {args.save_every}: expected >= 0 (0: only at the end)")
+    need(args.keep_last >= 1, f"--keep-last {args.keep_last}: expected >= 1")
+    need(args.eval_every >= 0, f"--eval-every {args.eval_every}: expected >= 0 (0: only at the end)")
+    if args.eval_data is not None:
+        need(Path(args.eval_data).is_file(), f"--eval-data {args.eval_data}: no such file")
+        need(args.eval_problems >= 1, f"--eval-problems {args.eval_problems}: expected >= 1")
+        need(args.eval_max_new_tokens >= 1, f"--eval-max-new-tokens {args.eval_max_new_tokens}: expected >= 1")
+        need(args.eval_batch_size >= 1, f"--eval-batch-size {args.eval_batch_size}: expected >= 1")
+
+
+def nonfinite_parameters(model) -> list[str]:
+    """Names of the parameters holding a NaN or an infinity on any rank (collective when sharded:
+    every rank checks its own shards, and the verdicts are combined)."""
+    local = [name for name, p in model.named_parameters()
+             if not bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all())]
+    if dist.is_initialized():
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, local)
+        local = sorted({n for names in everyone for n in names})
+    return local
+
+
 def train_sft(args, run, info) -> int:
     device = torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     stage = args.stage
@@ -91,8 +151,7 @@ def train_sft(args, run, info) -> int:
     docs, report = fit_lengths(docs, args.seq_len, args.overlong)
     print0(f"data {args.data}: {report.kept} documents kept, {report.dropped} dropped and {report.truncated} "
            f"truncated for being longer than --seq-len {args.seq_len}, {report.empty} without any target token")
-    if args.batch_size % info.world_size:
-        raise ValueError(f"--batch-size {args.batch_size} is not divisible by the {info.world_size} ranks")
+    check_flags(args, info.world_size)
     sampler = ShardedBatchSampler(len(docs), args.batch_size // info.world_size, rank=info.rank,
                                   world_size=info.world_size, seed=args.seed)
 
@@ -134,10 +193,26 @@ def train_sft(args, run, info) -> int:
                 "eval_response_length": r.mean_length}
 
     def checkpoint(at_step):
+        bad = nonfinite_parameters(model)
+        if bad:  # never publish weights that cannot be resumed from; the last good checkpoint stays
+            raise NonFiniteError(f"step {at_step}: parameters {', '.join(bad[:5])} hold non-finite values; "
+                                 f"checkpoint not written")
         save_checkpoint(run.path, at_step, model=model, optimizer=optimizer, keep_last=args.keep_last,
                         trainer_state={"step": at_step, "tokens_seen": tokens_seen,
                                        "sampler": sampler.state_dict(), "guard": guard.state_dict()},
                         save_model_fn=save_model_fn(model, tok))
+
+    def finish(at_step, stopped: str | None = None) -> int:
+        """Write summary.json (rank 0) and close the metrics; exit status 0, or 3 for a stopped run."""
+        summary = {**final_eval, "stage": stage, "steps": at_step,
+                   "final_loss": step_loss if args.max_steps else None, "tokens_seen": tokens_seen,
+                   "wall_s": time.perf_counter() - t_start, "skipped_steps": guard.skipped_total,
+                   "documents": report.kept, "dropped_overlong": report.dropped,
+                   "truncated_overlong": report.truncated, **({"stopped": stopped} if stopped else {})}
+        if info.rank == 0:
+            write_json_atomic(run.path / "summary.json", summary)
+        metrics.close()
+        return 0 if stopped is None else 3
 
     model.train()
     t_start = time.perf_counter()
@@ -164,9 +239,18 @@ def train_sft(args, run, info) -> int:
         step_loss = _all_reduce_sum([loss_sum], device)[0] / max(global_targets, 1)
         lr = lr_schedule(step, max_lr=args.lr, warmup_steps=args.warmup_steps, max_steps=args.max_steps,
                          min_lr_ratio=args.min_lr_ratio)
-        result = optimizer_step(model, optimizer, max_grad_norm=args.max_grad_norm, guard=guard, lr=lr,
-                                loss=step_loss)
-        if not result.skipped:
+        try:
+            result = optimizer_step(model, optimizer, max_grad_norm=args.max_grad_norm, guard=guard, lr=lr,
+                                    loss=step_loss)
+        except NonFiniteError as e:  # --max-nonfinite skips in a row: stop, keep the last good checkpoint
+            metrics.log(step + 1, loss=step_loss, lr=lr, skipped=1, skipped_total=guard.skipped_total)
+            print0(f"{stage}: stopped at step {step + 1}: {e}")
+            return finish(step, stopped=str(e))
+        if result.skipped:
+            print0(f"{stage} step {step + 1}: non-finite loss ({step_loss}) or gradient norm ({result.grad_norm}); "
+                   f"update skipped ({guard.skipped_in_a_row} in a row, {guard.skipped_total} in the run, "
+                   f"--max-nonfinite {args.max_nonfinite})")
+        else:
             update_moe_biases(model)
         step += 1
         step_tokens = _all_reduce_sum([sum(int(b.input_ids.numel()) for b in mbs)], device)[0]
@@ -184,11 +268,4 @@ def train_sft(args, run, info) -> int:
         if args.save_every and step % args.save_every == 0 and step < args.max_steps:
             checkpoint(step)
     checkpoint(step)
-    summary = {**final_eval, "stage": stage, "steps": step, "final_loss": step_loss if args.max_steps else None,
-               "tokens_seen": tokens_seen, "wall_s": time.perf_counter() - t_start,
-               "skipped_steps": guard.skipped_total, "documents": report.kept,
-               "dropped_overlong": report.dropped, "truncated_overlong": report.truncated}
-    if info.rank == 0:
-        write_json_atomic(run.path / "summary.json", summary)
-    metrics.close()
-    return 0
+    return finish(step)

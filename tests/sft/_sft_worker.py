@@ -1,0 +1,83 @@
+"""train.py with faults injected, for the SFT loop tests (one process or under torchrun).
+
+    python tests/sft/_sft_worker.py [--kill-at-save STEP --kill-point hf|rename]
+                                    [--fail-rank R --fail-at-call N] -- <train.py flags>
+
+--kill-at-save makes rank 0 SIGKILL itself in the middle of the checkpoint save of STEP: right
+after its HF folder is written, the model and optimizer state already on disk but no COMPLETE
+marker ("hf"), or just before the finished directory is renamed into place ("rename").
+--fail-rank makes rank R raise at its N-th micro-batch forward (1-based), as a crashing rank does.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import sft.loop  # noqa: E402
+import train  # noqa: E402
+
+
+def _kill_during_save(step: int, point: str) -> None:
+    name = f"step-{step:08d}"
+    if os.environ.get("RANK", "0") != "0":
+        return
+    if point == "hf":
+        real_fn = sft.loop.save_model_fn
+
+        def save_model_fn(model, tok):
+            save = real_fn(model, tok)
+
+            def save_then_die(path):
+                save(path)
+                if Path(path).parent.name.startswith(f".tmp-{name}-"):
+                    os.kill(os.getpid(), signal.SIGKILL)
+            return save_then_die
+        sft.loop.save_model_fn = save_model_fn
+    else:
+        real_rename = os.rename
+
+        def rename(src, dst, *a, **k):
+            if Path(dst).name == name:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real_rename(src, dst, *a, **k)
+        os.rename = rename
+
+
+def _fail_rank(rank: int, at_call: int) -> None:
+    if int(os.environ.get("RANK", "0")) != rank:
+        return
+    real, calls = sft.loop.batch_loss_sum, [0]
+
+    def batch_loss_sum(model, batch):
+        calls[0] += 1
+        if calls[0] == at_call:
+            raise RuntimeError(f"injected failure of rank {rank} at micro-batch {at_call}")
+        return real(model, batch)
+    sft.loop.batch_loss_sum = batch_loss_sum
+
+
+def main() -> int:
+    argv = sys.argv[1:]
+    cut = argv.index("--") if "--" in argv else len(argv)
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--kill-at-save", type=int, default=-1)
+    ap.add_argument("--kill-point", choices=["hf", "rename"], default="hf")
+    ap.add_argument("--fail-rank", type=int, default=-1)
+    ap.add_argument("--fail-at-call", type=int, default=1)
+    own = ap.parse_args(argv[:cut])
+    if own.kill_at_save >= 0:
+        _kill_during_save(own.kill_at_save, own.kill_point)
+    if own.fail_rank >= 0:
+        _fail_rank(own.fail_rank, own.fail_at_call)
+    return train.main(argv[cut + 1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
