@@ -1,5 +1,6 @@
 """The README's two commands stay true: CI reads the test command from it, and the main job's
 steps after the install run here (in a temporary directory, against this checkout)."""
+import json
 import os
 import re
 import subprocess
@@ -23,18 +24,31 @@ def test_test_command_installs_its_own_environment_and_runs_pytest():
     assert "<!-- test-command -->" in ci  # CI runs the README's block, not a copy of it
 
 
-def test_main_command_steps_run(tmp_path):
+def test_main_command_runs_the_recipe_chain(tmp_path):
+    """The main job after the install, with --recipe-smoke (every stage for a step on small data):
+    the stages chain under torchrun and summary.json lists them; a second start moves the first aside."""
     cmd = block_after("main-command")
     assert cmd.startswith(INSTALL + "pip install -e . && ")
     steps = cmd[len(INSTALL + "pip install -e . && "):]
+    assert steps == "torchrun --nproc_per_node 2 train.py"
+    steps = steps.replace("train.py", str(ROOT / "train.py"))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    p = subprocess.run(["bash", "-euo", "pipefail", "-c", steps], cwd=tmp_path, env=env,
+    p = subprocess.run(["bash", "-euo", "pipefail", "-c", steps + " --recipe-smoke"], cwd=tmp_path, env=env,
+                       capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, (p.stdout[-3000:], p.stderr[-3000:])
+    summary = json.loads((tmp_path / "runs/r1-tiny/summary.json").read_text())
+    assert [s["name"] for s in summary["stages"]] == STAGES
+    assert summary["eval_problems"] > 0 and summary["wall_s"] > 0
+    for s in summary["stages"]:
+        assert 0 <= s["accuracy"] <= 1 and 0 <= s["greedy_accuracy"] <= 1 and 0 <= s["lenient_accuracy"] <= 1
+        assert s["params"] > 0 and s["wall_s"] > 0
+    assert summary["stages"][-1]["params"] < summary["stages"][0]["params"]  # the student is smaller
+    p = subprocess.run(["bash", "-euo", "pipefail", "-c", steps + " --dry-run"], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
-    for f in ["runs/data/corpus.jsonl", "runs/data/prompts.jsonl", "runs/data/heldout.jsonl",
-              "runs/data/tokenizer/tokenizer.json"]:
-        assert (tmp_path / f).stat().st_size > 0, f
-    # rerunnable: a second run of the same command succeeds (files are replaced with --force)
-    p = subprocess.run(["bash", "-euo", "pipefail", "-c", steps], cwd=tmp_path, env=env,
-                       capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
+    assert "moved" in p.stdout + p.stderr
+    aside = [d for d in (tmp_path / "runs").iterdir() if d.name.startswith("r1-tiny-")]
+    assert len(aside) == 1 and (aside[0] / "summary.json").is_file()
+
+
+STAGES = ["base", "r1_zero", "cold_start_sft", "reasoning_rl", "rejection_sft", "final_rl", "student"]
