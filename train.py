@@ -57,6 +57,25 @@ def _r1_tiny(args, run, info):
     return run_r1_tiny(args, run, info)
 
 
+def _check_sft_flags(args, info):
+    from sft.loop import check_flags
+    check_flags(args, info.world_size)
+
+
+def _check_eval_flags(args, info):
+    from evaluation.eval_stage import check_flags
+    check_flags(args, info.world_size)
+
+
+def _check_generate_flags(args, info):
+    from evaluation.generate_stage import check_flags
+    check_flags(args, info.world_size)
+
+
+# name -> function(args, dist_info) raising ValueError on bad flags, run before the run directory is touched
+CHECKS: dict[str, Callable] = {"pretrain": _check_sft_flags, "sft": _check_sft_flags,
+                               "eval": _check_eval_flags, "generate": _check_generate_flags}
+
 # name -> function(args, run_dir, dist_info) that runs it; a name absent here is not built yet.
 BUILT: dict[str, Callable] = {
     "r1-tiny": _r1_tiny, "pretrain": _sft_stage, "sft": _sft_stage, "grpo": _grpo_stage, "eval": _eval_stage, "generate": _generate_stage}
@@ -236,8 +255,10 @@ def main(argv: list[str] | None = None) -> int:
     info = init_distributed()
     try:
         try:
+            if name in CHECKS and not args.dry_run:
+                CHECKS[name](args, info)
             run = prepare_run_dir(args.out, resume=args.resume, log=print0)
-        except (FileNotFoundError, NotADirectoryError) as e:
+        except (FileNotFoundError, NotADirectoryError, ValueError) as e:
             print(f"train.py: {e}", file=sys.stderr)
             return 2
         config = {**vars(args), "world_size": info.world_size, "started": time.strftime("%Y-%m-%dT%H:%M:%S")}

@@ -164,6 +164,17 @@ def test_flag_errors_name_the_flag():
         check_flags(flags(model=("--preset", "tiny")), 1)
 
 
+@pytest.mark.parametrize("stage, flags, message", [
+    ("eval", ["--eval-k", "9"], "--eval-k '9': every k must be in 1..--eval-n (4)"),
+    ("generate", ["--data", "p.jsonl", "--keep-if", "lang>=1"], "names 'lang', which --reward does not score")])
+def test_train_py_refuses_bad_flags_before_writing_anything(tmp_path, monkeypatch, capsys, stage, flags, message):
+    import train
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "p.jsonl").write_text('{"prompt": "1 + 1?"}\n')
+    assert train.main(["--stage", stage, "--preset", "tiny", "--tokenizer", "tok", "--out", "run", *flags]) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
 def test_unknown_kind_is_an_error_naming_the_set(tok, pool):
     rows = [{"id": "q", "problem": "?", "kind": "poetry", "answer": "1"}]
     with pytest.raises(ValueError, match="mine: problem 'q' has kind 'poetry'"):
