@@ -172,6 +172,21 @@ def _discard(path: Path, root: Path) -> None:
 
 # ----------------------------------------------------------------------------- save
 
+def _on_rank0(fn: Callable[[], object]):
+    """Run `fn` on rank 0 and hand its result to every rank (also a barrier). A file-system error
+    there is raised on every rank, so the others fail with it instead of waiting for a timeout."""
+    result = None
+    if get_rank() == 0:
+        try:
+            result = fn()
+        except OSError as e:
+            result = e
+    result = broadcast_object(result)
+    if isinstance(result, OSError):
+        raise result
+    return result
+
+
 def _uses_dcp(model: nn.Module) -> bool:
     """Sharded format when several ranks train together, or when the parameters are DTensors
     (FSDP2, even on a single rank): their state dicts are written and read with DCP."""
@@ -219,13 +234,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model: nn.Module,
     final = checkpoint_dir(run_dir, step)
     rank, world = get_rank(), get_world_size()
     sharded = _uses_dcp(model)
-    tmp = None
-    if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        _remove_stale_tmp(root, log)
-        tmp = root / f"{_TMP_PREFIX}{final.name}-{os.getpid()}-{secrets.token_hex(3)}"
-        tmp.mkdir()
-    tmp = Path(broadcast_object(str(tmp) if tmp is not None else None))  # every rank now knows the dir
+    tmp = _on_rank0(lambda: _make_tmp_dir(root, final.name, log))  # every rank now knows the directory
 
     # every rank writes its own part
     _torch_save(capture_rng_state(), tmp / f"rng-rank{rank}.pt")
@@ -246,32 +255,45 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model: nn.Module,
         save_model_fn(tmp / "hf")
     barrier()  # all ranks' files are written
 
-    if rank == 0:
-        meta = {
-            "version": FORMAT_VERSION,
-            "step": step,
-            "format": "dcp" if sharded else "torch",
-            "world_size": world,
-            "optimizer": has_optimizer_state,
-            "hf": save_model_fn is not None,
-            "model_keys": _state_dict_shapes(model_sd),
-            "trainer": {**trainer_state, "step": step},
-        }
-        write_json_atomic(tmp / STATE_FILE, meta)
-        _fsync_tree(tmp)
-        with open(tmp / MARKER_FILE, "w") as f:
-            f.write(f"step {step}\n")
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_path(tmp)
-        if final.exists():  # saving a step again (e.g. the last step after resuming at it)
-            _discard(final, root)
-            log(f"checkpoint: replaced the existing {final}")
-        os.rename(tmp, final)
-        _fsync_path(root)
-        _prune(root, step, keep_last, log)
-    barrier()
+    meta = {
+        "version": FORMAT_VERSION,
+        "step": step,
+        "format": "dcp" if sharded else "torch",
+        "world_size": world,
+        "optimizer": has_optimizer_state,
+        "hf": save_model_fn is not None,
+        "model_keys": _state_dict_shapes(model_sd),
+        "trainer": {**trainer_state, "step": step},
+    }
+    _on_rank0(lambda: _publish(tmp, final, meta, keep_last, log))
     return final
+
+
+def _make_tmp_dir(root: Path, name: str, log) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    _remove_stale_tmp(root, log)
+    tmp = root / f"{_TMP_PREFIX}{name}-{os.getpid()}-{secrets.token_hex(3)}"
+    tmp.mkdir()
+    return tmp
+
+
+def _publish(tmp: Path, final: Path, meta: dict, keep_last: int | None, log) -> None:
+    """Rank 0, once every rank's files are in `tmp`: state.json, fsync everything, the marker
+    last, rename into place, prune."""
+    write_json_atomic(tmp / STATE_FILE, meta)
+    _fsync_tree(tmp)
+    with open(tmp / MARKER_FILE, "w") as f:
+        f.write(f"step {meta['step']}\n")
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_path(tmp)
+    root = final.parent
+    if final.exists():  # saving a step again (e.g. the last step after resuming at it)
+        _discard(final, root)
+        log(f"checkpoint: replaced the existing {final}")
+    os.rename(tmp, final)
+    _fsync_path(root)
+    _prune(root, meta["step"], keep_last, log)
 
 
 def _prune(root: Path, step: int, keep_last: int | None, log) -> None:

@@ -2,9 +2,10 @@
 
 `build_optimizer` makes AdamW with two parameter groups, the split nanoGPT uses:
 - decay: every trainable parameter with 2 or more dimensions -- linear weights, expert weights,
-  and the embedding and output matrices. Embeddings decay here, as in nanoGPT, torchtitan (which
-  decays every parameter) and the DeepSeek-V3 report (weight decay 0.1 on the whole model);
-  nanochat keeps embeddings out of decay only because it trains them with a separate optimizer.
+  and the embedding and output matrices. Embeddings decay here, as in nanoGPT and torchtitan
+  (which decays every parameter, in one group). nanochat gives its embeddings an AdamW group of
+  their own (its other matrices use Muon) with no decay by default; to get that here, pass
+  `no_decay_names=("embed", ...)` with the embedding's parameter name.
 - no decay: biases, norm gains and every other 1-D (or 0-D) parameter, and any parameter whose
   name contains one of `no_decay_names` (DeepSeek-V3's `e_score_correction_bias` is listed by
   default; in our model it is a buffer, but a port that makes it a parameter must not decay it).

@@ -15,6 +15,7 @@ At the end rank 0 writes the full fp32 weights to --out.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import random
 import signal
@@ -111,6 +112,10 @@ def main() -> None:
         if get_rank() == 0:
             torch.save(weights, args.out)
     finally:
+        # FSDP2's modules hold the process group (and gloo work handles) in reference cycles;
+        # collect them while the group is alive, or their destructors run at interpreter exit,
+        # after destroy_process_group, and gloo occasionally aborts the process there
+        gc.collect()
         teardown()
 
 

@@ -12,6 +12,7 @@ Writes OUT_PREFIX.rank{r}.json with:
 """
 from __future__ import annotations
 
+import gc
 import json
 import sys
 from pathlib import Path
@@ -35,43 +36,50 @@ def make_model() -> nn.Module:
 
 
 def main() -> None:
-    from torch.distributed.fsdp import fully_shard
-
     info = init_distributed()
     try:
-        rank, world = info.rank, info.world_size
-        x = torch.randn(8, 6, generator=torch.Generator().manual_seed(1))
-        y = torch.randn(8, 3, generator=torch.Generator().manual_seed(2))
-
-        plain = make_model()
-        nn.functional.mse_loss(plain(x), y).backward()
-        plain_norm = clip_grad_norm_(plain.parameters(), max_norm=0)
-
-        model = make_model()
-        fully_shard(model[0])
-        fully_shard(model)
-        # FSDP averages gradients over ranks: mean of the halves' mean losses = the whole batch's mean
-        nn.functional.mse_loss(model(x[rank::world]), y[rank::world]).backward()
-        fsdp_norm = clip_grad_norm_(model.parameters(), max_norm=0.5)
-        clipped_norm = clip_grad_norm_(model.parameters(), max_norm=0)
-
-        optimizer = build_optimizer(model, lr=0.1)
-        guard = NonFiniteGuard(max_in_a_row=5)
-        before = [p.to_local().clone() for p in model.parameters()]
-        loss = nn.functional.mse_loss(model(x[rank::world]), y[rank::world])
-        loss.backward()
-        bad_loss = loss.detach() * (float("nan") if rank == 1 else 1.0)
-        result = optimizer_step(model, optimizer, loss=bad_loss, max_grad_norm=1.0, guard=guard, lr=0.1)
-        unchanged = all(torch.equal(b, p.to_local()) for b, p in zip(before, model.parameters()))
-
-        with open(f"{sys.argv[1]}.rank{rank}.json", "w") as f:
-            json.dump({"fsdp_norm": fsdp_norm, "plain_norm": plain_norm, "clipped_norm": clipped_norm,
-                       "skipped": result.skipped, "params_unchanged": unchanged,
-                       "skipped_total": guard.skipped_total,
-                       "groups": [[g["param_names"], g["weight_decay"]] for g in optimizer.param_groups],
-                       "dtensor_params": all(isinstance(p, DTensor) for p in model.parameters())}, f)
+        record = measure(info.rank, info.world_size)
+        with open(f"{sys.argv[1]}.rank{info.rank}.json", "w") as f:
+            json.dump(record, f)
     finally:
+        # FSDP2's modules hold the process group (and gloo work handles) in reference cycles;
+        # collect them while the group is alive, or their destructors run at interpreter exit,
+        # after destroy_process_group, and gloo occasionally aborts the process there
+        gc.collect()
         teardown()
+
+
+def measure(rank: int, world: int) -> dict:
+    from torch.distributed.fsdp import fully_shard
+
+    x = torch.randn(8, 6, generator=torch.Generator().manual_seed(1))
+    y = torch.randn(8, 3, generator=torch.Generator().manual_seed(2))
+
+    plain = make_model()
+    nn.functional.mse_loss(plain(x), y).backward()
+    plain_norm = clip_grad_norm_(plain.parameters(), max_norm=0)
+
+    model = make_model()
+    fully_shard(model[0])
+    fully_shard(model)
+    # FSDP averages gradients over ranks: mean of the halves' mean losses = the whole batch's mean
+    nn.functional.mse_loss(model(x[rank::world]), y[rank::world]).backward()
+    fsdp_norm = clip_grad_norm_(model.parameters(), max_norm=0.5)
+    clipped_norm = clip_grad_norm_(model.parameters(), max_norm=0)
+
+    optimizer = build_optimizer(model, lr=0.1)
+    guard = NonFiniteGuard(max_in_a_row=5)
+    before = [p.to_local().clone() for p in model.parameters()]
+    loss = nn.functional.mse_loss(model(x[rank::world]), y[rank::world])
+    loss.backward()
+    bad_loss = loss.detach() * (float("nan") if rank == 1 else 1.0)
+    result = optimizer_step(model, optimizer, loss=bad_loss, max_grad_norm=1.0, guard=guard, lr=0.1)
+    unchanged = all(torch.equal(b, p.to_local()) for b, p in zip(before, model.parameters()))
+
+    return {"fsdp_norm": fsdp_norm, "plain_norm": plain_norm, "clipped_norm": clipped_norm,
+            "skipped": result.skipped, "params_unchanged": unchanged, "skipped_total": guard.skipped_total,
+            "groups": [[g["param_names"], g["weight_decay"]] for g in optimizer.param_groups],
+            "dtensor_params": all(isinstance(p, DTensor) for p in model.parameters())}
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ layout, keep_last, stale temporary directories, and errors on bad input.
 The training run is tests/runtime/_ckpt_worker.py: AdamW with two groups and a cosine schedule,
 clipping and the non-finite guard, dropout, numpy and python randomness, a shuffling sampler.
 """
+import contextlib
+import gc
 import importlib.util
 import json
 import os
@@ -14,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from runtime.checkpoint import (
@@ -42,6 +45,19 @@ def assert_bitwise_equal(a: dict, b: dict):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), f"{k}: max difference {(a[k] - b[k]).abs().max().item()}"
+
+
+@contextlib.contextmanager
+def one_rank_group(tmp_path):
+    """A gloo process group of one rank in this process, for FSDP2 without torchrun."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        # FSDP2 modules reach the group through reference cycles: collect them while it is alive
+        # (left to interpreter exit, their gloo handles can abort the process)
+        gc.collect()
+        dist.destroy_process_group()
 
 
 def run_worker(*args, torchrun=False, timeout=120):
@@ -108,10 +124,8 @@ def test_kill_9_during_saves_then_resume(tmp_path, capsys):
 def test_fsdp_single_rank_uses_dcp_and_resumes_exactly(tmp_path):
     """FSDP2 on a one-rank group (what `torchrun --nproc_per_node 1` gives): DTensor parameters,
     so the sharded format is used even though there is one process."""
-    import torch.distributed as dist
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
-        worker = load_worker()
+    worker = load_worker()
+    with one_rank_group(tmp_path):
         reference = worker.run_training(tmp_path / "straight", steps=8, fsdp=True)
         worker.run_training(tmp_path / "split", steps=8, stop_at=4, save_every=4, fsdp=True)
         ckpt = checkpoint_dir(tmp_path / "split", 4)
@@ -122,8 +136,6 @@ def test_fsdp_single_rank_uses_dcp_and_resumes_exactly(tmp_path):
         assert_bitwise_equal(reference, resumed)
         with pytest.raises(ValueError, match="in the dcp format; .* needs the torch format"):
             load_checkpoint(ckpt, model=worker.TinyNet(), log=lambda m: None)  # an unsharded model
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.distributed
@@ -157,24 +169,27 @@ def test_fsdp_two_ranks_sharded_save_and_resume(tmp_path):
 
     # DCP reshards: the 2-rank checkpoint of step 10 loads into FSDP2 on a one-rank group, with a
     # line saying the RNG states could not be restored
-    import torch.distributed as dist
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
-        from torch.distributed.fsdp import fully_shard
-        worker = load_worker()
-        model = worker.TinyNet()
-        fully_shard(model.fc1)
-        fully_shard(model)
-        optimizer = build_optimizer(model, lr=1e-2)
-        logs = []
-        state = load_checkpoint(checkpoint_dir(straight, 10), model=model, optimizer=optimizer, log=logs.append)
-        assert state["step"] == 10 and state["examples_seen"] == 80
-        assert any("saved by 2 ranks, resumed on 1: RNG states not restored" in m for m in logs)
-        assert_bitwise_equal(torch.load(tmp_path / "straight.pt", weights_only=True),
-                             worker.full_state_dict(model, fsdp=True))
-        assert {int(s["step"]) for s in optimizer.state_dict()["state"].values()} == {10}
-    finally:
-        dist.destroy_process_group()
+    with one_rank_group(tmp_path):
+        state, logs, weights, adam_steps = load_on_one_rank(checkpoint_dir(straight, 10))
+    assert state["step"] == 10 and state["examples_seen"] == 80
+    assert any("saved by 2 ranks, resumed on 1: RNG states not restored" in m for m in logs)
+    assert_bitwise_equal(torch.load(tmp_path / "straight.pt", weights_only=True), weights)
+    assert adam_steps == {10}
+
+
+def load_on_one_rank(ckpt: Path):
+    """Load `ckpt` into the tiny model sharded by FSDP2 over a one-rank group; returns the trainer
+    state, the log lines, the full weights and the optimizer's step counts."""
+    from torch.distributed.fsdp import fully_shard
+    worker = load_worker()
+    model = worker.TinyNet()
+    fully_shard(model.fc1)
+    fully_shard(model)
+    optimizer = build_optimizer(model, lr=1e-2)
+    logs = []
+    state = load_checkpoint(ckpt, model=model, optimizer=optimizer, log=logs.append)
+    adam_steps = {int(s["step"]) for s in optimizer.state_dict()["state"].values()}
+    return state, logs, worker.full_state_dict(model, fsdp=True), adam_steps
 
 
 # ----------------------------------------------------------------------------- layout and policy
@@ -350,6 +365,13 @@ def test_bad_trainer_state_and_arguments(tmp_path):
     with pytest.raises(ValueError, match="keep_last=0"):
         save_checkpoint(tmp_path, 1, model=model, optimizer=opt, trainer_state={}, keep_last=0)
     assert not (tmp_path / "checkpoints").exists()  # nothing written for rejected input
+
+
+def test_run_dir_that_is_a_file_raises(tmp_path):
+    model, opt = tiny()
+    (tmp_path / "run").write_text("not a directory")
+    with pytest.raises(OSError):
+        save(tmp_path / "run", 1, model, opt)
 
 
 def test_directory_copy_is_a_complete_checkpoint(tmp_path):
