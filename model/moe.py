@@ -310,10 +310,10 @@ class GroupedSwiGLU(torch.autograd.Function):
         # Ordered so that each [A, I] pass does one of these products (they are memory-bound).
         silu = F.silu(g)  # [A, I]
         t = dhw * u  # [A, I]
-        dw = (t * silu).sum(dim=1) if need_w else None  # [A]
+        dw = torch.linalg.vecdot(t, silu) if need_w else None  # [A]
         w1 = w.unsqueeze(1)  # [A, 1]
         du = dhw.mul_(w1).mul_(silu)  # [A, I], in dhw's buffer
-        dg = torch.ops.aten.silu_backward(t.mul_(w1), g)  # [A, I]: t ⊙ silu'(g)
+        dg = torch.ops.aten.silu_backward.grad_input(t.mul_(w1), g, grad_input=silu)  # t ⊙ silu'(g), in silu's
         dxs = torch.empty_like(xs) if need_x else None  # [A, D]
         grads = []
         for ((s, e), (wg, wu, _)), ng, nu, dd in zip(experts, need_gate, need_up, d_down):
