@@ -21,9 +21,8 @@ FLOPs (forward+backward = 3 × forward): 3 · 2 · (N·K + N·n_shared) · 3·D�
 
 Timing: a warm-up, then `--repeats` rounds; each round times every variant once, in the same order,
 so slow drifts of the machine hit all of them alike; the table shows medians (and minima; the goals
-are checked on medians). On a machine shared
-with other jobs, `--threads 1 --clock cpu` counts only this process's CPU time. Prints a table, then
-one JSON line.
+are checked on medians). On a machine shared with other jobs, `--threads 1 --clock cpu` counts
+only this process's CPU time. Prints a table, then one JSON line.
 """
 import argparse
 import json
