@@ -1,7 +1,9 @@
 """train.py with faults injected, for the SFT loop tests (one process or under torchrun).
 
     python tests/sft/_sft_worker.py [--kill-at-save STEP --kill-point hf|rename]
-                                    [--fail-rank R --fail-at-call N] -- <train.py flags>
+                                    [--fail-rank R --fail-at-call N] train.py <train.py flags>
+
+(The literal word train.py separates the two sets of flags; torchrun would swallow a leading "--".)
 
 --kill-at-save makes rank 0 SIGKILL itself in the middle of the checkpoint save of STEP: right
 after its HF folder is written, the model and optimizer state already on disk but no COMPLETE
@@ -65,7 +67,9 @@ def _fail_rank(rank: int, at_call: int) -> None:
 
 def main() -> int:
     argv = sys.argv[1:]
-    cut = argv.index("--") if "--" in argv else len(argv)
+    if "train.py" not in argv:
+        raise SystemExit("_sft_worker.py: expected the word train.py before the train.py flags")
+    cut = argv.index("train.py")
     ap = argparse.ArgumentParser()
     ap.add_argument("--kill-at-save", type=int, default=-1)
     ap.add_argument("--kill-point", choices=["hf", "rename"], default="hf")

@@ -67,7 +67,7 @@ def _env(extra: dict | None = None) -> dict:
 def run_worker(flags: list[str], *worker_flags, ranks: int = 1, timeout: float = 240, env: dict | None = None):
     """Run train.py through tests/sft/_sft_worker.py (fault injection flags first), in one process
     or under torchrun with `ranks` gloo processes; returns the CompletedProcess."""
-    cmd = [str(WORKER), *map(str, worker_flags), "--", *flags]
+    cmd = [str(WORKER), *map(str, worker_flags), "train.py", *flags]
     if ranks > 1:
         cmd = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks), *cmd]
     return subprocess.run([sys.executable, *cmd], cwd=ROOT, capture_output=True, text=True, timeout=timeout,

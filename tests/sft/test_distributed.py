@@ -1,0 +1,87 @@
+"""sft/loop.py on 2 ranks (torchrun, gloo, CPU): the same per-step losses and weights as one process
+on the same global batch, parameters really sharded, exact resume after kill -9 mid-save, and a
+crashing rank ending the job promptly instead of hanging."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import pytest
+
+import train
+from runtime.checkpoint import latest_checkpoint
+from tests.sft.conftest import ROOT, final_weights, losses, max_rel_diff, run_worker, sft_flags
+
+pytestmark = pytest.mark.distributed
+
+TORCHRUN_TIMEOUT = 300
+
+
+@pytest.fixture(scope="module")
+def one_and_two_ranks(sft_files, tmp_path_factory):
+    """The same short SFT run (checkpoint every 2 steps) in one process and on 2 ranks."""
+    d = tmp_path_factory.mktemp("sft_ranks")
+    assert train.main(sft_flags(sft_files, d / "one", "--save-every", "2")) == 0
+    p = run_worker(sft_flags(sft_files, d / "two", "--save-every", "2"), ranks=2, timeout=TORCHRUN_TIMEOUT)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    return d / "one", d / "two"
+
+
+def test_two_ranks_match_one_process_step_by_step(one_and_two_ranks):
+    one, two = one_and_two_ranks
+    a, b = losses(one), losses(two)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
+    for step in a:
+        assert abs(b[step] / a[step] - 1) <= 1e-5, f"step {step}: 2 ranks {b[step]}, 1 process {a[step]}"
+    assert a[6] < a[1]  # it learns
+    assert max_rel_diff(final_weights(two, 6), final_weights(one, 6)) <= 1e-4
+    assert json.loads((two / "config.json").read_text())["world_size"] == 2
+    # the 2-rank checkpoint is sharded (DCP), the single-process one plain
+    assert (two / "checkpoints" / "step-00000006" / "model_dcp").is_dir()
+    assert (one / "checkpoints" / "step-00000006" / "model.pt").is_file()
+
+
+def test_fsdp_shards_every_parameter_about_in_half(tmp_path):
+    import subprocess
+
+    from tests.sft.conftest import _env
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(ROOT / "tests" / "sft" / "_fsdp_shard_worker.py"), str(tmp_path)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=TORCHRUN_TIMEOUT, env=_env())
+    assert p.returncode == 0, p.stderr[-3000:]
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    total = reports[0]["global_numel"]
+    for r in reports:
+        assert r["world_size"] == 2 and r["sharded"] and r["all_dtensor"] and r["gathered_equal"]
+        assert r["fsdp_modules"] == 3  # 2 blocks + the root
+        assert abs(r["local_numel"] / total - 0.5) < 0.02, r
+    assert sum(r["local_numel"] for r in reports) == total
+
+
+def test_two_ranks_kill_9_mid_save_then_resume(sft_files, one_and_two_ranks, tmp_path):
+    _, two = one_and_two_ranks
+    run = tmp_path / "two_killed"
+    p = run_worker(sft_flags(sft_files, run, "--save-every", "2"), "--kill-at-save", 4, "--kill-point", "hf",
+                   ranks=2, timeout=TORCHRUN_TIMEOUT)
+    assert p.returncode != 0
+    assert latest_checkpoint(run).name == "step-00000002"  # the interrupted save replaced nothing
+    p = run_worker(sft_flags(sft_files, run, "--save-every", "2", "--resume"), ranks=2, timeout=TORCHRUN_TIMEOUT)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    assert "resumed from" in p.stdout and "step-00000002" in p.stdout
+    a, b = losses(two), losses(run)
+    assert sorted(b) == [1, 2, 3, 4, 5, 6]
+    for step in a:
+        assert abs(b[step] / a[step] - 1) <= 1e-6, f"step {step}: resumed {b[step]}, uninterrupted {a[step]}"
+    assert max_rel_diff(final_weights(run, 6), final_weights(two, 6)) <= 1e-6
+
+
+def test_a_crashing_rank_ends_the_job_within_a_minute(sft_files, tmp_path):
+    start = time.monotonic()
+    p = run_worker(sft_flags(sft_files, tmp_path / "run"), "--fail-rank", 1, "--fail-at-call", 3, ranks=2,
+                   timeout=120, env={"R1_DIST_TIMEOUT_S": "20"})
+    elapsed = time.monotonic() - start
+    assert p.returncode != 0
+    assert "injected failure of rank 1" in p.stdout + p.stderr
+    assert elapsed < 60, f"the job took {elapsed:.0f}s to end after rank 1 failed"
+    assert latest_checkpoint(tmp_path / "run") is None
