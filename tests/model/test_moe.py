@@ -366,6 +366,23 @@ def test_bias_update_all_reduces_loads_across_two_ranks(tmp_path):
     assert local_only_differs  # the summed loads, not a rank's own, decided the step
 
 
+def test_model_level_helpers_on_the_tiny_moe_transformer():
+    """update_moe_biases / moe_load_stats find the MoE layers inside a whole model (preset tiny-moe:
+    layer 0 dense, layers 1-2 MoE, the MTP module's MoE at index 3, which a plain forward skips)."""
+    from model import Transformer
+
+    cfg = ModelConfig.from_preset("tiny-moe")
+    torch.manual_seed(0)
+    model = Transformer(cfg).train()
+    model(torch.randint(0, cfg.vocab_size, (2, 16)))
+    stats = moe_load_stats(model)
+    assert set(stats) == {"moe/layer1/max_load_ratio", "moe/layer2/max_load_ratio", "moe/imbalance"}
+    update_moe_biases(model)
+    moved = {m.layer_idx: m.gate.e_score_correction_bias.abs().max().item()
+             for m in model.modules() if isinstance(m, MoE)}
+    assert moved[1] == moved[2] == pytest.approx(cfg.bias_update_speed) and moved[3] == 0
+
+
 # ---- sequence-wise balance loss -----------------------------------------------------------------
 
 def test_balance_loss_by_hand():
@@ -404,7 +421,9 @@ def test_aux_loss_after_training_forward_and_model_sum():
     assert torch.allclose(total, layers[0].aux_loss + layers[1].aux_loss)
     total.backward()
     assert layers[0].gate.weight.grad.abs().max() > 0
-    assert make_moe(aux_loss_alpha=0.0).train()(x) is not None and moe_aux_loss(make_moe()) is None
+    off = make_moe(aux_loss_alpha=0.0).train()
+    off(x)
+    assert off.aux_loss is None and moe_aux_loss(off) is None  # alpha 0: no balance loss even in training
 
 
 # ---- statistics, dtypes, names, errors ----------------------------------------------------------
