@@ -45,7 +45,8 @@ def test_no_decay_names_override_the_shape_rule():
     groups = param_groups(WithBiasMatrix(), weight_decay=0.1)
     assert [[n for n, _ in g["params"]] for g in groups] == [["w"], ["e_score_correction_bias"]]
     groups = param_groups(Small(), weight_decay=0.1, no_decay_names=("embed",))
-    assert [[n for n, _ in g["params"]] for g in groups] == [["proj.weight"], ["norm_weight", "embed.weight", "proj.bias"]]
+    assert [[n for n, _ in g["params"]] for g in groups] == [["proj.weight"],
+                                                             ["norm_weight", "embed.weight", "proj.bias"]]
 
 
 def test_single_group_when_no_vectors_and_errors():

@@ -115,7 +115,8 @@ def test_guard_counts_and_raises_after_n_in_a_row():
     assert guard.state_dict() == {"skipped_total": 2, "skipped_in_a_row": 0}
     assert guard.should_skip(torch.tensor([1.0, nan]), 1.0)
     assert guard.should_skip(nan, 1.0)
-    with pytest.raises(NonFiniteError, match=r"3 optimizer steps in a row.*5 skipped in total.*Lower the learning rate"):
+    with pytest.raises(NonFiniteError,
+                       match=r"3 optimizer steps in a row.*5 skipped in total.*Lower the learning rate"):
         guard.should_skip(None, math.nan)
 
 
