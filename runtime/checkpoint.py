@@ -400,6 +400,9 @@ def load_checkpoint(path: str | os.PathLike, *, model: nn.Module, optimizer: tor
             osd = torch.load(path / "optim.pt", map_location="cpu", weights_only=True)
             _check_optimizer_groups(path, osd, optimizer)
             optimizer.load_state_dict(osd)
+    elif optimizer is not None:
+        log(f"checkpoint: {path.name} holds no optimizer state (saved before the first update); "
+            f"the optimizer starts fresh")
 
     if sharded:
         dcp.load(model_sd, checkpoint_id=path / "model_dcp")

@@ -285,8 +285,10 @@ def test_fresh_optimizer_is_saved_as_empty_and_not_touched(tmp_path):
     assert len(opt.state) == 0 and not (path / "optim.pt").exists()
     assert json.loads((path / "state.json").read_text())["optimizer"] is False
     other = build_optimizer(nn.Linear(3, 2), lr=0.1)
-    load_checkpoint(path, model=nn.Linear(3, 2), optimizer=other, log=lambda m: None)
-    assert len(other.state) == 0
+    logs = []
+    load_checkpoint(path, model=nn.Linear(3, 2), optimizer=other, log=logs.append)
+    assert len(other.state) == 0 and logs == [f"checkpoint: {path.name} holds no optimizer state "
+                                              "(saved before the first update); the optimizer starts fresh"]
 
 
 def test_same_step_saved_again_replaces_it(tmp_path):
