@@ -10,6 +10,11 @@ temperature-scaled, untruncated distribution: what the importance ratio compares
 finish reasons and the decoded texts; rewards arrive as one column per reward function plus the
 weighted total (NaN where every function said None: no signal).
 
+Seeds: prompt i of a generate_rollouts call with `seed` samples with prompt_seed(seed, i), so its group
+does not depend on the prompts batched with it. DAPO's dynamic sampling keeps only the groups whose
+rewards differ (informative_groups, select_for_dynamic_sampling); the loop samples more prompts to
+fill the batch.
+
 Rewards are scored by `RewardScorer`: in-process for cheap checks, or in verify.pool.RewardPool's
 long-lived worker processes with per-item timeouts (math verification, code sandbox), so one
 pathological completion cannot stall a step.
