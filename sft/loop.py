@@ -71,16 +71,15 @@ def micro_batches(docs, micro_batch_size: int, seq_len: int, packing: bool, pad_
 def batch_loss_sum(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(sum of the token NLLs of the batch's targets, the model's extra losses or None).
 
-    Packed rows are laid end to end as one sequence whose documents attend only to themselves
-    (cu_seqlens); padded rows run as a batch.
+    Packed rows are laid end to end as one sequence, without their padding tails, whose documents
+    attend only to themselves (cu_seqlens); padded rows run as a batch.
     """
     if batch.cu_seqlens is not None:
-        ids = batch.input_ids.reshape(1, -1)
-        pos = batch.position_ids.reshape(1, -1)
-        hidden = model.forward_hidden(ids, position_ids=pos, cu_seqlens=batch.flat_cu_seqlens().to(ids.device))
+        ids, pos, targets, cu_seqlens = batch.documents_only()                     # [1, N], [1, N], [N]
+        hidden = model.forward_hidden(ids, position_ids=pos, cu_seqlens=cu_seqlens)  # [1, N, D]
     else:
-        hidden = model.forward_hidden(batch.input_ids, position_ids=batch.position_ids)
-    targets = batch.targets.reshape(-1)
+        hidden = model.forward_hidden(batch.input_ids, position_ids=batch.position_ids)  # [B, L, D]
+        targets = batch.targets.reshape(-1)
     keep = targets != IGNORE
     h = hidden.reshape(-1, hidden.shape[-1])[keep]  # [N_targets, D]
     logp = token_logprobs(h, model.output_weight, targets[keep])

@@ -55,3 +55,16 @@ def test_split_documents_contiguous_nonempty(n, parts):
     groups = split_documents(docs, parts)
     assert len(groups) == parts and all(groups)
     assert [d for g in groups for d in g] == docs
+
+
+def test_documents_only_drops_padding_tails():
+    docs = [doc([1, 2, 3]), doc([4, 5]), doc([6, 7, 8, 9]), doc([10])]
+    b = pack(docs, seq_len=6, pad_id=0)
+    ids, pos, targets, cu = b.documents_only()
+    assert ids.tolist() == [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]]
+    assert pos.tolist() == [[0, 1, 2, 0, 1, 0, 1, 2, 3, 0]]
+    assert cu.tolist() == [0, 3, 5, 9, 10] and cu.dtype == torch.int32
+    assert targets.tolist() == [2, 3, IGNORE, 5, IGNORE, 7, 8, 9, IGNORE, IGNORE]
+    # an exactly full row has no padding segment to drop
+    full = pack([doc([1, 2]), doc([3, 4])], seq_len=4)
+    assert full.documents_only()[3].tolist() == [0, 2, 4]
