@@ -71,10 +71,10 @@ def test_cached_decode_logprobs_equal_full_recompute(pair):
             assert (ref - torch.tensor(c.logprobs)).abs().max() < 1e-4, name
 
 
+@pytest.mark.slow  # about a minute of compilation on 2 cores; tests/model/test_cache.py compiles a decode step in CI
+@pytest.mark.parametrize("pair", ["qwen2"], indirect=True)  # the MLA decode compiles in tests/model/test_cache.py
 def test_static_compiled_decode_equals_dynamic(pair):
-    name, _, ours = pair
-    if name != "qwen2":
-        pytest.skip("one compile is enough for CI time; the model tests compile the MLA decode step")
+    _, _, ours = pair
     params = SamplingParams(n=2, temperature=0.9, max_new_tokens=8, stop_token_ids=[], seed=3)
     dyn = Sampler(ours, max_batch_size=4, max_seq_len=32, verbose=False).generate(PROMPTS[:2], params)
     comp = Sampler(ours, max_batch_size=4, max_seq_len=32, compile=True, verbose=False).generate(PROMPTS[:2], params)
