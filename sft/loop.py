@@ -252,7 +252,7 @@ def train_sft(args, run, info) -> int:
         else:
             update_moe_biases(model)
         step += 1
-        step_tokens = _all_reduce_sum([sum(int(b.input_ids.numel()) for b in mbs)], device)[0]
+        step_tokens = _all_reduce_sum([sum(len(d.ids) for d in step_docs)], device)[0]  # documents' tokens, no padding
         tokens_seen += int(step_tokens)
         dt = time.perf_counter() - t0
         row = {"loss": step_loss, "lr": lr, "grad_norm": result.grad_norm,

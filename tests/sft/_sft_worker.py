@@ -1,7 +1,8 @@
 """train.py with faults injected, for the SFT loop tests (one process or under torchrun).
 
     python tests/sft/_sft_worker.py [--kill-at-save STEP --kill-point hf|rename]
-                                    [--fail-rank R --fail-at-call N] train.py <train.py flags>
+                                    [--fail-rank R --fail-at-call N] [--shard-report DIR]
+                                    train.py <train.py flags>
 
 (The literal word train.py separates the two sets of flags; torchrun would swallow a leading "--".)
 
@@ -9,6 +10,10 @@
 after its HF folder is written, the model and optimizer state already on disk but no COMPLETE
 marker ("hf"), or just before the finished directory is renamed into place ("rename").
 --fail-rank makes rank R raise at its N-th micro-batch forward (1-based), as a crashing rank does.
+--shard-report DIR makes every rank write DIR/rank{r}.json right after the loop has sharded its model
+with model.parallel.apply_fsdp: {"world_size", "sharded", "all_dtensor", "local_numel",
+"global_numel", "fsdp_modules", "gathered_equal"}, the last saying that model.parallel.gathered()
+gives every parameter back whole, equal to the weights before sharding.
 """
 from __future__ import annotations
 
@@ -65,6 +70,35 @@ def _fail_rank(rank: int, at_call: int) -> None:
     sft.loop.batch_loss_sum = batch_loss_sum
 
 
+def _report_sharding(out: Path) -> None:
+    import json
+
+    import torch
+    from torch.distributed.tensor import DTensor
+
+    from model.parallel import _fsdp_modules, gathered, is_sharded
+    from runtime.distributed import get_rank, get_world_size
+
+    real = sft.loop.apply_fsdp
+
+    def apply_fsdp(model, **kwargs):
+        whole = {n: p.detach().clone() for n, p in model.named_parameters()}
+        real(model, **kwargs)
+        params = dict(model.named_parameters())
+        with gathered(model):
+            gathered_equal = all(torch.equal(p.full_tensor() if isinstance(p, DTensor) else p, whole[n])
+                                 for n, p in model.named_parameters())
+        report = {"world_size": get_world_size(), "sharded": is_sharded(model),
+                  "all_dtensor": all(isinstance(p, DTensor) for p in params.values()),
+                  "local_numel": sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel()
+                                     for p in params.values()),
+                  "global_numel": sum(p.numel() for p in params.values()),
+                  "fsdp_modules": len(_fsdp_modules(model)), "gathered_equal": gathered_equal}
+        (out / f"rank{get_rank()}.json").write_text(json.dumps(report))
+        return model
+    sft.loop.apply_fsdp = apply_fsdp
+
+
 def main() -> int:
     argv = sys.argv[1:]
     if "train.py" not in argv:
@@ -75,7 +109,10 @@ def main() -> int:
     ap.add_argument("--kill-point", choices=["hf", "rename"], default="hf")
     ap.add_argument("--fail-rank", type=int, default=-1)
     ap.add_argument("--fail-at-call", type=int, default=1)
+    ap.add_argument("--shard-report", type=Path, default=None)
     own = ap.parse_args(argv[:cut])
+    if own.shard_report is not None:
+        _report_sharding(own.shard_report)
     if own.kill_at_save >= 0:
         _kill_during_save(own.kill_at_save, own.kill_point)
     if own.fail_rank >= 0:

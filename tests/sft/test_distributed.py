@@ -4,14 +4,13 @@ crashing rank ending the job promptly instead of hanging."""
 from __future__ import annotations
 
 import json
-import sys
 import time
 
 import pytest
 
 import train
 from runtime.checkpoint import latest_checkpoint
-from tests.sft.conftest import ROOT, final_weights, losses, max_rel_diff, run_worker, sft_flags
+from tests.sft.conftest import final_weights, losses, max_rel_diff, run_worker, sft_flags
 
 pytestmark = pytest.mark.distributed
 
@@ -23,7 +22,9 @@ def one_and_two_ranks(sft_files, tmp_path_factory):
     """The same short SFT run (checkpoint every 2 steps) in one process and on 2 ranks."""
     d = tmp_path_factory.mktemp("sft_ranks")
     assert train.main(sft_flags(sft_files, d / "one", "--save-every", "2")) == 0
-    p = run_worker(sft_flags(sft_files, d / "two", "--save-every", "2"), ranks=2, timeout=TORCHRUN_TIMEOUT)
+    (d / "shards").mkdir()
+    p = run_worker(sft_flags(sft_files, d / "two", "--save-every", "2"), "--shard-report", d / "shards", ranks=2,
+                   timeout=TORCHRUN_TIMEOUT)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     return d / "one", d / "two"
 
@@ -42,15 +43,10 @@ def test_two_ranks_match_one_process_step_by_step(one_and_two_ranks):
     assert (one / "checkpoints" / "step-00000006" / "model.pt").is_file()
 
 
-def test_fsdp_shards_every_parameter_about_in_half(tmp_path):
-    import subprocess
-
-    from tests.sft.conftest import _env
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        str(ROOT / "tests" / "sft" / "_fsdp_shard_worker.py"), str(tmp_path)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=TORCHRUN_TIMEOUT, env=_env())
-    assert p.returncode == 0, p.stderr[-3000:]
-    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+def test_the_loop_shards_every_parameter_about_in_half(one_and_two_ranks):
+    # what the 2-rank run's loop held right after model.parallel.apply_fsdp (tests/sft/_sft_worker.py)
+    shards = one_and_two_ranks[1].parent / "shards"
+    reports = [json.loads((shards / f"rank{r}.json").read_text()) for r in range(2)]
     total = reports[0]["global_numel"]
     for r in reports:
         assert r["world_size"] == 2 and r["sharded"] and r["all_dtensor"] and r["gathered_equal"]

@@ -241,3 +241,35 @@ def test_resuming_with_a_different_model_config_is_refused(sft_files, tmp_path):
     flags[flags.index("--preset") + 1] = "tiny-moe"
     with pytest.raises(ValueError, match="does not match the model.*in the model but not in the checkpoint"):
         train.main(flags)
+
+
+# ----------------------------------------------------------------------------- the accuracy acceptance
+
+def _run_script(tmp_path, *flags):
+    import subprocess
+    import sys
+
+    from tests.sft.conftest import ROOT, _env
+    p = subprocess.run([sys.executable, str(ROOT / "scripts" / "sft_arithmetic.py"), "--out", str(tmp_path), *flags],
+                       cwd=ROOT, capture_output=True, text=True, timeout=900, env=_env())
+    result = json.loads(p.stdout.strip().splitlines()[-1]) if p.stdout.strip() else None
+    return p, result
+
+
+def test_arithmetic_sft_script_smoke(tmp_path):
+    # the acceptance run's whole path at toy size: data, tokenizer, SFT, held-out greedy evaluation
+    p, result = _run_script(tmp_path, "--smoke", "--threads", "1")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert result["smoke"] and result["steps"] == 8 and result["eval_problems"] == 8
+    assert 0.0 <= result["greedy_accuracy"] <= 1.0
+    first = losses(tmp_path / "run")[1]
+    assert result["final_loss"] < 0.7 * first, (first, result["final_loss"])
+
+
+@pytest.mark.slow
+def test_arithmetic_sft_reaches_80_percent_greedy_on_200_held_out_problems(tmp_path):
+    p, result = _run_script(tmp_path, "--threads", "1")
+    assert result is not None, p.stderr[-3000:]
+    assert result["eval_problems"] >= 200
+    assert result["greedy_accuracy"] >= 0.80, result
+    assert p.returncode == 0, p.stderr[-3000:]
