@@ -75,17 +75,28 @@ R1_ZERO_SYSTEM = (
     "<answer> </answer> tags, respectively, i.e., <think> reasoning process here </think> "
     "<answer> answer here </answer>."
 )
-R1_ZERO_TEMPLATE = (
-    "{{ bos_token if bos_token else '' }}"
-    "{%- if messages[0].role == 'system' %}{{ messages[0].content }}{% set rest = messages[1:] %}"
-    "{%- else %}{{ '" + R1_ZERO_SYSTEM + "' }}{% set rest = messages %}{% endif %}"
-    "{%- for m in rest %}"
-    "{%- if m.role == 'user' %}{{ '\\nUser: ' + m.content }}"
-    "{%- elif m.role == 'assistant' %}{{ '\\nAssistant: ' + m.content }}{{ eos_token if eos_token else '' }}"
-    "{%- else %}{{ raise_exception('R1-Zero template: unexpected role ' ~ m.role) }}{% endif %}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{ '\\nAssistant: ' }}{% endif %}"
-)
+
+
+def _r1_zero_template(system: str) -> str:
+    return (
+        "{{ bos_token if bos_token else '' }}"
+        "{%- if messages[0].role == 'system' %}{{ messages[0].content }}{% set rest = messages[1:] %}"
+        "{%- else %}{{ '" + system + "' }}{% set rest = messages %}{% endif %}"
+        "{%- for m in rest %}"
+        "{%- if m.role == 'user' %}{{ '\\nUser: ' + m.content }}"
+        "{%- elif m.role == 'assistant' %}{{ '\\nAssistant: ' + m.content }}{{ eos_token if eos_token else '' }}"
+        "{%- else %}{{ raise_exception('R1-Zero template: unexpected role ' ~ m.role) }}{% endif %}"
+        "{%- endfor %}"
+        "{%- if add_generation_prompt %}{{ '\\nAssistant: ' }}{% endif %}"
+    )
+
+
+R1_ZERO_TEMPLATE = _r1_zero_template(R1_ZERO_SYSTEM)
+# The same prompt with a one-line system text, for toy-scale runs on a CPU: R1's system prompt is
+# about 85 of the ~145 tokens of a 3-digit addition example, so this halves the cost of every
+# pretraining, SFT and GRPO token without changing the format the rewards check.
+R1_ZERO_SHORT_SYSTEM = "Think in <think> </think>, then answer in <answer> </answer>."
+R1_ZERO_SHORT_TEMPLATE = _r1_zero_template(R1_ZERO_SHORT_SYSTEM)
 
 # ChatML, as used by Qwen2/Qwen2.5 (without their default system prompt).
 CHATML_TEMPLATE = (
@@ -95,7 +106,7 @@ CHATML_TEMPLATE = (
     "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
-BUILTIN_TEMPLATES = {"r1-zero": R1_ZERO_TEMPLATE, "chatml": CHATML_TEMPLATE}
+BUILTIN_TEMPLATES = {"r1-zero": R1_ZERO_TEMPLATE, "r1-zero-short": R1_ZERO_SHORT_TEMPLATE, "chatml": CHATML_TEMPLATE}
 
 # Names a message's reasoning goes by (DeepSeek API / transformers: reasoning_content; gpt-oss: thinking).
 REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")

@@ -39,6 +39,10 @@ import torch
 from runtime.distributed import DistInfo, barrier, print0
 from runtime.rundir import RunDir, prepare_run_dir, write_json_atomic, write_run_config
 
+# The prompt: R1-Zero's template with a one-line system text (data.chat.R1_ZERO_SHORT_SYSTEM). R1's
+# own system prompt is about 85 of the ~145 tokens of an example here, and every stage pays for it.
+TEMPLATE = "r1-zero-short"
+
 # The recipe's settings: one dict per stage, flags of train.py (dashes as underscores).
 RECIPE = {
     "data": dict(corpus_rows=20000, carry_bug=0.7, wrong_answer=0.05, missing_tags=0.05, prompt_rows=5000,
@@ -107,7 +111,7 @@ def _make_data(root: Path, seed: int, info: DistInfo, R: dict) -> dict:
     if info.rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         corpus = pretraining_corpus("arithmetic", d["corpus_rows"], seed, carry_bug=d["carry_bug"],
-                                    wrong_answer=d["wrong_answer"], missing_tags=d["missing_tags"])
+                                    wrong_answer=d["wrong_answer"], missing_tags=d["missing_tags"], template=TEMPLATE)
         write_jsonl(corpus, paths["corpus"], force=True)
         write_jsonl(arithmetic_problems(d["prompt_rows"], seed + 1), paths["prompts"], force=True)
         write_jsonl(arithmetic_problems(d["heldout_rows"], seed + 2, split="test"), paths["heldout"], force=True)
@@ -135,10 +139,10 @@ def _evaluate(model_dir: Path, tok, rows, info: DistInfo, R: dict) -> dict:
     e = R["eval"]
     model = load_pretrained(model_dir, device=info.device).eval()
     sampled = evaluate_sharded(model, tok, rows, "arithmetic", info.rank, info.world_size, n=e["samples"],
-                               temperature=e["temperature"], max_new_tokens=e["max_new_tokens"], template="r1-zero",
+                               temperature=e["temperature"], max_new_tokens=e["max_new_tokens"], template=TEMPLATE,
                                max_batch_size=e["batch_size"], seed=1)
     greedy = evaluate_sharded(model, tok, rows, "arithmetic", info.rank, info.world_size, n=1, temperature=0.0,
-                              max_new_tokens=e["max_new_tokens"], template="r1-zero", max_batch_size=e["batch_size"])
+                              max_new_tokens=e["max_new_tokens"], template=TEMPLATE, max_batch_size=e["batch_size"])
     return {"accuracy": sampled.accuracy, "greedy_accuracy": greedy.accuracy,
             "lenient_accuracy": sampled.lenient_accuracy, "greedy_lenient_accuracy": greedy.lenient_accuracy,
             "response_length": sampled.mean_length, "params": count_params(model).total}
@@ -160,7 +164,7 @@ def _generate(parser, name: str, root: Path, model_dir: Path, paths: dict, seed:
     barrier()
     write_jsonl(prompts[info.rank::info.world_size], out_dir / f"prompts-rank{info.rank}.jsonl", force=True)
     args = _stage_args(parser, {k: v for k, v in g.items() if k != "num_prompts"}, stage="generate",
-                       model=str(model_dir), tokenizer=str(paths["tokenizer"]), chat_template="r1-zero",
+                       model=str(model_dir), tokenizer=str(paths["tokenizer"]), chat_template=TEMPLATE,
                        data=str(out_dir / f"prompts-rank{info.rank}.jsonl"), seed=seed, log_every_s=30.0)
     # each rank generates its share as a single process into its own directory (prepare_run_dir is
     # collective, so the directory is made here)
@@ -192,7 +196,7 @@ def run_r1_tiny(args, run, info: DistInfo) -> int:
     tok = load_tokenizer(paths["tokenizer"])
     heldout = read_jsonl(paths["heldout"])
     summary = {"eval_problems": len(heldout), "seed": seed, "world_size": info.world_size, "stages": []}
-    common = dict(tokenizer=str(paths["tokenizer"]), chat_template="r1-zero", seed=seed, log_every_s=10.0)
+    common = dict(tokenizer=str(paths["tokenizer"]), chat_template=TEMPLATE, seed=seed, log_every_s=10.0)
 
     def stage(name: str, fn, stage_args) -> Path:
         t0 = time.perf_counter()

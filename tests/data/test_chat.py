@@ -342,3 +342,13 @@ def test_sandbox_matches_transformers(base):
                                                                    tokenize=False)
     assert render_spans(CONVERSATIONS["reasoning_content"], "chatml", training=False)[0] == \
         hf.apply_chat_template(CONVERSATIONS["reasoning_content"], chat_template=CHATML_TEMPLATE, tokenize=False)
+
+
+def test_r1_zero_short_is_r1_zero_with_a_one_line_system_text():
+    from data.chat import R1_ZERO_SHORT_SYSTEM, R1_ZERO_SYSTEM, render
+    msgs = [{"role": "user", "content": "What is 1 + 2?"}, {"role": "assistant", "content": "<think>x</think>"}]
+    for gen in (False, True):
+        long = render(msgs[:1] if gen else msgs, "r1-zero", add_generation_prompt=gen, bos_token="<s>", eos_token="</s>")
+        short = render(msgs[:1] if gen else msgs, "r1-zero-short", add_generation_prompt=gen, bos_token="<s>",
+                       eos_token="</s>")
+        assert short == long.replace(R1_ZERO_SYSTEM, R1_ZERO_SHORT_SYSTEM) and R1_ZERO_SYSTEM in long
