@@ -145,7 +145,8 @@ def child_ours(d: Path, steps: int) -> dict:
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert all(r["response_length/min"] == NEW_TOKENS for r in rows), "completions must all be 64 tokens"
     last = rows[-1]
-    return {"step_s": [r["step_s"] for r in rows], "rollout_s": last["time/rollout"], "train_s": last["time/train"],
+    return {"step_s": [r["step_s"] for r in rows], "rollout_s": last["time/rollout"],
+            "logprobs_s": last.get("time/logprobs", float("nan")), "train_s": last["time/train"],
             "peak_bytes": peak[-1]}
 
 
@@ -245,6 +246,7 @@ def main() -> int:
     floor_ref = 2 * n_mm * trained_tokens / rate_big
     floor = floor_train + floor_gen
     rollout_s, train_s = med([r["rollout_s"] for r in results["ours"]]), med([r["train_s"] for r in results["ours"]])
+    logprobs_s = med([r["logprobs_s"] for r in results["ours"]])
 
     print(f"\nGRPO step: {PROMPTS_PER_STEP} prompts x {GROUP} = {seqs} completions of {NEW_TOKENS} tokens, prompts "
           f"{prompt_tokens} tokens, beta {BETA}; model {assets['params'] / 1e6:.1f}M parameters ({n_mm / 1e6:.1f}M in "
@@ -253,7 +255,7 @@ def main() -> int:
           f"{rate_small / 1e9:.1f} GFLOP/s")
     print(f"{'':34}{'step s':>10}{'peak GiB':>10}")
     print(f"{'ours (train.py --stage grpo)':34}{ours_s:>10.1f}{ours_m / 2**30:>10.2f}")
-    print(f"{'  of which rollout / train':34}{rollout_s:>5.1f} / {train_s:.1f}")
+    print(f"{'  of which rollout / ref / train':34}{rollout_s:>5.1f} / {logprobs_s:.1f} / {train_s:.1f}")
     print(f"{'TRL GRPOTrainer' + (' (grad ckpt)' if args.trl_gradient_checkpointing else ''):34}"
           f"{trl_s:>10.1f}{trl_m / 2**30:>10.2f}")
     print(f"{'floor: train 6NT + sampler 2NT':34}{floor:>10.1f}     (train {floor_train:.1f}, sampler "
@@ -264,7 +266,8 @@ def main() -> int:
     print(json.dumps({"bench": "grpo_step", "rounds": args.rounds, "threads": args.threads,
                       "ours_step_s": ours_s, "trl_step_s": trl_s, "speedup": trl_s / ours_s,
                       "ours_peak_bytes": ours_m, "trl_peak_bytes": trl_m, "memory_ratio": ours_m / trl_m,
-                      "ours_rollout_s": rollout_s, "ours_train_s": train_s, "floor_s": floor,
+                      "ours_rollout_s": rollout_s, "ours_logprobs_s": logprobs_s, "ours_train_s": train_s,
+                      "floor_s": floor,
                       "floor_train_s": floor_train, "floor_sampler_s": floor_gen, "floor_ref_s": floor_ref,
                       "gemm_flops_big": rate_big, "gemm_flops_decode": rate_small,
                       "trl_gradient_checkpointing": args.trl_gradient_checkpointing,

@@ -303,9 +303,11 @@ def train_grpo(args, run, info) -> int:
                         out[idx, :lp.shape[1]] = lp
             return out
 
+        t_logp = time.perf_counter()
         need_old = args.mu > 1 or args.recompute_old_logp
         old_all = no_grad_logps(model) if need_old else rollout_logp_all
         ref_all = no_grad_logps(ref_model) if beta > 0 else None
+        t_logp = time.perf_counter() - t_logp
 
         # ---- 3. train: mu passes x minibatches (one optimizer step each) x token-budget micro-batches -
         t_train = time.perf_counter()
@@ -354,7 +356,7 @@ def train_grpo(args, run, info) -> int:
             row["sampling/groups_dropped"] = _all_reduce([dropped], device)[0]
         row.update(lr=lr, grad_norm=sum(grad_norms) / len(grad_norms), skipped_total=guard.skipped_total,
                    skipped=skipped, **{f"time/{k}": v for k, v in (("rollout", t_gen), ("reward", t_rew),
-                                                                    ("train", t_train))},
+                                                                    ("logprobs", t_logp), ("train", t_train))},
                    step_s=time.perf_counter() - t0, **moe_load_stats(model))
         row["tokens_per_s"] = row["tokens"] / row["step_s"] if "tokens" in row else 0.0
         if args.ref_refresh_every and ref_model is not None and step % args.ref_refresh_every == 0:

@@ -116,7 +116,7 @@ def step_metric_keys(reward_specs: list[str]) -> list[str]:
     return ["reward/mean", "reward/std", *(f"reward/{r}" for r in reward_specs), "accuracy", "frac_groups_zero_std",
             "response_length/mean", "response_length/min", "response_length/max", "truncated", "kl", "entropy",
             "clip_ratio", "clip_ratio/low", "clip_ratio/high", "grad_norm", "lr", "time/rollout", "time/reward",
-            "time/train", "tokens_per_s"]
+            "time/logprobs", "time/train", "tokens_per_s"]
 
 
 def grpo_argv(model_dir, prompts, out, *extra) -> list[str]:

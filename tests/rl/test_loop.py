@@ -24,7 +24,7 @@ from tests.rl._grpo_worker import (FIXED_REWARD, GROUP_SIZE, MAX_NEW_TOKENS, PAR
 
 STEP_KEYS = step_metric_keys([PARITY_REWARD, "format", "task"])
 # what differs between two runs that compute the same thing
-TIMING_KEYS = ("time/rollout", "time/reward", "time/train", "step_s", "tokens_per_s")
+TIMING_KEYS = ("time/rollout", "time/reward", "time/logprobs", "time/train", "step_s", "tokens_per_s")
 
 
 @pytest.fixture(scope="module", autouse=True)
