@@ -80,7 +80,7 @@ class Completion:
     token_ids: list[int]
     logprobs: list[float]
     finish_reason: str  # "stop" | "length"
-    text: str | None = None  # decoded, when the sampler has a tokenizer
+    text: str | None = None  # decoded, when the sampler has a tokenizer; without the stop token
 
 
 @dataclass
@@ -311,7 +311,10 @@ class Sampler:
             """Record the finished rows' completions and compact the rest into slots 0..A-1."""
             for r in rows:
                 if r.finish:
-                    text = self.tokenizer.decode(r.tokens) if self.tokenizer is not None else None
+                    text = None
+                    if self.tokenizer is not None:  # the text leaves out the stop token (the ids keep it)
+                        ended = r.finish == "stop" and r.tokens and r.tokens[-1] in r.stop_ids
+                        text = self.tokenizer.decode(r.tokens[:-1] if ended else r.tokens)
                     results[r.group][r.index] = Completion(r.tokens, r.logprobs, r.finish, text)
             return self._compact(rows, slot_prompt)
 

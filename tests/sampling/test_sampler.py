@@ -217,3 +217,21 @@ def test_prompt_too_long_is_a_clear_error(pair):
         s.generate([[1], list(range(1, 14))], SamplingParams(max_new_tokens=8))
     with pytest.raises(ValueError, match="stop strings"):
         s.generate([[1]], SamplingParams(max_new_tokens=2, stop=["x"]))
+
+
+class _DigitsTokenizer:
+    """Decodes ids as space-separated numbers; enough tokenizer for the sampler's text."""
+    eos_id = None
+
+    def decode(self, ids, skip_special_tokens=False):
+        return " ".join(str(i) for i in ids)
+
+
+def test_text_leaves_out_the_stop_token_that_the_ids_keep(pair):
+    _, _, ours = pair
+    s = Sampler(ours, max_batch_size=4, max_seq_len=64, tokenizer=_DigitsTokenizer(), verbose=False)
+    greedy = s.generate([PROMPTS[1]], SamplingParams(temperature=0, max_new_tokens=10, stop_token_ids=[]))[0][0]
+    assert greedy.text == " ".join(map(str, greedy.token_ids))  # no stop: every token's text
+    stop = greedy.token_ids[3]
+    out = s.generate([PROMPTS[1]], SamplingParams(temperature=0, max_new_tokens=10, stop_token_ids=[stop]))[0][0]
+    assert out.token_ids[-1] == stop and out.text == " ".join(map(str, out.token_ids[:-1]))
