@@ -52,8 +52,11 @@ def sampler_for(model, tok) -> Sampler:
 def test_batch_layout_and_per_prompt_seeds(tiny):
     _, model, tok, rows = tiny
     rows = rows[:3]
-    batch = generate_rollouts(sampler_for(model, tok), tok, rows, group_size=GROUP_SIZE, params=rollout_params(),
+    stops = list(range(40, 100))  # many stop ids: some completions stop, some run to the budget
+    params = SamplingParams(max_new_tokens=MAX_NEW_TOKENS, stop_token_ids=stops)
+    batch = generate_rollouts(sampler_for(model, tok), tok, rows, group_size=GROUP_SIZE, params=params,
                               template="r1-zero", seed=5)
+    assert {"stop", "length"} <= set(batch.finish_reasons)
     assert len(batch) == 3 * GROUP_SIZE and batch.num_groups == 3
     for k in range(len(batch)):  # completion k belongs to prompt k // G
         row = rows[k // GROUP_SIZE]
@@ -61,22 +64,25 @@ def test_batch_layout_and_per_prompt_seeds(tiny):
         assert batch.prompt_ids[k] == encode_prompt(tok, row, "r1-zero")
         assert 1 <= len(batch.completion_ids[k]) <= MAX_NEW_TOKENS
         assert len(batch.rollout_logp[k]) == len(batch.completion_ids[k])
-        assert batch.texts[k] == tok.decode(batch.completion_ids[k])
-        assert batch.finish_reasons[k] == ("length" if len(batch.completion_ids[k]) == MAX_NEW_TOKENS and
-                                           batch.completion_ids[k][-1] != tok.eos_id else "stop")
+        ids = batch.completion_ids[k]
+        assert batch.finish_reasons[k] == ("stop" if ids[-1] in stops else "length")
+        assert all(t not in stops for t in ids[:-1]) and (ids[-1] in stops or len(ids) == MAX_NEW_TOKENS)
+        # the text leaves out the stop token that the ids keep (training must see EOS; rewards must not)
+        assert batch.texts[k] == tok.decode(ids[:-1] if batch.finish_reasons[k] == "stop" else ids)
     # prompt i samples with prompt_seed(seed, i): alone, it draws the same group
     for i, row in enumerate(rows):
         alone = sampler_for(model, tok).generate(
             [encode_prompt(tok, row, "r1-zero")],
-            SamplingParams(n=GROUP_SIZE, max_new_tokens=MAX_NEW_TOKENS, seed=prompt_seed(5, i)))[0]
+            SamplingParams(n=GROUP_SIZE, max_new_tokens=MAX_NEW_TOKENS, stop_token_ids=stops,
+                           seed=prompt_seed(5, i)))[0]
         group = slice(i * GROUP_SIZE, (i + 1) * GROUP_SIZE)
         assert [c.token_ids for c in alone] == batch.completion_ids[group]
         for c, logp in zip(alone, batch.rollout_logp[group]):
             assert c.logprobs == pytest.approx(logp, abs=1e-5)
     # the same seed draws the same batch, another seed another one
-    again = generate_rollouts(sampler_for(model, tok), tok, rows, group_size=GROUP_SIZE, params=rollout_params(),
+    again = generate_rollouts(sampler_for(model, tok), tok, rows, group_size=GROUP_SIZE, params=params,
                               template="r1-zero", seed=5)
-    other = generate_rollouts(sampler_for(model, tok), tok, rows, group_size=GROUP_SIZE, params=rollout_params(),
+    other = generate_rollouts(sampler_for(model, tok), tok, rows, group_size=GROUP_SIZE, params=params,
                               template="r1-zero", seed=6)
     assert again.completion_ids == batch.completion_ids and other.completion_ids != batch.completion_ids
 
