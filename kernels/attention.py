@@ -368,9 +368,9 @@ def flash_attention_sdpa(q, k, v, causal=True, softmax_scale=None, cu_seqlens=No
     """The fast torch path (CPU, or CUDA without Triton): torch's scaled_dot_product_attention, one
     sequence of a packed batch at a time. Same contract as flash_attention; tested equal to the twin.
 
-    On CPU, SDPA's fused (flash) kernel is about 10x faster than the twin's explicit fp32 softmax
-    in forward + backward, because it never builds the [B, H, T, S] scores, mask and probabilities
-    as separate tensors. That kernel wants one head dim for q, k and v and has only a top-left
+    On CPU, SDPA's fused (flash) kernel ran forward + backward of one 256-token sequence (4 heads
+    over 2 kv heads of 32) 10x faster than the twin's explicit fp32 softmax, because it never
+    builds the [B, H, T, S] scores, mask and probabilities as separate tensors. That kernel wants one head dim for q, k and v and has only a top-left
     causal mask, so: the smaller of Dqk and Dv is zero-padded (zero columns change neither the
     scores nor the kept output columns), T == S uses is_causal, T < S an explicit bottom-right
     mask, and T > S answers the T - S queries that see no key with zeros.
