@@ -485,7 +485,9 @@ try:  # refused on every rank, not only on the writer
 except FileExistsError as e:
     result["refused"] = str(e)
 (out.parent / f"rank{rank}.json").write_text(json.dumps(result))
-dist.destroy_process_group()
+del model
+from runtime.distributed import teardown  # collects FSDP's garbage first: gloo can abort at exit otherwise
+teardown()
 '''
 
 
