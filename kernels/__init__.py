@@ -1,7 +1,8 @@
 """Triton kernels, each with a plain-torch twin (the spec, the CPU path and the test oracle).
 
 Public functions (autograd-aware; the backend is chosen per call by KERNELS_BACKEND=auto|triton|torch,
-see kernels.backend: auto runs Triton on CUDA tensors and the torch twin on CPU tensors):
+see kernels.backend: auto runs Triton on CUDA tensors and the torch twin on CPU tensors, except
+flash_attention, which runs its SDPA path there):
 
     token_logprobs(hidden[N, D], weight[V, D], targets[N], temperature=1.0, with_entropy=False)
         -> logp[N] fp32 (, entropy[N] fp32); never holds [N, V] logits          kernels/logprobs.py
