@@ -330,7 +330,7 @@ def train_grpo(args, run, info) -> int:
                         ref_all[idx, :Tm] if ref_all is not None else None,
                         num_tokens=max(num_tokens, 1.0), num_seqs=max(num_seqs, 1.0), entropy=ent,
                         rollout_logp=rollout_logp_all[idx, :Tm] if args.tis_cap else None,
-                        **{k_: v for k_, v in loss_opts.items()})
+                        **loss_opts)
                     aux = moe_aux_loss(model)
                     if aux is not None:
                         loss = loss + aux / max(count, 1)

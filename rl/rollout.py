@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from data.chat import render
+from evaluation.evaluate import problem_text
 from sampling.sampler import SamplingParams
 
 
@@ -71,16 +72,9 @@ class RolloutBatch:
                             cat("rollout_logp"), cat("finish_reasons"), cat("texts"), cat("prompts"), cols, rewards)
 
 
-def prompt_text(row: dict) -> str:
-    for key in ("prompt", "problem", "question"):
-        if isinstance(row.get(key), str):
-            return row[key]
-    raise ValueError(f"prompt row has no 'prompt', 'problem' or 'question' string; columns {sorted(row)}")
-
-
 def encode_prompt(tok, row: dict, template: str | None) -> list[int]:
     """The rendered prompt's token ids (a chat prompt from `messages` or a user turn from the prompt text)."""
-    messages = row.get("messages") or [{"role": "user", "content": prompt_text(row)}]
+    messages = row.get("messages") or [{"role": "user", "content": problem_text(row)}]
     source = template if template is not None else tok.chat_template
     if source is None:
         raise ValueError("the tokenizer has no chat template; pass --chat-template ('r1-zero', 'chatml' or Jinja)")
@@ -115,7 +109,7 @@ def generate_rollouts(sampler, tok, rows: list[dict], *, group_size: int, params
         rollout_logp=[c.logprobs for _, _, c in flat],
         finish_reasons=[c.finish_reason for _, _, c in flat],
         texts=[c.text if c.text is not None else tok.decode(c.token_ids) for _, _, c in flat],
-        prompts=[prompt_text(r) for r, _, _ in flat],
+        prompts=[problem_text(r) for r, _, _ in flat],
     )
 
 
