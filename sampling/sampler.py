@@ -16,7 +16,9 @@ How it works
 - Shared prefill (GRPO groups): a prompt is prefilled once into one slot; its n samples get the
   prompt's cache rows by copy (`cache.copy_slots`), and their first tokens are drawn from the same
   prefill logits. A sample admitted after the prompt's slot was reused is prefilled again
-  (counted in `stats.prefill_tokens`).
+  (counted in `stats.prefill_tokens`). The prompts admitted together are prefilled in one forward
+  as right-padded rows (up to PREFILL_TOKENS padded tokens a call), the head applied to each
+  prompt's last position only.
 - Continuous batching: every decode step advances all active slots by one token; a finished
   sequence frees its slot and the next waiting sample takes it at once. Requests beyond
   max_batch_size wait in a FIFO queue. The running samples always sit in slots 0..A-1: when one
@@ -115,6 +117,7 @@ class _Request:
 
 
 _UNIFORM_BLOCK = 64  # uniforms drawn per generator call; part of what a seed reproduces
+PREFILL_TOKENS = 8192  # padded prompt tokens per batched prefill call (bounds its activations)
 
 
 def _truncate(logits: torch.Tensor, top_k: list[int], top_p: list[float], min_p: list[float]) -> torch.Tensor:
@@ -208,13 +211,14 @@ class Sampler:
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor | None, attn_len: int) -> torch.Tensor:
         """Logits of the last position of each row: ids, pos [B, T]; slots [B] (None: row b in slot
         b, read as views of the cache) -> [B, V] fp32."""
-        logits = self.model(ids, position_ids=pos, cache=self.cache, slots=slots, attn_len=attn_len)
-        return logits[:, -1].float()
+        h = self.model(ids, position_ids=pos, cache=self.cache, slots=slots, attn_len=attn_len, return_hidden=True)
+        return self.model.lm_head(h[:, -1]).float()  # the head on the last position only (prefill: not [T, V])
 
     def _static_step(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """The fixed-shape decode step over all slots: ids, pos [max_batch_size, 1] -> [max_batch_size, V]."""
-        logits = self.model(ids, position_ids=pos, cache=self.cache, slots=None, attn_len=self.max_seq_len + 1)
-        return logits[:, -1].float()
+        h = self.model(ids, position_ids=pos, cache=self.cache, slots=None, attn_len=self.max_seq_len + 1,
+                       return_hidden=True)
+        return self.model.lm_head(h[:, -1]).float()
 
     # -- sampling ----------------------------------------------------------------------------------
     def _draw(self, logits: torch.Tensor, reqs: list[_Request]) -> tuple[list[int], list[float]]:
@@ -382,6 +386,25 @@ class Sampler:
             self._append(r, t, lp)
         return active
 
+    def _prefill(self, groups: list[int], slots: list[int], prompts, prefill_logits) -> None:
+        """One forward over the prompts of `groups` (right-padded to the longest) into `slots`; the
+        logits at each prompt's last position go to prefill_logits."""
+        lens = [len(prompts[g]) for g in groups]
+        L = max(lens)
+        ids = torch.zeros(len(groups), L, dtype=torch.long)
+        for i, g in enumerate(groups):
+            ids[i, :lens[i]] = torch.tensor(prompts[g])
+        ids = ids.to(self.device)
+        pos = torch.arange(L, device=self.device).expand(len(groups), L)
+        h = self.model(ids, position_ids=pos, cache=self.cache, slots=torch.tensor(slots, device=self.device),
+                       attn_len=L, return_hidden=True)
+        last = h[torch.arange(len(groups), device=self.device), torch.tensor(lens, device=self.device) - 1]
+        logits = self.model.lm_head(last).float()
+        for i, g in enumerate(groups):
+            prefill_logits[g] = logits[i]
+        self.stats.prefill_tokens += sum(lens)
+        self.stats.prefill_calls += 1
+
     def _admit(self, admitted: list[_Request], prompts, slot_prompt, prefill_logits) -> None:
         """Put each admitted sample's prompt into its slot: prefill once per prompt, copy for the rest."""
         t0 = time.perf_counter()
@@ -390,17 +413,21 @@ class Sampler:
             by_group.setdefault(r.group, []).append(r)
         # prompts needing a prefill: no slot still holds their tokens, or their logits were dropped
         need = [g for g in by_group if g not in prefill_logits or g not in slot_prompt]
-        # prefill, one prompt at a time into the first admitted slot of its group (prompts differ in
-        # length; one row each keeps it exact and simple)
-        for g in need:
-            slot = by_group[g][0].slot
-            p = prompts[g]
-            ids = torch.tensor([p], device=self.device)
-            pos = torch.arange(len(p), device=self.device).unsqueeze(0)
-            prefill_logits[g] = self._forward(ids, pos, torch.tensor([slot], device=self.device), len(p))[0]
-            slot_prompt[slot] = g
-            self.stats.prefill_tokens += len(p)
-            self.stats.prefill_calls += 1
+        # prefill into the first admitted slot of each group: prompts batched as right-padded rows
+        # (shortest first, at most PREFILL_TOKENS padded tokens a call). Exact: a real token attends
+        # only to earlier positions of its own slot, never to the padding after it, and the padding
+        # written into the cache past the prompt is overwritten by the decode steps before any
+        # query can see it (decode attends to positions <= its own).
+        need.sort(key=lambda g: len(prompts[g]))
+        chunk: list[int] = []
+        for k, g in enumerate(need):
+            chunk.append(g)
+            nxt = len(prompts[need[k + 1]]) if k + 1 < len(need) else None
+            if nxt is None or nxt * (len(chunk) + 1) > PREFILL_TOKENS:
+                self._prefill(chunk, [by_group[c][0].slot for c in chunk], prompts, prefill_logits)
+                for c in chunk:
+                    slot_prompt[by_group[c][0].slot] = c
+                chunk = []
         for g, rs in by_group.items():
             src = next(s for s in range(self.max_batch_size) if slot_prompt[s] == g)
             dst = [r.slot for r in rs if r.slot != src]

@@ -101,7 +101,10 @@ class FixedLogitsModel(torch.nn.Module):
 
     def __init__(self, logits):
         super().__init__()
-        self.logits = torch.nn.Parameter(logits, requires_grad=False)
+        # hidden state 1.0 everywhere and a [V, 1] head whose column is `logits`
+        self.lm_head = torch.nn.Linear(1, len(logits), bias=False)
+        self.lm_head.weight.data.copy_(logits[:, None])
+        self.lm_head.requires_grad_(False)
 
     class _Cache:
         bytes_per_token = 4
@@ -112,8 +115,9 @@ class FixedLogitsModel(torch.nn.Module):
     def make_cache(self, max_batch_size, max_seq_len, dtype=None, device=None):
         return self._Cache()
 
-    def forward(self, ids, position_ids=None, cache=None, slots=None, attn_len=None):
-        return self.logits.expand(ids.shape[0], ids.shape[1], -1)
+    def forward(self, ids, position_ids=None, cache=None, slots=None, attn_len=None, return_hidden=False):
+        h = torch.ones(ids.shape[0], ids.shape[1], 1)
+        return h if return_hidden else self.lm_head(h)
 
 
 LOGITS = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -2.0])
@@ -170,7 +174,25 @@ def test_shared_prefill_counts_each_prompt_once(pair):
     prompts = PROMPTS
     s.generate(prompts, SamplingParams(n=8, temperature=1.0, max_new_tokens=5, stop_token_ids=[], seed=0))
     assert s.stats.prefill_tokens == sum(len(p) for p in prompts)
-    assert s.stats.prefill_calls == len(prompts)
+    assert s.stats.prefill_calls == 1  # the four prompts were admitted together: one padded forward
+
+
+def test_batched_prefill_equals_one_prompt_at_a_time(pair, monkeypatch):
+    """Prompts of lengths 1-13 prefilled as right-padded rows of one forward give the same greedy
+    tokens and logprobs as prefilling each prompt alone (calls of one row: PREFILL_TOKENS = 1)."""
+    import sampling.sampler as sampler_mod
+    name, _, ours = pair
+    params = SamplingParams(temperature=0, max_new_tokens=12, stop_token_ids=[])
+    s = Sampler(ours, max_batch_size=8, max_seq_len=64, verbose=False)
+    batched = s.generate(PROMPTS, params)
+    assert s.stats.prefill_calls == 1
+    monkeypatch.setattr(sampler_mod, "PREFILL_TOKENS", 1)
+    s = Sampler(ours, max_batch_size=8, max_seq_len=64, verbose=False)
+    alone = s.generate(PROMPTS, params)
+    assert s.stats.prefill_calls == len(PROMPTS)
+    for b, a in zip(batched, alone):
+        assert b[0].token_ids == a[0].token_ids, name
+        assert max(abs(x - y) for x, y in zip(b[0].logprobs, a[0].logprobs)) < 1e-5, name
 
 
 def test_continuous_batching_decode_steps_bound(pair):
