@@ -120,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     # data
     g = p.add_argument_group("data")
     g.add_argument("--data", default=None, help="training data: JSONL/Parquet (pretrain: text; sft: conversations)")
+    g.add_argument("--prompt-column", default="prompt",
+                   help="grpo/generate: the column holding the problem text when rows have no 'messages' "
+                        "(e.g. 'problem' for OpenR1-Math-220k)")
     g.add_argument("--seq-len", type=int, default=512, help="tokens per packed row / longest document")
     g.add_argument("--overlong", choices=("drop", "truncate", "error"), default="drop",
                    help="what to do with a document longer than --seq-len (counted and reported)")

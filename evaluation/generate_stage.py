@@ -311,7 +311,7 @@ def run_generate(args, run, info) -> int:
     cfg = GenerateConfig(n=args.gen_n, temperature=args.gen_temperature, top_p=args.gen_top_p,
                          max_new_tokens=args.gen_max_new_tokens, seed=args.seed, rewards=tuple(rewards),
                          conditions=tuple(parse_keep_if(args.keep_if, rewards)), max_per_prompt=args.max_per_prompt)
-    rows = load_prompts(args.data)
+    rows = load_prompts(args.data, args.prompt_column)
     conversations = [prompt_messages(row, f"{args.data} row {i + 1}") for i, row in enumerate(rows)]
     settings = {"data": str(Path(args.data).resolve()), "num_prompts": len(rows), "model": args.model,
                 "preset": args.preset, "tokenizer": args.tokenizer, "chat_template": args.chat_template,

@@ -170,7 +170,7 @@ def train_grpo(args, run, info) -> int:
     optimizer = build_optimizer(model, lr=args.lr, weight_decay=args.weight_decay)
     guard = NonFiniteGuard(max_in_a_row=args.max_nonfinite)
 
-    rows = load_prompts(args.data)
+    rows = load_prompts(args.data, args.prompt_column)
     if args.prompts_per_step % info.world_size:
         raise ValueError(f"--prompts-per-step {args.prompts_per_step} is not divisible by {info.world_size} ranks")
     per_rank = args.prompts_per_step // info.world_size

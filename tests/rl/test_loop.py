@@ -93,6 +93,20 @@ def test_two_steps_write_metrics_checkpoint_and_summary(assets, tmp_path):
     assert json.loads((run / "config.json").read_text())["group_size"] == GROUP_SIZE
 
 
+def test_prompt_column_reads_the_problem_text_from_another_column(assets, tmp_path):
+    """--prompt-column problem: rows shaped like OpenR1-Math-220k's (problem, answer) train; without
+    the flag the loader names the missing column."""
+    rows = [json.loads(line) for line in (assets / "prompts.jsonl").read_text().splitlines()]
+    data = tmp_path / "problems.jsonl"
+    data.write_text("".join(json.dumps({"problem": r.pop("prompt"), **r}) + "\n" for r in rows))
+    run = tmp_path / "run"
+    assert train.main(grpo_argv(assets / "model", data, run, "--max-steps", 1, "--beta", 0,
+                                "--prompt-column", "problem")) == 0
+    assert [r["step"] for r in metrics_of(run)] == [1]
+    with pytest.raises(ValueError, match="missing column 'prompt'"):
+        train.main(grpo_argv(assets / "model", data, tmp_path / "run2", "--max-steps", 1, "--beta", 0))
+
+
 def test_resume_after_a_crash_ends_with_the_uninterrupted_weights(assets, tmp_path, monkeypatch):
     """4 steps straight, against 4 steps that crash in the rollout of step 3 (checkpoint at step 2)
     and are resumed with --resume in the same process: same weights bit for bit, same metrics."""
