@@ -26,7 +26,7 @@ setup(
     ],
     extras_require={
         # transformers is a test oracle only: no package code imports it
-        "test": ["pytest>=8", "transformers>=4.50"],
+        "test": ["pytest>=8", "transformers>=4.50", "matplotlib>=3.8"],  # matplotlib: the recipe test checks its plots
         # side-by-side comparisons in bench/
         "bench": ["transformers>=4.50", "trl>=0.20"],
         "plot": ["matplotlib>=3.8"],

@@ -1,5 +1,6 @@
 """The README's two commands stay true: CI reads the test command from it, and the main job's
 steps after the install run here (in a temporary directory, against this checkout)."""
+import importlib.util
 import json
 import os
 import re
@@ -28,8 +29,8 @@ def test_main_command_runs_the_recipe_chain(tmp_path):
     """The main job after the install, with --recipe-smoke (every stage for a step on small data):
     the stages chain under torchrun and summary.json lists them; a second start moves the first aside."""
     cmd = block_after("main-command")
-    assert cmd.startswith(INSTALL + "pip install -e . && ")
-    steps = cmd[len(INSTALL + "pip install -e . && "):]
+    assert cmd.startswith(INSTALL + 'pip install -e ".[plot]" && ')
+    steps = cmd[len(INSTALL + 'pip install -e ".[plot]" && '):]
     assert steps == "torchrun --nproc_per_node 2 train.py"
     steps = steps.replace("train.py", str(ROOT / "train.py"))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -43,6 +44,10 @@ def test_main_command_runs_the_recipe_chain(tmp_path):
         assert 0 <= s["accuracy"] <= 1 and 0 <= s["greedy_accuracy"] <= 1 and 0 <= s["lenient_accuracy"] <= 1
         assert s["params"] > 0 and s["wall_s"] > 0
     assert summary["stages"][-1]["params"] < summary["stages"][0]["params"]  # the student is smaller
+    if importlib.util.find_spec("matplotlib") is not None:  # the test extra installs it, as the main command does
+        assert all((tmp_path / "runs/r1-tiny" / f).stat().st_size > 0 for f in ("rl_curves.png", "accuracy_per_stage.png"))
+    else:
+        assert "pip install -e '.[plot]'" in p.stdout
     p = subprocess.run(["bash", "-euo", "pipefail", "-c", steps + " --dry-run"], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
