@@ -24,7 +24,7 @@ What RL can do here: the base copies the corpus, so it mostly makes the carry bu
 samples that do carry and the model comes to carry. The rejection-sampled traces are then all
 correct, so SFT on them teaches the carry directly, and each later stage starts higher.
 
-Settings, as measured on 2 CPU cores (2 ranks; seed 0: about 11 minutes in all, 4.5 of them the
+Settings, as measured on 2 CPU cores (2 ranks; seeds 0-2: 10-12 minutes in all, 4-5 of them the
 base's pretraining):
 - GRPO lr 5e-5. At 1e-4 (what lifts the dense tiny base of scripts/grpo_arithmetic.py from 14%
   to 99% greedy) the MoE base gets worse: accuracy falls and entropy rises within 10 steps. It is
