@@ -57,3 +57,28 @@ def test_main_command_runs_the_recipe_chain(tmp_path):
 
 
 STAGES = ["base", "r1_zero", "cold_start_sft", "reasoning_rl", "rejection_sft", "final_rl", "student"]
+
+
+def test_real_scale_recipes_use_only_train_py_flags():
+    """Every --flag in the README's real-scale recipe commands is one train.py accepts (torchrun's own
+    flags aside), and each --stage / --variant / --reward value is one it knows."""
+    import train
+    from verify.rewards import REWARDS
+
+    section = README[README.index("## Real-scale recipes"):README.index("## Tests")]
+    commands = [" ".join(b.replace("\\\n", " ").split()) for b in re.findall(r"```\n(.*?)```", section, re.S)]
+    assert len(commands) == 4
+    parser = train.build_parser()
+    known = {s for a in parser._actions for s in a.option_strings}
+    torchrun = {"--nproc_per_node", "--nnodes"}
+    for cmd in commands:
+        for line in cmd.split("torchrun")[1:]:
+            flags = re.findall(r"(?<!\S)(--[a-z][a-z0-9_-]*)", line)
+            unknown = [f for f in flags if f not in known | torchrun]
+            assert not unknown, (unknown, line)
+            stage = re.search(r"--stage (\S+)", line).group(1)
+            assert stage in ("sft", "grpo", "eval", "generate", "pretrain")
+            variant = re.search(r"--variant (\S+)", line)
+            assert variant is None or variant.group(1) in ("grpo", "dapo", "dr_grpo", "gspo")
+            reward = re.search(r"--reward (\S+)", line)
+            assert reward is None or all(r.split(":")[0] in REWARDS for r in reward.group(1).split(","))
