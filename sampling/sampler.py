@@ -208,11 +208,11 @@ class Sampler:
         self.release()
 
     # -- the model -------------------------------------------------------------------------------
-    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor | None, attn_len: int) -> torch.Tensor:
-        """Logits of the last position of each row: ids, pos [B, T]; slots [B] (None: row b in slot
-        b, read as views of the cache) -> [B, V] fp32."""
-        h = self.model(ids, position_ids=pos, cache=self.cache, slots=slots, attn_len=attn_len, return_hidden=True)
-        return self.model.lm_head(h[:, -1]).float()  # the head on the last position only (prefill: not [T, V])
+    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, attn_len: int) -> torch.Tensor:
+        """The decode step over the active rows: ids, pos [A, 1], row a in slot a (the cache read as
+        views of slots 0..A-1) -> logits [A, V] fp32."""
+        h = self.model(ids, position_ids=pos, cache=self.cache, slots=None, attn_len=attn_len, return_hidden=True)
+        return self.model.lm_head(h[:, -1]).float()
 
     def _static_step(self, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """The fixed-shape decode step over all slots: ids, pos [max_batch_size, 1] -> [max_batch_size, V]."""
@@ -377,7 +377,7 @@ class Sampler:
             pos = torch.cat([pos, pos.new_full((B - A, 1), self.max_seq_len)])
             logits = self._step(ids, pos)[:A]
         else:
-            logits = self._forward(ids, pos, None, max(r.pos for r in active) + 1)
+            logits = self._forward(ids, pos, max(r.pos for r in active) + 1)
         self.stats.decode_steps += 1
         toks, lps = self._draw(logits, active)
         self.stats.decode_s += time.perf_counter() - t0
