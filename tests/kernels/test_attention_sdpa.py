@@ -5,22 +5,7 @@ import torch
 
 import kernels
 from kernels import attention as fa
-
-
-def run(fn, q, k, v, do, **kw):
-    q, k, v = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
-    o = fn(q, k, v, **kw)
-    o.backward(do.to(o.dtype))
-    return o, q.grad, k.grad, v.grad
-
-
-def make(lead_q, lead_k, H, Hkv, dqk, dv, dtype, seed):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(*lead_q, H, dqk, generator=g).to(dtype)
-    k = torch.randn(*lead_k, Hkv, dqk, generator=g).to(dtype)
-    v = torch.randn(*lead_k, Hkv, dv, generator=g).to(dtype)
-    do = torch.randn(*lead_q, H, dv, generator=g)
-    return q, k, v, do
+from tests.kernels.test_flash_attention import make, run
 
 
 CASES = {

@@ -27,12 +27,7 @@ STEP_KEYS = step_metric_keys([PARITY_REWARD, "format", "task"])
 TIMING_KEYS = ("time/rollout", "time/reward", "time/logprobs", "time/train", "step_s", "tokens_per_s")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/rl/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -26,12 +26,7 @@ WORKER = ROOT / "tests" / "rl" / "_grpo_worker.py"
 NAN = math.nan
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/rl/conftest.py
 
 
 @pytest.fixture(scope="module")
