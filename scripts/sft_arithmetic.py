@@ -2,7 +2,7 @@
 greedy accuracy on held-out problems, in minutes on 2 CPU cores.
 
     python scripts/sft_arithmetic.py --out runs/sft-arithmetic            # the full run
-    python scripts/sft_arithmetic.py --out /tmp/smoke --smoke             # a short CI check
+    python scripts/sft_arithmetic.py --out runs/sft-smoke --smoke         # a short CI check
 
 What it does, top to bottom:
 1. data: --train-rows clean worked examples of --digits-digit addition (data.tasks.pretraining_corpus
