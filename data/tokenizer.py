@@ -56,6 +56,8 @@ from pathlib import Path
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors, trainers
 
+from data.templates import BUILTIN_TEMPLATES
+
 BOS_TOKEN = "<|begin_of_text|>"
 EOS_TOKEN = "<|end_of_text|>"
 PAD_TOKEN = "<|pad|>"
@@ -467,8 +469,6 @@ def _jsonl_documents(line: str, where: str) -> Iterator[str]:
 
 
 def _chat_template_arg(value: str) -> str:
-    from data.chat import BUILTIN_TEMPLATES
-
     if value in BUILTIN_TEMPLATES:
         return BUILTIN_TEMPLATES[value]
     path = Path(value)

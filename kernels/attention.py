@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.backend import backend_name, use_triton
+from kernels.compile_spec import CompileSpec
 from kernels.triton_import import tl, triton
 
 LOG2E = 1.4426950408889634
@@ -434,7 +435,6 @@ SPEC_HEAD_DIMS = ((128, 128), (192, 128), (64, 64))  # Llama/Qwen, MLA, small mo
 
 def compile_specs():
     """The three kernels, causal, with the launcher's tile sizes, per head-dim pair and dtype."""
-    from kernels.compile_check import CompileSpec
     dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     specs = []
     for dqk, dv in SPEC_HEAD_DIMS:

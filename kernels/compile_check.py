@@ -7,34 +7,23 @@ dot shapes and dtypes, shared-memory budgets) and computes bf16 dots wrongly; th
 each kernel with the launch configurations its host launcher uses, for fp32, fp16 and bf16, down
 to a cubin when the CUDA backend's ptxas is present (Triton wheels bundle it), or to PTX when it is
 not. It needs TRITON_INTERPRET unset: under the interpreter `triton.jit` returns interpreted
-functions that cannot be compiled. Each kernel module lists its configurations in `compile_specs()`.
+functions that cannot be compiled. Each kernel module lists its configurations in `compile_specs()`, as CompileSpecs
+(kernels/compile_spec.py).
 
 Output: one line per (kernel, dtype) with the stage reached and the static shared memory, then,
 with --json, one JSON line. Exit status 1 when any kernel fails to compile or needs more shared
 memory than one block may use on the target (227 KiB on sm_90).
 """
 import argparse
-import dataclasses
 import json
 import os
 import sys
 import time
 
+from kernels.compile_spec import CompileSpec
+
 # largest shared memory one thread block may use, by compute capability (bytes)
 MAX_SHARED = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
-
-
-@dataclasses.dataclass
-class CompileSpec:
-    """One kernel build: `signature` maps each argument to a Triton type ("*fp16", "i32",
-    "fp32", "constexpr"); `constexprs` gives the constexpr values the launcher uses."""
-    name: str
-    dtype: str
-    fn: object
-    signature: dict
-    constexprs: dict
-    num_warps: int = 4
-    num_stages: int = 3
 
 
 def all_specs() -> list[CompileSpec]:

@@ -33,6 +33,7 @@ from typing import NamedTuple
 import torch
 
 from kernels.backend import use_triton
+from kernels.compile_spec import CompileSpec
 from kernels.triton_import import tl, triton
 
 LOG_RATIO_CLAMP = 20.0
@@ -267,7 +268,6 @@ def grpo_token_loss(log_ratio, advantages, mask, *, eps_low=0.2, eps_high=0.2, d
 
 def compile_specs():
     """Forward and backward with every option on (dual clip, IS weight, k3 KL), log-ratio in fp32/fp16/bf16."""
-    from kernels.compile_check import CompileSpec
     specs = []
     flags = {"HAS_DUAL": True, "HAS_W": True, "HAS_KL": True, "KL_KIND": 3, "BLOCK": BLOCK}
     scalars = {"n": "i32", "eps_low": "fp32", "eps_high": "fp32", "dual_clip": "fp32", "beta": "fp32",

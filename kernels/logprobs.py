@@ -33,6 +33,7 @@ paths, the autograd.Function, the public functions, compile_specs().
 import torch
 
 from kernels.backend import use_triton
+from kernels.compile_spec import CompileSpec
 from kernels.triton_import import tl, triton
 
 # default tile: C * Vb <= TILE_ELEMENTS (64 MiB of fp32 logits); Vb <= VOCAB_BLOCK
@@ -310,7 +311,6 @@ def token_logprobs(hidden, weight, targets, temperature=1.0, with_entropy=False)
 
 def compile_specs(Vb: int = VOCAB_BLOCK):
     """The two tile kernels as launched above, for logits in fp32/fp16/bf16."""
-    from kernels.compile_check import CompileSpec
     specs = []
     for dt in ("fp32", "fp16", "bf16"):
         specs.append(CompileSpec("token_logprobs_lse_tile", dt, _lse_tile_kernel,

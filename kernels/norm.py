@@ -18,6 +18,7 @@ Layout: jit kernels, host launchers, autograd.Function, the torch twin, the publ
 import torch
 
 from kernels.backend import use_triton
+from kernels.compile_spec import CompileSpec
 from kernels.triton_import import tl, triton
 
 
@@ -153,7 +154,6 @@ TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "
 
 def compile_specs(D: int = 4096):
     """The launches above for x in fp32/fp16/bf16 (weight in x's dtype), for kernels.compile_check."""
-    from kernels.compile_check import CompileSpec
     BLOCK_D = _block_d(D)
     warps = min(max(BLOCK_D // 256, 1), 16)
     specs = []

@@ -40,7 +40,7 @@ from torch import nn
 from kernels import token_logprobs
 from model.config import ModelConfig
 from model.layers import RMSNorm
-from model.transformer import Block
+from model.block import Block
 
 
 class SharedHead(nn.Module):

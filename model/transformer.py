@@ -1,4 +1,4 @@
-"""The decoder-only Transformer of every model family in model/: Block and Transformer.
+"""The decoder-only Transformer of every model family in model/ (its layers: model/block.py).
 
 Letters: B batch, T tokens, D model dim, V vocab, N slots of a KV cache, L cache positions.
 
@@ -34,36 +34,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from model.attention import MLA, Attention
-from model.cache import CacheStep, KVCache
+from model.block import Block
+from model.cache import KVCache
 from model.config import ModelConfig
-from model.layers import MLP, RMSNorm
-from model.moe import MoE
+from model.layers import RMSNorm
+from model.mtp import MTPLayer, mtp_loss
 from model.rope import RotaryEmbedding
-
-
-class Block(nn.Module):
-    """One pre-norm decoder layer: x [B, T, D] -> [B, T, D].
-
-        x = x + self_attn(input_layernorm(x));   x = x + mlp(post_attention_layernorm(x))
-    """
-
-    def __init__(self, config: ModelConfig, layer_idx: int):
-        super().__init__()
-        self.layer_idx = layer_idx
-        D = config.hidden_size
-        self.input_layernorm = RMSNorm(D, config.rms_norm_eps)
-        self.self_attn = MLA(config, layer_idx) if config.is_mla else Attention(config, layer_idx)
-        self.post_attention_layernorm = RMSNorm(D, config.rms_norm_eps)
-        if config.is_moe_layer(layer_idx):
-            self.mlp = MoE(config, layer_idx)
-        else:
-            self.mlp = MLP(D, config.intermediate_size, bias=config.mlp_bias)
-
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cu_seqlens: torch.Tensor | None = None, step: CacheStep | None = None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cu_seqlens, step)
-        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class Decoder(nn.Module):
@@ -71,8 +47,6 @@ class Decoder(nn.Module):
 
     def __init__(self, config: ModelConfig):
         super().__init__()
-        from model.mtp import MTPLayer  # model.mtp builds on Block, defined above
-
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         n = config.num_hidden_layers
         layers = [Block(config, i) for i in range(n)]
@@ -265,6 +239,4 @@ class Transformer(nn.Module):
         """The weighted multi-token-prediction loss (model/mtp.py) from the main model's final hidden
         states: returns (loss, metrics). See model.mtp.mtp_loss. On an FSDP2-wrapped model use
         forward(..., with_mtp_loss=True) instead (the shared embedding and head are gathered there)."""
-        from model.mtp import mtp_loss
-
         return mtp_loss(self, hidden, input_ids, position_ids, cu_seqlens, target_mask)

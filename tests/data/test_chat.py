@@ -7,8 +7,8 @@ import random
 
 import pytest
 
-from data.chat import (CHATML_TEMPLATE, R1_ZERO_TEMPLATE, TemplateError, encode_chat, render, render_spans,
-                       token_mask, training_text)
+from data.chat import TemplateError, encode_chat, render, render_spans, token_mask, training_text
+from data.templates import CHATML_TEMPLATE, R1_ZERO_TEMPLATE
 from data.tokenizer import DEFAULT_SPECIAL_TOKENS, EOS_TOKEN, Tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -345,7 +345,7 @@ def test_sandbox_matches_transformers(base):
 
 
 def test_r1_zero_short_is_r1_zero_with_a_one_line_system_text():
-    from data.chat import R1_ZERO_SHORT_SYSTEM, R1_ZERO_SYSTEM, render
+    from data.templates import R1_ZERO_SHORT_SYSTEM, R1_ZERO_SYSTEM
     msgs = [{"role": "user", "content": "What is 1 + 2?"}, {"role": "assistant", "content": "<think>x</think>"}]
     for gen in (False, True):
         long = render(msgs[:1] if gen else msgs, "r1-zero", add_generation_prompt=gen, bos_token="<s>", eos_token="</s>")

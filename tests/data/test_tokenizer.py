@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from tokenizers import processors
 
-from data.chat import CHATML_TEMPLATE, R1_ZERO_TEMPLATE
+from data.templates import CHATML_TEMPLATE, R1_ZERO_TEMPLATE
 from data.tokenizer import (BOS_TOKEN, DEFAULT_ADDED_TOKENS, DEFAULT_SPECIAL_TOKENS, EOS_TOKEN, PAD_TOKEN,
                             Tokenizer, iter_corpus, main)
 

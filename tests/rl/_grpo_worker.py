@@ -81,7 +81,7 @@ def make_model_dir(path: Path, *, hidden: int = 32, layers: int = 2, seed: int =
     """A Qwen2-style model (hidden `hidden`, `layers` layers, 4 heads, 2 KV heads, tied embeddings) and a
     byte-level BPE tokenizer trained on arithmetic text and the R1-Zero system prompt, saved as one
     Hugging Face folder. Returns (model, tokenizer)."""
-    from data.chat import R1_ZERO_SYSTEM
+    from data.templates import R1_ZERO_SYSTEM
     from data.tokenizer import Tokenizer
     from model.checkpoint import save_pretrained
     from model.config import ModelConfig
