@@ -499,9 +499,10 @@ def save_pretrained(model, path, tokenizer=None, *, max_shard_bytes: int = DEFAU
     lm_head.weight is not written.
 
     The folder appears atomically: everything is written into a temporary folder beside `path`,
-    then renamed. An existing `path` is an error unless `overwrite=True`; it is then moved aside and
-    the new folder renamed into place before the old one is deleted, so `path` never holds a
-    half-written checkpoint. With DTensor parameters (FSDP2) every rank must call this; only rank 0
+    then renamed. An existing empty folder at `path` (a `tempfile.TemporaryDirectory()`, say) is
+    replaced by that rename, as transformers writes into one; an existing non-empty `path` is an
+    error unless `overwrite=True`; it is then moved aside and the new folder renamed into place
+    before the old one is deleted, so `path` never holds a half-written checkpoint. With DTensor parameters (FSDP2) every rank must call this; only rank 0
     writes. Returns `path`.
     """
     path = Path(path)
@@ -512,7 +513,8 @@ def save_pretrained(model, path, tokenizer=None, *, max_shard_bytes: int = DEFAU
     problem = None
     if rank == 0 and path.exists():
         problem = (f"{path}: exists and is not a folder" if not path.is_dir() else
-                   None if overwrite else f"{path}: already exists; pass overwrite=True to replace it")
+                   None if overwrite or not any(path.iterdir()) else
+                   f"{path}: already exists and is not empty; pass overwrite=True to replace it")
     if distributed:  # every rank raises, rather than waiting in gathers rank 0 would never join
         box = [problem]
         torch.distributed.broadcast_object_list(box, src=0)
@@ -635,9 +637,13 @@ def _generation_config(config: ModelConfig, tokenizer) -> dict:
 
 
 def _replace_folder(tmp: Path, path: Path) -> None:
-    """Put the finished folder `tmp` at `path`; an existing `path` is moved aside first and deleted
-    last. A crash between the two renames leaves no folder at `path` but both complete copies beside it."""
-    if path.exists():
+    """Put the finished folder `tmp` at `path`. An empty folder at `path` is replaced by one rename
+    (rename(2) replaces an empty directory atomically, and fails, losing nothing, if something was
+    written there meanwhile); a non-empty one is moved aside first and deleted last. A crash
+    between those two renames leaves no folder at `path` but both complete copies beside it."""
+    if path.is_dir() and not any(path.iterdir()):
+        os.rename(tmp, path)
+    elif path.exists():
         old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
         os.rename(path, old)
         os.rename(tmp, path)

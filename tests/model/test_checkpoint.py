@@ -240,6 +240,32 @@ def test_save_refuses_existing_folder_and_replaces_it_atomically(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
+def test_save_into_an_existing_empty_folder_as_transformers_does(tmp_path):
+    import tempfile
+
+    transformers = pytest.importorskip("transformers")
+    config = _config("qwen2-tied")
+    model = random_model(config, seed=3)
+    with tempfile.TemporaryDirectory() as d:   # the usual target: an empty folder that already exists
+        assert save_pretrained(model, d) == Path(d)
+        assert (Path(d) / "model.safetensors").is_file() and (Path(d) / "config.json").is_file()
+        assert torch.equal(load_pretrained(d).lm_head.weight, model.lm_head.weight)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(d)
+        assert torch.equal(hf.lm_head.weight, model.lm_head.weight)
+        assert sorted(p.name for p in Path(d).parent.iterdir() if p.name.startswith(f".{Path(d).name}")) == []
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    save_pretrained(model, empty)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]   # no temporary folder left beside it
+    # a folder holding anything, even one stray file, is still refused without overwrite=True, and kept
+    stray = tmp_path / "stray"
+    stray.mkdir()
+    (stray / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="already exists and is not empty; pass overwrite=True"):
+        save_pretrained(model, stray)
+    assert [p.name for p in stray.iterdir()] == ["notes.txt"] and (stray / "notes.txt").read_text() == "mine"
+
+
 # ------------------------------------------------------------------------------------------------
 # FP8 block-quantised checkpoints
 # ------------------------------------------------------------------------------------------------
