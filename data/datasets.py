@@ -371,6 +371,26 @@ def load_eval_set(name_or_path, data_dir=None) -> list[dict]:
 # ---------------------------------------------------------------------------------------------
 
 
+def fit_global_batch(requested: int, num_rows: int, world_size: int, *, flag: str, what: str,
+                     defaulted: bool = False) -> tuple[int, str | None]:
+    """The rows per step (all ranks) to use for a data set of `num_rows` rows: (value, note).
+
+    A requested value that fits (at most num_rows) is used as it is (note None). A default that
+    does not fit shrinks to the largest multiple of world_size that does, and the note says so
+    (a default must fit any run); an explicit value that does not fit, or data with fewer rows
+    than ranks, is a ValueError naming the flag and `what` (e.g. "train.jsonl: 20 documents").
+    """
+    if requested <= num_rows:
+        return requested, None
+    fitted = num_rows // world_size * world_size
+    if not defaulted or fitted < 1:
+        raise ValueError(f"{flag} {requested}: {what}, fewer than one step's worth"
+                         + (f" (and fewer than the {world_size} ranks)" if fitted < 1 else
+                            f"; give {flag} {fitted} or less"))
+    return fitted, f"{flag} {fitted} (default {requested} is more than {what}; the largest multiple of " \
+                   f"{world_size} rank(s) that fits)"
+
+
 class ShardedBatchSampler:
     """Per-rank batches of row indices: shuffled per epoch, sharded across ranks, resumable.
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from data.chat import render
 from sampling.sampler import Sampler, SamplingParams
@@ -50,6 +51,39 @@ def prompt_ids(tok, row: dict, template: str | None = None, instruction: str | N
         raise ValueError("the tokenizer has no chat template; pass template= ('r1-zero', 'chatml' or Jinja source)")
     rendered = render([{"role": "user", "content": text}], source, add_generation_prompt=True, **tok.special_tokens)
     return tok.encode(rendered)
+
+
+# ---- held-out evaluation during training (the SFT and GRPO loops' --eval-* flags) ---------------
+
+TASKS = ("arithmetic", "countdown", "math", "code")
+_CODE_COLUMNS = ("test", "tests", "test_list", "verification_info")
+
+
+def infer_task(rows: list[dict]) -> str:
+    """How held-out rows are checked when --eval-task is not given: the synthetic tasks' own
+    'task' column (data/tasks.py writes it), code for rows that carry tests, else math."""
+    first = rows[0] if rows else {}
+    if first.get("task") in ("arithmetic", "countdown"):
+        return first["task"]
+    if any(first.get(c) is not None for c in _CODE_COLUMNS):
+        return "code"
+    return "math"
+
+
+def heldout_task(args, rows: list[dict]) -> str:
+    """--eval-task, or the task of the rows (infer_task) when the flag was left unset."""
+    return args.eval_task if args.eval_task is not None else infer_task(rows)
+
+
+def check_heldout_flags(args) -> None:
+    """--eval-data and the flags of the held-out evaluation a training loop runs (ValueError)."""
+    if args.eval_data is None:
+        return
+    if not Path(args.eval_data).is_file():
+        raise ValueError(f"--eval-data {args.eval_data}: no such file")
+    for flag in ("eval_problems", "eval_max_new_tokens", "eval_batch_size"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: expected >= 1")
 
 
 # ---- correctness checks -------------------------------------------------------------------------

@@ -59,6 +59,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from evaluation.eval_stage import completion_text
+from runtime.rundir import fill_default
 
 OUTPUT_FILE = "generated.jsonl"
 PROGRESS_FILE = "progress.json"
@@ -281,8 +282,19 @@ def _mean(values) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def check_flags(args, world_size: int) -> None:
-    """The generate stage's flags, checked before anything is written (ValueError naming the flag)."""
+# rewards whose full marks (1.0) mean "correct" or "well formed": an unset --keep-if asks for
+# full marks on each of these that --reward scores
+VERIFIABLE = ("accuracy", "format", "think_format", "task", "arithmetic", "countdown", "code")
+
+
+def default_keep_if(rewards: list[str]) -> str:
+    """The --keep-if of a run that gives none: ">= 1" on each verifiable reward scored, else "none"."""
+    return ",".join(f"{name}>=1" for name in rewards if name in VERIFIABLE) or "none"
+
+
+def check_flags(args, world_size: int) -> list[str]:
+    """The generate stage's flags, checked before anything is written (ValueError naming the flag).
+    An unset --keep-if becomes default_keep_if of --reward; returns the console line saying so."""
     from evaluation.eval_stage import check_sampling_flags
     if world_size > 1:
         raise ValueError(f"--stage generate runs in one process (it got WORLD_SIZE={world_size}); split --data "
@@ -293,7 +305,15 @@ def check_flags(args, world_size: int) -> None:
     if args.gen_batch_prompts < 1 or args.max_per_prompt < 0:
         raise ValueError(f"--gen-batch-prompts must be >= 1 and --max-per-prompt >= 0 (0: no cap), got "
                          f"{args.gen_batch_prompts} and {args.max_per_prompt}")
-    parse_keep_if(args.keep_if, parse_rewards(args.reward))
+    rewards = parse_rewards(args.reward)
+    notes = []
+    if args.keep_if is None:
+        keep = default_keep_if(rewards)
+        notes.append(fill_default(args, "keep_if", keep, "full marks on each verifiable reward of --reward" if keep
+                                  != "none" else f"keep every completion: --reward {args.reward} has no verifiable "
+                                  f"reward ({', '.join(VERIFIABLE)})"))
+    parse_keep_if(args.keep_if, rewards)
+    return notes
 
 
 def run_generate(args, run, info) -> int:

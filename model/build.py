@@ -10,6 +10,8 @@ Shared by every loop (sft/, rl/, the eval and generate stages), so it lives belo
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from model.config import PRESETS, ModelConfig
@@ -23,6 +25,23 @@ def preset_config(name: str, tok=None, **overrides) -> ModelConfig:
         overrides = {"vocab_size": tok.vocab_size, "bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id,
                      "pad_token_id": tok.pad_id, **overrides}
     return ModelConfig.from_preset(name, **overrides)
+
+
+def check_model_flags(args) -> None:
+    """--model / --preset / --tokenizer of a training stage: exactly one model source, and folders
+    that hold what they must (ValueError naming the flag). Reads nothing but the file system."""
+    def need(ok: bool, message: str):
+        if not ok:
+            raise ValueError(message)
+
+    need((args.model is None) != (args.preset is None), "give exactly one of --model DIR and --preset NAME")
+    if args.preset is not None:
+        need(args.preset in PRESETS, f"--preset {args.preset!r}: unknown; known presets: {', '.join(sorted(PRESETS))}")
+    if args.model is not None:
+        need(Path(args.model).is_dir(), f"--model {args.model}: no such directory")
+    tokenizer = args.tokenizer or args.model
+    need(tokenizer is not None, "no tokenizer: give --tokenizer DIR (or --model DIR holding tokenizer files)")
+    need((Path(tokenizer) / "tokenizer.json").is_file(), f"--tokenizer {tokenizer}: no tokenizer.json there")
 
 
 def build_model(args, tok, device="cpu", dtype=torch.float32, seed: int | None = None,

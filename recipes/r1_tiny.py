@@ -47,10 +47,12 @@ from pathlib import Path
 
 import torch
 
+from recipes.flags import stage_args
+from recipes.stages import check_stage, run_stage
 from runtime.distributed import DistInfo, barrier, print0
 from runtime.rundir import RunDir, prepare_run_dir, write_json_atomic, write_run_config
 
-# The prompt: R1-Zero's template with a one-line system text (data.chat.R1_ZERO_SHORT_SYSTEM). R1's
+# The prompt: R1-Zero's template with a one-line system text (data.templates.R1_ZERO_SHORT_SYSTEM). R1's
 # own system prompt is about 85 of the ~145 tokens of an example here, and every stage pays for it.
 TEMPLATE = "r1-zero-short"
 
@@ -102,16 +104,6 @@ def _settings(smoke: bool) -> dict:
     return out
 
 
-def _stage_args(parser, base: dict, **overrides):
-    """A train.py Namespace with the parser's defaults, then `base`, then `overrides`."""
-    args = parser.parse_args([])
-    for key, value in {**base, **overrides}.items():
-        if not hasattr(args, key):
-            raise AssertionError(f"recipe setting {key!r} is not a train.py flag")
-        setattr(args, key, value)
-    return args
-
-
 def _make_data(root: Path, seed: int, info: DistInfo, R: dict) -> dict:
     """The task data and tokenizer (rank 0 writes; everyone gets the paths)."""
     from data.tasks import arithmetic_problems, pretraining_corpus, write_jsonl
@@ -160,12 +152,11 @@ def _evaluate(model_dir: Path, tok, rows, info: DistInfo, R: dict) -> dict:
             "response_length": sampled.mean_length, "params": count_params(model).total}
 
 
-def _generate(parser, name: str, root: Path, model_dir: Path, paths: dict, seed: int, info: DistInfo,
+def _generate(name: str, root: Path, model_dir: Path, paths: dict, seed: int, info: DistInfo,
               R: dict) -> Path:
     """Rejection sampling from `model_dir` over the first prompts; each rank takes a share; one merged file."""
     from data.datasets import read_jsonl
     from data.tasks import write_jsonl
-    from evaluation.generate_stage import run_generate
 
     g = R["generate"]
     out_dir = root / name
@@ -175,14 +166,15 @@ def _generate(parser, name: str, root: Path, model_dir: Path, paths: dict, seed:
         out_dir.mkdir(parents=True, exist_ok=True)
     barrier()
     write_jsonl(prompts[info.rank::info.world_size], out_dir / f"prompts-rank{info.rank}.jsonl", force=True)
-    args = _stage_args(parser, {k: v for k, v in g.items() if k != "num_prompts"}, stage="generate",
-                       model=str(model_dir), tokenizer=str(paths["tokenizer"]), chat_template=TEMPLATE,
-                       data=str(out_dir / f"prompts-rank{info.rank}.jsonl"), seed=seed, log_every_s=30.0)
+    args = stage_args({k: v for k, v in g.items() if k != "num_prompts"}, stage="generate",
+                      model=str(model_dir), tokenizer=str(paths["tokenizer"]), chat_template=TEMPLATE,
+                      data=str(out_dir / f"prompts-rank{info.rank}.jsonl"), seed=seed, log_every_s=30.0)
     # each rank generates its share as a single process into its own directory (prepare_run_dir is
     # collective, so the directory is made here)
     local = DistInfo(rank=0, world_size=1, local_rank=0, device=info.device, backend=None)
+    check_stage(args, local, log=print0)
     shard_dir.mkdir(parents=True, exist_ok=False)
-    run_generate(args, RunDir(shard_dir, moved_to=None, resumed=False), local)
+    run_stage(args, RunDir(shard_dir, moved_to=None, resumed=False), local)
     barrier()
     merged = out_dir / "generated.jsonl"
     if info.rank == 0:
@@ -194,13 +186,9 @@ def _generate(parser, name: str, root: Path, model_dir: Path, paths: dict, seed:
 
 
 def run_r1_tiny(args, run, info: DistInfo) -> int:
-    import train
     from data.datasets import read_jsonl
     from data.tokenizer import load_tokenizer
-    from rl.loop import train_grpo
-    from sft.loop import train_sft
 
-    parser = train.build_parser()
     root, seed = run.path, args.seed
     R = _settings(args.recipe_smoke)
     t_start = time.perf_counter()
@@ -210,12 +198,13 @@ def run_r1_tiny(args, run, info: DistInfo) -> int:
     summary = {"eval_problems": len(heldout), "seed": seed, "world_size": info.world_size, "stages": []}
     common = dict(tokenizer=str(paths["tokenizer"]), chat_template=TEMPLATE, seed=seed, log_every_s=10.0)
 
-    def stage(name: str, fn, stage_args) -> Path:
+    def stage(name: str, args) -> Path:
         t0 = time.perf_counter()
+        check_stage(args, info)
         sub = prepare_run_dir(root / name, log=print0)
-        write_run_config(sub, vars(stage_args))
-        print0(f"== {name} ({stage_args.stage}) ==")
-        fn(stage_args, sub, info)
+        write_run_config(sub, vars(args))
+        print0(f"== {name} ({args.stage}) ==")
+        run_stage(args, sub, info)
         model_dir = _hf_dir(sub.path)
         figures = _evaluate(model_dir, tok, heldout, info, R)
         entry = {"name": name, **figures, "wall_s": time.perf_counter() - t0, "model": str(model_dir)}
@@ -227,23 +216,21 @@ def run_r1_tiny(args, run, info: DistInfo) -> int:
         return model_dir
 
     def rl(name, model_dir):
-        a = _stage_args(parser, {**R["rl"], **R[name]}, model=str(model_dir), data=str(paths["prompts"]),
-                        **common)
-        return stage(name, train_grpo, a)
+        return stage(name, stage_args({**R["rl"], **R[name]}, model=str(model_dir), data=str(paths["prompts"]),
+                                      **common))
 
     def sft(name, data, **kw):
-        a = _stage_args(parser, {**R["sft"], **R[name]}, data=str(data), **{**common, **kw})
-        return stage(name, train_sft, a)
+        return stage(name, stage_args({**R["sft"], **R[name]}, data=str(data), **{**common, **kw}))
 
-    base = stage("base", train_sft, _stage_args(parser, R["base"], data=str(paths["corpus"]), **common))
+    base = stage("base", stage_args(R["base"], data=str(paths["corpus"]), **common))
     r1_zero = rl("r1_zero", base)
-    traces = _generate(parser, "generate_r1_zero", root, r1_zero, paths, seed, info, R)
+    traces = _generate("generate_r1_zero", root, r1_zero, paths, seed, info, R)
     cold = sft("cold_start_sft", traces, model=str(base))  # R1: the cold start fine-tunes the base, not R1-Zero
     reasoning = rl("reasoning_rl", cold)
-    samples = _generate(parser, "generate_reasoning_rl", root, reasoning, paths, seed + 1, info, R)
+    samples = _generate("generate_reasoning_rl", root, reasoning, paths, seed + 1, info, R)
     rejection = sft("rejection_sft", samples, model=str(base))  # R1: the base again, on the new samples
     final = rl("final_rl", rejection)
-    distill = _generate(parser, "generate_final_rl", root, final, paths, seed + 2, info, R)
+    distill = _generate("generate_final_rl", root, final, paths, seed + 2, info, R)
     sft("student", distill)
     summary["wall_s"] = time.perf_counter() - t_start
     if info.rank == 0:

@@ -32,11 +32,11 @@ import time
 import torch
 import torch.distributed as dist
 
-from data.datasets import ShardedBatchSampler, load_prompts, read_jsonl
+from data.datasets import ShardedBatchSampler, fit_global_batch, load_prompts, read_jsonl
 from data.tokenizer import load_tokenizer
-from evaluation.evaluate import evaluate_sharded
+from evaluation.evaluate import check_heldout_flags, evaluate_sharded, heldout_task
 from kernels import token_logprobs
-from model.build import build_model, model_summary, save_model_fn
+from model.build import build_model, check_model_flags, model_summary, save_model_fn
 from model.moe import moe_aux_loss, moe_load_stats, update_moe_biases
 from model.parallel import apply_fsdp, default_mixed_precision, gathered
 from rl.advantage import group_advantages, group_reward_stats
@@ -46,8 +46,8 @@ from rl.rollout import (RewardScorer, RolloutBatch, encode_prompt, generate_roll
 from runtime.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from runtime.distributed import print0
 from runtime.metrics import MetricsWriter, Progress
-from runtime.optim import build_optimizer, lr_schedule
-from runtime.rundir import write_json_atomic
+from runtime.optim import build_optimizer, check_training_flags, lr_schedule
+from runtime.rundir import check_rank_multiple, update_run_config, write_json_atomic
 from runtime.train_step import NonFiniteGuard, optimizer_step
 from sampling.sampler import Sampler, SamplingParams
 
@@ -152,6 +152,50 @@ def loss_options(args) -> tuple[dict, dict]:
     return loss, adv
 
 
+DEFAULT_PROMPTS_PER_STEP = 16  # when --prompts-per-step is unset (rounded up to a multiple of the ranks)
+
+
+def check_flags(args, world_size: int) -> list[str]:
+    """The GRPO stage's flags, checked before the run directory is created or moved (ValueError
+    naming the flag), so a bad invocation leaves nothing behind and fails before any model loads.
+    Unset run-dependent flags get values that fit this run (--warmup-steps, --prompts-per-step;
+    the data may shrink a default further, see train_grpo); returns the console lines saying so."""
+    from pathlib import Path
+
+    def need(ok: bool, message: str):
+        if not ok:
+            raise ValueError(message)
+
+    need(args.data is not None, "--stage grpo needs --data (a prompts JSONL/Parquet file)")
+    need(Path(args.data).is_file(), f"--data {args.data}: no such file")
+    check_model_flags(args)
+    notes = check_training_flags(args)
+    check_heldout_flags(args)
+    notes += check_rank_multiple(args, "prompts_per_step", DEFAULT_PROMPTS_PER_STEP, world_size)
+    need(args.group_size >= 2, f"--group-size {args.group_size}: expected >= 2 (advantages compare samples of a prompt)")
+    need(args.temperature > 0, f"--temperature {args.temperature}: expected > 0 (the policy's log-probs are taken "
+                               f"at the sampling temperature)")
+    need(0 < args.top_p <= 1 and args.top_k >= 0, f"--top-p {args.top_p} / --top-k {args.top_k}: expected top-p in "
+                                                  f"(0, 1] and top-k >= 0")
+    need(args.max_new_tokens >= 1, f"--max-new-tokens {args.max_new_tokens}: expected >= 1")
+    need(args.mu >= 1, f"--mu {args.mu}: expected >= 1")
+    per_rank = args.prompts_per_step // world_size * args.group_size
+    need(1 <= args.num_minibatches <= per_rank,
+         f"--num-minibatches {args.num_minibatches}: expected between 1 and the {per_rank} sequences each rank "
+         f"holds per step (--prompts-per-step / ranks x --group-size)")
+    need(args.micro_batch_tokens >= 1, f"--micro-batch-tokens {args.micro_batch_tokens}: expected >= 1")
+    need(args.sampler_batch_size >= 1, f"--sampler-batch-size {args.sampler_batch_size}: expected >= 1")
+    need(args.max_sampling_tries >= 1, f"--max-sampling-tries {args.max_sampling_tries}: expected >= 1")
+    need(args.ref_refresh_every >= 0, f"--ref-refresh-every {args.ref_refresh_every}: expected >= 0 (0: never)")
+    need(args.reward_workers >= 0 and args.reward_timeout_s > 0,
+         f"--reward-workers {args.reward_workers} / --reward-timeout-s {args.reward_timeout_s}: expected >= 0 "
+         f"(0: score in this process) and > 0")
+    need(any(spec.strip() for spec in args.reward.split(",")),
+         f"--reward {args.reward!r}: expected comma-separated reward names such as accuracy,format")
+    RewardScorer(args.reward, workers=0)  # unknown reward names fail here, listing the known ones
+    return notes
+
+
 def train_grpo(args, run, info) -> int:
     device = torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     tok = load_tokenizer(args.tokenizer, args.model)
@@ -171,8 +215,12 @@ def train_grpo(args, run, info) -> int:
     guard = NonFiniteGuard(max_in_a_row=args.max_nonfinite)
 
     rows = load_prompts(args.data, args.prompt_column)
-    if args.prompts_per_step % info.world_size:
-        raise ValueError(f"--prompts-per-step {args.prompts_per_step} is not divisible by {info.world_size} ranks")
+    args.prompts_per_step, note = fit_global_batch(
+        args.prompts_per_step, len(rows), info.world_size, flag="--prompts-per-step",
+        what=f"{args.data} has {len(rows)} prompts", defaulted="prompts_per_step" in (getattr(args, "defaulted", None) or ()))
+    if note:
+        print0(note)
+        update_run_config(run, prompts_per_step=args.prompts_per_step)
     per_rank = args.prompts_per_step // info.world_size
     prompt_sampler = ShardedBatchSampler(len(rows), per_rank, rank=info.rank, world_size=info.world_size,
                                          seed=args.seed)
@@ -195,6 +243,9 @@ def train_grpo(args, run, info) -> int:
     metrics = MetricsWriter(run.path / "metrics.jsonl", resume_step=step if run.resumed else None)
     progress = Progress(args.max_steps, desc="grpo", start=step, every_s=args.log_every_s)
     eval_rows = read_jsonl(args.eval_data)[:args.eval_problems] if args.eval_data else []
+    eval_task = heldout_task(args, eval_rows)
+    if eval_rows and args.eval_task is None:
+        print0(f"--eval-task {eval_task} (default: the task of {args.eval_data}'s rows)")
 
     def held_out(at_step) -> dict:
         if not eval_rows:
@@ -204,7 +255,7 @@ def train_grpo(args, run, info) -> int:
         for name, n, temp in (("greedy", 1, 0.0), ("sampled", args.eval_samples, 1.0)):
             if n <= 0:
                 continue
-            r = evaluate_sharded(model, tok, eval_rows, args.eval_task, info.rank, info.world_size, n=n,
+            r = evaluate_sharded(model, tok, eval_rows, eval_task, info.rank, info.world_size, n=n,
                                  temperature=temp, max_new_tokens=args.eval_max_new_tokens,
                                  template=args.chat_template, max_batch_size=args.eval_batch_size, seed=at_step)
             out.update({f"eval/{name}_accuracy": r.accuracy, f"eval/{name}_lenient_accuracy": r.lenient_accuracy,

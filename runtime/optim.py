@@ -27,7 +27,10 @@ import math
 import torch
 from torch import nn
 
+from runtime.rundir import fill_default
+
 SCHEDULE_KINDS = ("cosine", "linear", "constant")
+DEFAULT_WARMUP_STEPS = 10   # at most: an unset --warmup-steps is a tenth of --max-steps, at most this
 DEFAULT_NO_DECAY_NAMES = ("e_score_correction_bias",)
 
 
@@ -118,3 +121,32 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         raise ValueError(f"learning rate {lr}: expected a finite value >= 0")
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+def check_training_flags(args) -> list[str]:
+    """The optimisation and cadence flags both training loops read (--max-steps, --warmup-steps,
+    --lr, --min-lr-ratio, --weight-decay, --max-grad-norm, --max-nonfinite, --save-every,
+    --keep-last, --eval-every): ValueError naming the flag and what was expected. An unset
+    --warmup-steps becomes a tenth of --max-steps, at most DEFAULT_WARMUP_STEPS (a default fits
+    any run); returns the console lines of the values so chosen."""
+    def need(ok: bool, message: str):
+        if not ok:
+            raise ValueError(message)
+
+    notes = []
+    need(args.max_steps >= 0, f"--max-steps {args.max_steps}: expected >= 0")
+    if args.warmup_steps is None:
+        notes.append(fill_default(args, "warmup_steps", min(DEFAULT_WARMUP_STEPS, args.max_steps // 10),
+                                  f"a tenth of --max-steps {args.max_steps}, at most {DEFAULT_WARMUP_STEPS}"))
+    need(0 <= args.warmup_steps <= args.max_steps,
+         f"--warmup-steps {args.warmup_steps}: expected between 0 and --max-steps ({args.max_steps})")
+    need(args.lr > 0 and math.isfinite(args.lr), f"--lr {args.lr}: expected a positive number")
+    need(0.0 <= args.min_lr_ratio <= 1.0, f"--min-lr-ratio {args.min_lr_ratio}: expected a value in [0, 1]")
+    need(args.weight_decay >= 0, f"--weight-decay {args.weight_decay}: expected >= 0")
+    need(args.max_grad_norm >= 0, f"--max-grad-norm {args.max_grad_norm}: expected >= 0 (0: no clipping)")
+    need(args.max_nonfinite >= 1, f"--max-nonfinite {args.max_nonfinite}: expected >= 1")
+    need(args.save_every >= 0, f"--save-every {args.save_every}: expected >= 0 (0: only at the end)")
+    need(args.keep_last >= 1, f"--keep-last {args.keep_last}: expected >= 1")
+    need(args.eval_every >= 0, f"--eval-every {args.eval_every}: expected >= 0 (0: only at the end)")
+    return notes
+

@@ -94,3 +94,39 @@ def write_run_config(run: RunDir, config: dict) -> Path:
         write_json_atomic(path, config)
     barrier()
     return path
+
+
+def update_run_config(run: RunDir, **changes) -> None:
+    """Record in config.json a flag value the stage settled on after it started (rank 0; e.g. a
+    default batch size fitted to the data), so the file says what ran."""
+    path = run.path / "config.json"
+    if get_rank() == 0 and path.exists():
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+        write_json_atomic(path, {**config, **changes})
+    barrier()
+
+
+def fill_default(args, flag: str, value, why: str) -> str:
+    """Set the unset (None) flag `flag` of `args` to the value chosen for this run, remember it in
+    `args.defaulted` (so config.json says which values were chosen rather than given), and return
+    the console line that says so: "--warmup-steps 0 (default: ...)"."""
+    setattr(args, flag, value)
+    args.defaulted = sorted(set(getattr(args, "defaulted", None) or ()) | {flag})
+    return f"--{flag.replace('_', '-')} {value} (default: {why})"
+
+
+def check_rank_multiple(args, flag: str, default: int, world_size: int) -> list[str]:
+    """A count summed over all ranks (--batch-size, --prompts-per-step): an unset one becomes
+    `default` rounded up to a multiple of world_size (the console line saying so is returned);
+    a given one must be a positive multiple of world_size (ValueError naming the flag)."""
+    notes = []
+    if getattr(args, flag) is None:
+        value = -(-default // world_size) * world_size
+        notes.append(fill_default(args, flag, value, f"{default}" + (
+            f" rounded up to a multiple of the {world_size} ranks" if value != default else "")))
+    value = getattr(args, flag)
+    if value < 1 or value % world_size:
+        raise ValueError(f"--{flag.replace('_', '-')} {value}: expected a positive multiple of the {world_size} rank(s)")
+    return notes
+

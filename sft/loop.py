@@ -34,20 +34,19 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from data.datasets import ShardedBatchSampler, read_jsonl
+from data.datasets import ShardedBatchSampler, fit_global_batch, read_jsonl
 from kernels import token_logprobs
 from data.tokenizer import load_tokenizer
-from model.build import build_model, model_summary, save_model_fn
-from model.config import PRESETS
+from model.build import build_model, check_model_flags, model_summary, save_model_fn
 from model.moe import moe_aux_loss, moe_load_stats, update_moe_biases
 from model.parallel import apply_activation_checkpointing, apply_fsdp, default_mixed_precision
 from runtime.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from runtime.distributed import print0
 from runtime.metrics import MetricsWriter, Progress
-from runtime.optim import build_optimizer, lr_schedule
-from runtime.rundir import write_json_atomic
+from runtime.optim import build_optimizer, check_training_flags, lr_schedule
+from runtime.rundir import check_rank_multiple, update_run_config, write_json_atomic
 from runtime.train_step import NonFiniteError, NonFiniteGuard, optimizer_step
-from evaluation.evaluate import evaluate_sharded
+from evaluation.evaluate import check_heldout_flags, evaluate_sharded, heldout_task
 from sft.data import load_documents
 from sft.packing import IGNORE, Batch, fit_lengths, pack, pad_batch
 
@@ -86,44 +85,28 @@ def batch_loss_sum(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | No
     return -logp.sum(), None
 
 
-def check_flags(args, world_size: int) -> None:
+DEFAULT_BATCH_SIZE = 32  # sequences per step when --batch-size is unset (rounded up to a multiple of the ranks)
+
+
+def check_flags(args, world_size: int) -> list[str]:
     """Raise ValueError naming the flag for any inconsistency that would otherwise surface mid-run;
-    called by train.py before the run directory is created or moved. Reads nothing but the flags
-    and the existence of the files they name."""
+    called by the stage runner (recipes/stages.py) before the run directory is created or moved.
+    Reads nothing but the flags and the existence of the files they name. Unset run-dependent
+    flags get values that fit this run (--warmup-steps, --batch-size; the data may shrink a
+    default batch further, see train_sft); returns the console lines of the values chosen."""
     def need(ok: bool, message: str):
         if not ok:
             raise ValueError(message)
 
     need(args.data is not None, f"--stage {args.stage} needs --data (a JSONL/Parquet file)")
     need(Path(args.data).is_file(), f"--data {args.data}: no such file")
-    need((args.model is None) != (args.preset is None), "give exactly one of --model DIR and --preset NAME")
-    if args.preset is not None:
-        need(args.preset in PRESETS, f"--preset {args.preset!r}: unknown; known presets: {', '.join(sorted(PRESETS))}")
-    if args.model is not None:
-        need(Path(args.model).is_dir(), f"--model {args.model}: no such directory")
-    tokenizer = args.tokenizer or args.model
-    need(tokenizer is not None, "no tokenizer: give --tokenizer DIR (or --model DIR holding tokenizer files)")
-    need((Path(tokenizer) / "tokenizer.json").is_file(), f"--tokenizer {tokenizer}: no tokenizer.json there")
-    need(args.max_steps >= 0, f"--max-steps {args.max_steps}: expected >= 0")
-    need(0 <= args.warmup_steps <= args.max_steps,
-         f"--warmup-steps {args.warmup_steps}: expected between 0 and --max-steps ({args.max_steps})")
-    need(args.batch_size >= 1 and args.batch_size % world_size == 0,
-         f"--batch-size {args.batch_size}: expected a positive multiple of the {world_size} rank(s)")
+    check_model_flags(args)
+    notes = check_training_flags(args)
+    notes += check_rank_multiple(args, "batch_size", DEFAULT_BATCH_SIZE, world_size)
     need(args.micro_batch_size >= 1, f"--micro-batch-size {args.micro_batch_size}: expected >= 1")
     need(args.seq_len >= 2, f"--seq-len {args.seq_len}: expected >= 2 (a token and its target)")
-    need(args.lr > 0 and math.isfinite(args.lr), f"--lr {args.lr}: expected a positive number")
-    need(0.0 <= args.min_lr_ratio <= 1.0, f"--min-lr-ratio {args.min_lr_ratio}: expected a value in [0, 1]")
-    need(args.weight_decay >= 0, f"--weight-decay {args.weight_decay}: expected >= 0")
-    need(args.max_grad_norm >= 0, f"--max-grad-norm {args.max_grad_norm}: expected >= 0 (0: no clipping)")
-    need(args.max_nonfinite >= 1, f"--max-nonfinite {args.max_nonfinite}: expected >= 1")
-    need(args.save_every >= 0, f"--save-every {args.save_every}: expected >= 0 (0: only at the end)")
-    need(args.keep_last >= 1, f"--keep-last {args.keep_last}: expected >= 1")
-    need(args.eval_every >= 0, f"--eval-every {args.eval_every}: expected >= 0 (0: only at the end)")
-    if args.eval_data is not None:
-        need(Path(args.eval_data).is_file(), f"--eval-data {args.eval_data}: no such file")
-        need(args.eval_problems >= 1, f"--eval-problems {args.eval_problems}: expected >= 1")
-        need(args.eval_max_new_tokens >= 1, f"--eval-max-new-tokens {args.eval_max_new_tokens}: expected >= 1")
-        need(args.eval_batch_size >= 1, f"--eval-batch-size {args.eval_batch_size}: expected >= 1")
+    check_heldout_flags(args)
+    return notes
 
 
 def nonfinite_parameters(model) -> list[str]:
@@ -151,6 +134,12 @@ def train_sft(args, run, info) -> int:
     print0(f"data {args.data}: {report.kept} documents kept, {report.dropped} dropped and {report.truncated} "
            f"truncated for being longer than --seq-len {args.seq_len}, {report.empty} without any target token")
     check_flags(args, info.world_size)
+    args.batch_size, note = fit_global_batch(args.batch_size, len(docs), info.world_size, flag="--batch-size",
+                                             what=f"{args.data} has {len(docs)} documents that fit",
+                                             defaulted="batch_size" in (getattr(args, "defaulted", None) or ()))
+    if note:
+        print0(note)
+        update_run_config(run, batch_size=args.batch_size)
     sampler = ShardedBatchSampler(len(docs), args.batch_size // info.world_size, rank=info.rank,
                                   world_size=info.world_size, seed=args.seed)
 
@@ -176,13 +165,16 @@ def train_sft(args, run, info) -> int:
     pad_id = tok.pad_id if tok.pad_id is not None else 0
 
     eval_rows = read_jsonl(args.eval_data)[:args.eval_problems] if args.eval_data else []
+    eval_task = heldout_task(args, eval_rows)
+    if eval_rows and args.eval_task is None:
+        print0(f"--eval-task {eval_task} (default: the task of {args.eval_data}'s rows)")
 
     def held_out(at_step):
         """Greedy accuracy on the held-out problems (strict and lenient), logged at `at_step`."""
         if not eval_rows:
             return {}
         model.eval()
-        r = evaluate_sharded(model, tok, eval_rows, args.eval_task, info.rank, info.world_size, n=1,
+        r = evaluate_sharded(model, tok, eval_rows, eval_task, info.rank, info.world_size, n=1,
                              temperature=0.0, max_new_tokens=args.eval_max_new_tokens,
                              template=args.chat_template, max_batch_size=args.eval_batch_size)
         model.train()

@@ -62,13 +62,13 @@ STAGES = ["base", "r1_zero", "cold_start_sft", "reasoning_rl", "rejection_sft", 
 def test_real_scale_recipes_use_only_train_py_flags():
     """Every --flag in the README's real-scale recipe commands is one train.py accepts (torchrun's own
     flags aside), and each --stage / --variant / --reward value is one it knows."""
-    import train
+    from recipes.flags import build_parser
     from verify.rewards import REWARDS
 
     section = README[README.index("## Real-scale recipes"):README.index("## Tests")]
     commands = [" ".join(b.replace("\\\n", " ").split()) for b in re.findall(r"```\n(.*?)```", section, re.S)]
     assert len(commands) == 4
-    parser = train.build_parser()
+    parser = build_parser()
     known = {s for a in parser._actions for s in a.option_strings}
     torchrun = {"--nproc_per_node", "--nnodes"}
     for cmd in commands:

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 import train
+from recipes import stages
+from recipes.flags import STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,10 +24,11 @@ def run_train(args, cwd, torchrun=False):
 
 
 @pytest.mark.parametrize("args, what", [([], "recipe 'r1-tiny'")] +
-                         [(["--stage", s, "--out", "x"], f"stage '{s}'") for s in train.STAGES])
+                         [(["--stage", s, "--out", "x"], f"stage '{s}'") for s in STAGES])
 def test_unbuilt_stage_or_recipe_exits_nonzero_naming_it(tmp_path, monkeypatch, capsys, args, what):
-    # Stages land one by one; an empty registry stands for "not built yet" whatever has landed.
-    monkeypatch.setattr(train, "BUILT", {})
+    # Stages land one by one; empty registries stand for "not built yet" whatever has landed.
+    monkeypatch.setattr(stages, "RUNNERS", {})
+    monkeypatch.setattr(train, "RECIPE_RUNNERS", {})
     monkeypatch.chdir(tmp_path)
     assert train.main(args) == 2
     err = capsys.readouterr().err
@@ -34,7 +37,7 @@ def test_unbuilt_stage_or_recipe_exits_nonzero_naming_it(tmp_path, monkeypatch, 
 
 
 def test_unbuilt_message_without_traceback_in_a_fresh_process(tmp_path):
-    code = "import sys, train; train.BUILT.clear(); sys.exit(train.main(['--stage', 'grpo']))"
+    code = "import sys, train; train.stages.RUNNERS.clear(); sys.exit(train.main(['--stage', 'grpo']))"
     p = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60,
                        env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert p.returncode == 2 and "stage 'grpo' is not built yet" in p.stderr

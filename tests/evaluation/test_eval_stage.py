@@ -145,10 +145,10 @@ def test_parse_ks_and_labels(tmp_path):
 
 
 def test_flag_errors_name_the_flag():
-    import train
+    from recipes.flags import build_parser
 
     def flags(*extra, model=("--preset", "tiny", "--tokenizer", "tok")):
-        return train.build_parser().parse_args(["--stage", "eval", *model, *extra])
+        return build_parser().parse_args(["--stage", "eval", *model, *extra])
 
     check_flags(flags("--eval-sets", "math500,aime24", "--eval-k", "1,2"), 1)
     for extra, message in [(("--eval-k", "8"), "every k must be in 1..--eval-n \\(4\\), got \\[8\\]"),

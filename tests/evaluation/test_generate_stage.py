@@ -59,12 +59,12 @@ def test_keep_if_and_reward_specs():
 
 
 def test_flag_errors_name_the_flag(tmp_path):
-    import train
+    from recipes.flags import build_parser
     data = tmp_path / "p.jsonl"
     data.write_text('{"prompt": "1 + 1?", "answer": "2"}\n')
 
     def flags(*extra):
-        return train.build_parser().parse_args(["--stage", "generate", "--preset", "tiny", "--tokenizer", "tok",
+        return build_parser().parse_args(["--stage", "generate", "--preset", "tiny", "--tokenizer", "tok",
                                                 "--data", str(data), *extra])
 
     check_flags(flags("--reward", "accuracy,language", "--keep-if", "language>=0.9"), 1)
