@@ -21,15 +21,25 @@ Set-up, in order (each step that succeeds is named in the `ready` message's laye
 Network and PID isolation come from `unshare --net --pid` around this process (verify.code).
 
 Roles (payload["role"]):
-  candidate  one worker: exec the untrusted code, send {"loaded": true} or {"load_error": "..."} on
-             the replies fd, then answer each request line {"args": ..., "kwargs": ...} read from
-             the requests fd with {"ok": <encoded value>} or {"raised": [type name, message]}, until
-             the requests fd reaches EOF. Requests come live from a judge sandbox (HumanEval tests),
-             or from a memfd the supervisor fills from payload["requests"] (call tests).
+  candidate  one worker: exec the untrusted code, send {"loaded": true, "missing": [names]} or
+             {"load_error": "..."} on the replies fd, then answer each request line
+             {"fn": name, "args": ..., "kwargs": ...} read from the requests fd with
+             {"ok": <encoded value>} or {"raised": [type name, message]} (or, with
+             payload["opaque"], {"opaque": [type name, truth]} for a value that is not plain data),
+             until the requests fd reaches EOF. payload["names"] are the functions it serves: all
+             must exist (HumanEval and call tests: the entry point), or with payload["partial"]
+             (assert tests) at least one, the rest being reported missing. Requests come live
+             from a judge sandbox (HumanEval and assert tests), or from a memfd the supervisor
+             fills from payload["requests"] (call tests).
   judge      one worker that never sees the untrusted code: exec the trusted context (the HumanEval
              prompt, for helpers such as `poly` or `encode_cyclic`) and the test program, then run
              check(candidate) where `candidate` forwards each call to the candidate sandbox and
              decodes the reply into plain built-in values. Its verdict line goes to the parent.
+  assert_judge  the judge of assert tests (MBPP's test_list), also without the untrusted code:
+             each of payload["names"] the candidate defines is bound to a function forwarding calls
+             by that name, payload["modules"] are imported, the trusted setup runs, then every
+             assert runs on its own; one verdict line per assert {"case": i, "ok": bool,
+             "message": str}, then {"done": true} (or one {"verdict": "error", ...} instead).
   io         one worker per stdin/stdout case: the program runs as __main__ with the case's input
              on stdin (a memfd); the supervisor captures its stdout (capped) and reports it.
 
@@ -39,8 +49,12 @@ Messages to the parent on the ctl fd, one JSON object per line: {"ready": [layer
 
 Wire codec: values cross process boundaries only as tagged JSON built from exact built-in types
 (encode/decode below). Whatever untrusted code sends, the receiver rebuilds plain None, bool, int,
-float, str, bytes, list, tuple, dict, set and frozenset, so no user-defined __eq__ ever runs where a
-verdict is decided.
+float, complex, str, bytes, list, tuple, dict, set and frozenset, so no user-defined __eq__ ever
+runs where a verdict is decided. The one exception, for assert tests only: a returned value that
+is not plain data (MBPP's regex helpers return a re.Match for `assert f(x)`) crosses as an
+`Opaque`, its type name and truth value, which `assert f(x)` / `assert not f(x)` can judge and
+nothing else can (it equals only itself), so it tells the judge no more than returning
+True/False would.
 """
 import builtins
 import fcntl
@@ -71,10 +85,11 @@ def encode(x, depth: int = 0):
     """A JSON-able tagged tree for a value made of built-in data types.
 
     None/True/False/str map to themselves; int -> ["i", hex], float -> ["f", float.hex],
-    bytes -> ["b", hex], list/tuple/set/frozenset -> ["l"|"t"|"s"|"fs", [items]], dict -> ["d",
-    [[key, value], ...]]. Subclasses of these types are reduced to their base value through the
-    base type's own C methods (int.__int__, dict.copy, ...), so an overridden __eq__, __iter__ or
-    __class__ plays no part; anything else raises Unserialisable.
+    complex -> ["c", [real, imag as float.hex]], bytes -> ["b", hex], list/tuple/set/frozenset ->
+    ["l"|"t"|"s"|"fs", [items]], dict -> ["d", [[key, value], ...]]. Subclasses of these types are
+    reduced to their base value through the base type's own C methods (int.__int__, dict.copy,
+    complex.real, ...), so an overridden __eq__, __iter__ or __class__ plays no part; anything
+    else raises Unserialisable.
     """
     if depth > MAX_DEPTH:
         raise Unserialisable(f"value nests deeper than {MAX_DEPTH} levels")
@@ -87,6 +102,8 @@ def encode(x, depth: int = 0):
         return ["i", hex(int.__int__(x))]
     if issubclass(t, float):
         return ["f", float.hex(float.__float__(x))]
+    if issubclass(t, complex):  # the base type's own descriptors: a subclass's .real plays no part
+        return ["c", [float.hex(complex.real.__get__(x)), float.hex(complex.imag.__get__(x))]]
     if issubclass(t, (bytes, bytearray)):
         return ["b", bytes(memoryview(x)).hex()]
     if issubclass(t, list):
@@ -116,6 +133,8 @@ def decode(t):
         return int(v, 16)
     if tag == "f" and type(v) is str:
         return float.fromhex(v)
+    if tag == "c" and type(v) is list and len(v) == 2 and all(type(part) is str for part in v):
+        return complex(float.fromhex(v[0]), float.fromhex(v[1]))
     if tag == "b" and type(v) is str:
         return bytes.fromhex(v)
     if tag in _SEQUENCES and type(v) is list:
@@ -299,21 +318,37 @@ def describe_exception(e: BaseException) -> list:
     return [type(e).__name__, str(e)[:2000]]
 
 
-def serve_calls(code: str, entry_point: str, requests_fd: int, replies_fd: int) -> None:
-    """The candidate worker: load the untrusted code, then answer call requests until EOF."""
+def serve_calls(code: str, names: list, requests_fd: int, replies_fd: int, partial: bool = False,
+                opaque: bool = False) -> None:
+    """The candidate worker: load the untrusted code, then answer call requests until EOF.
+
+    Every one of `names` must be defined, or with `partial` at least one (the others are reported
+    in the "missing" list, and the judge leaves them unbound). With `opaque`, a result that is not
+    plain data is sent as its type name and truth value instead of raising Unserialisable.
+    """
     g = {"__name__": "__candidate__", "__builtins__": builtins}
     try:
         exec(compile(code, "<candidate>", "exec"), g)
-        fn = g[entry_point]
-    except BaseException as e:  # SystemExit, SkipTest, KeyError for a missing entry point, ...
+    except BaseException as e:  # SystemExit, SkipTest, ...
         send(replies_fd, {"load_error": "{}: {}".format(*describe_exception(e))})
         return
-    send(replies_fd, {"loaded": True})
+    fns = {name: g[name] for name in names if name in g}
+    missing = [name for name in names if name not in fns]
+    if missing and (not partial or not fns):
+        send(replies_fd, {"load_error": "the program does not define " + ", ".join(map(repr, missing))})
+        return
+    send(replies_fd, {"loaded": True, "missing": missing})
     reader = LineReader(requests_fd)
     while (line := reader.readline()) is not None:
         request = json.loads(line)
         try:
-            reply = {"ok": encode(fn(*decode(request["args"]), **decode(request["kwargs"])))}
+            value = fns[request["fn"]](*decode(request["args"]), **decode(request["kwargs"]))
+            try:
+                reply = {"ok": encode(value)}
+            except Unserialisable:
+                if not opaque:
+                    raise
+                reply = {"opaque": [type(value).__name__, bool(value)]}
         except BaseException as e:
             reply = {"raised": describe_exception(e)}
         send(replies_fd, reply)
@@ -327,13 +362,32 @@ class CandidateRaised(Exception):
     """The candidate raised an exception that is not a built-in one."""
 
 
-def judge(payload: dict, requests_fd: int, replies_fd: int, verdict_fd: int) -> None:
-    """The judge worker: run check(candidate) with calls forwarded to the candidate sandbox."""
-    reader = LineReader(replies_fd)
+class Opaque:
+    """A candidate's value that is not plain data, as the judge of assert tests sees it: a type name
+    and a truth value. It equals only itself and supports nothing else."""
+    __slots__ = ("type_name", "truth")
 
-    def receive() -> dict:
+    def __init__(self, type_name: str, truth: bool):
+        self.type_name, self.truth = type_name, truth
+
+    def __bool__(self) -> bool:
+        return self.truth
+
+    def __repr__(self) -> str:
+        return f"<{self.type_name} object of the candidate>"
+
+
+class Remote:
+    """The judge's end of the pipes to the candidate sandbox: calls go out by function name, and
+    only plain decoded values (or built-in exceptions rebuilt from a name and a message, or with
+    `opaque` an Opaque) come back."""
+
+    def __init__(self, requests_fd: int, replies_fd: int, opaque: bool = False):
+        self.requests_fd, self.reader, self.opaque = requests_fd, LineReader(replies_fd), opaque
+
+    def receive(self) -> dict:
         try:
-            line = reader.readline()
+            line = self.reader.readline()
             msg = None if line is None else json.loads(line)
         except ValueError as e:
             raise CandidateGone(f"unreadable reply from the candidate: {e}") from None
@@ -342,14 +396,21 @@ def judge(payload: dict, requests_fd: int, replies_fd: int, verdict_fd: int) -> 
                                 else "malformed reply from the candidate")
         return msg
 
-    def candidate(*args, **kwargs):
-        send(requests_fd, {"args": encode(list(args)), "kwargs": encode(kwargs)})
-        reply = receive()
+    def call(self, name: str, args: tuple, kwargs: dict):
+        try:
+            send(self.requests_fd, {"fn": name, "args": encode(list(args)), "kwargs": encode(kwargs)})
+        except OSError as e:  # the candidate is gone and its end of the pipe closed
+            raise CandidateGone(f"the candidate exited or closed its channel ({e})") from None
+        reply = self.receive()
         if "ok" in reply:
             try:
                 return decode(reply["ok"])
             except (ValueError, TypeError) as e:
                 raise CandidateGone(f"undecodable value from the candidate: {e}") from None
+        value = reply.get("opaque")
+        if self.opaque and type(value) is list and len(value) == 2 and type(value[0]) is str \
+                and type(value[1]) is bool:
+            return Opaque(value[0][:100], value[1])
         raised = reply.get("raised")
         if type(raised) is list and len(raised) == 2 and all(type(s) is str for s in raised):
             cls = getattr(builtins, raised[0], None)
@@ -358,13 +419,35 @@ def judge(payload: dict, requests_fd: int, replies_fd: int, verdict_fd: int) -> 
             raise CandidateRaised(f"{raised[0]}: {raised[1]}")
         raise CandidateGone("malformed reply from the candidate")
 
-    first = receive()
-    if "load_error" in first:
-        send(verdict_fd, {"verdict": "error", "message": f"candidate failed to load: {first['load_error']}"[:4000]})
+    def function(self, name: str):
+        """A stand-in for the candidate's function `name` that forwards every call."""
+        def forward(*args, **kwargs):
+            return self.call(name, args, kwargs)
+        forward.__name__ = forward.__qualname__ = name
+        return forward
+
+    def wait_loaded(self, verdict_fd: int) -> dict | None:
+        """The candidate's load message, or None after sending the error verdict when it failed."""
+        try:
+            first = self.receive()
+        except CandidateGone as e:
+            first = {"gone": str(e)}
+        if "load_error" in first:
+            send(verdict_fd, {"verdict": "error", "message": f"candidate failed to load: {first['load_error']}"[:4000]})
+            return None
+        if first.get("loaded") is not True:
+            send(verdict_fd, {"verdict": "fail", "message": "the candidate did not start properly: "
+                              + str(first.get("gone", "no load message"))[:2000]})
+            return None
+        return first
+
+
+def judge(payload: dict, requests_fd: int, replies_fd: int, verdict_fd: int) -> None:
+    """The judge worker: run check(candidate) with calls forwarded to the candidate sandbox."""
+    remote = Remote(requests_fd, replies_fd)
+    if remote.wait_loaded(verdict_fd) is None:
         return
-    if first.get("loaded") is not True:
-        send(verdict_fd, {"verdict": "fail", "message": "the candidate did not start properly"})
-        return
+    candidate = remote.function(payload["entry_point"])
     g = {"__name__": "__judge__", "__builtins__": builtins}
     try:
         import random
@@ -384,6 +467,43 @@ def judge(payload: dict, requests_fd: int, replies_fd: int, verdict_fd: int) -> 
         send(verdict_fd, {"verdict": "fail", "message": "".join(tb)[-4000:]})
         return
     send(verdict_fd, {"verdict": "pass"})
+
+
+def judge_asserts(payload: dict, requests_fd: int, replies_fd: int, verdict_fd: int) -> None:
+    """The assert judge: bind forwarding stand-ins, run the setup, then each assert on its own.
+
+    A failing, raising or hanging-up assert is one failed case and the next one still runs (after
+    the candidate is gone, its calls fail at once). compile(optimize=0) keeps asserts even
+    under -O.
+    """
+    import random
+    import traceback
+    remote = Remote(requests_fd, replies_fd, opaque=True)
+    first = remote.wait_loaded(verdict_fd)
+    if first is None:
+        return
+    reported = first.get("missing")
+    missing = {m for m in reported if type(m) is str} if type(reported) is list else set()
+    g = {"__name__": "__judge__", "__builtins__": builtins}
+    for name in payload["names"]:
+        if name not in missing:  # a missing one stays unbound: the asserts using it hit NameError
+            g[name] = remote.function(name)
+    try:
+        random.seed(payload.get("seed", 0))
+        for module in payload["modules"]:
+            g[module] = __import__(module)
+        exec(compile(payload["setup"], "<setup>", "exec", optimize=0), g)
+    except BaseException as e:
+        send(verdict_fd, {"verdict": "error", "message": "test setup failed: {}: {}".format(*describe_exception(e))})
+        return
+    for i, source in enumerate(payload["asserts"]):
+        try:
+            exec(compile(source, f"<assert {i}>", "exec", optimize=0), g)
+            send(verdict_fd, {"case": i, "ok": True})
+        except BaseException as e:  # AssertionError, the candidate's exception, CandidateGone, ...
+            message = "".join(traceback.format_exception_only(type(e), e)).strip()
+            send(verdict_fd, {"case": i, "ok": False, "message": message[-2000:]})
+    send(verdict_fd, {"done": True})
 
 
 def run_main(code: str) -> None:
@@ -513,10 +633,12 @@ def main() -> None:
             if requests is None:  # call tests: every request is known up front
                 lines = "".join(json.dumps(r) + "\n" for r in payload["requests"])
                 requests = memfd_with(lines.encode())
-            target = lambda: serve_calls(payload["code"], payload["entry_point"], 3, 4)
+            target = lambda: serve_calls(payload["code"], payload["names"], 3, 4, payload.get("partial", False),
+                                         payload.get("opaque", False))
             fd_map = {3: requests, 4: fds["replies"]}
         else:
-            target = lambda: judge(payload, 3, 4, 5)
+            role_fn = judge_asserts if role == "assert_judge" else judge
+            target = lambda: role_fn(payload, 3, 4, 5)
             fd_map = {3: fds["requests"], 4: fds["replies"], 5: fds["verdict"]}
         pid = spawn(target, limits, fd_map)
         for fd in set(fd_map.values()):

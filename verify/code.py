@@ -1,10 +1,11 @@
 """Run untrusted, model-written Python against tests in a sandbox, and decide the verdict outside it.
 
-    from verify.code import run_tests, HumanEvalTest, CallTest, IOTest
+    from verify.code import run_tests, HumanEvalTest, CallTest, IOTest, AssertTest
     r = run_tests(code, HumanEvalTest(test=row["test"], entry_point=row["entry_point"],
                                       context=row["prompt"]), timeout_s=5.0, memory_mb=1024)
     r.status in {"pass", "fail", "error", "timeout"}; r.passed, r.total, r.stdout, r.stderr,
-    r.message (why it failed), r.isolation (the isolation layers that were in place)
+    r.message (why it failed), r.isolation (the isolation layers that were in place),
+    r.unsupported (the tests need what the sandbox cannot do: no verdict on the program)
 
 Test kinds (plain forms accepted too, see `as_test`):
   HumanEvalTest(test, entry_point, context="")  a program defining check(candidate); the verdict is
@@ -13,16 +14,48 @@ Test kinds (plain forms accepted too, see `as_test`):
   CallTest(fn_name, cases)  cases of (args list, expected value): f(*args) must equal the value.
   IOTest(cases)  cases of (stdin, expected stdout): the program runs as __main__ once per case;
       outputs are compared with whitespace normalised (`normalise_output`) and exit status 0.
+  AssertTest(asserts, setup="")  assert statements calling the program's functions by name
+      (MBPP's test_list: "assert remove_Occ('hello', 'l') == 'heo'"), each one case, run in a
+      judge sandbox as HumanEval tests are; `setup` is trusted code run there before them (MBPP's
+      test_imports / test_setup_code, e.g. "import math").
+      - The program's names are found statically (verify/code_asserts.py): those the asserts and the setup
+        read and never bind, less builtins. Each is bound in the judge to a stand-in forwarding
+        calls by name to the candidate sandbox; one the program does not define stays unbound, so
+        only the asserts using it fail (NameError). A standard-library module name used only as
+        `mod.attr` is imported in the judge instead (MBPP/596 calls sys.getsizeof, relying on the
+        solution's own `import sys`).
+      - A failing assert does not stop the next; at the time limit those not yet run count as failed.
+      - A returned value that is not plain data reaches the judge only as its truth value
+        (_sandbox_harness.Opaque: MBPP's regex helpers return a re.Match for `assert f(x)`); any
+        other use of it fails. So does an argument that is not plain data (a forwarded function
+        passed to another, an object the setup made): it cannot be sent.
+      - Unsupported (CodeResult.unsupported, status "error", nothing run; verify.rewards.CodeReward
+        gives such a row None, no signal, not 0):
+        * asserts that call only builtins. A program may not replace a builtin the asserts use
+          (`def set(x): return 0` would make `set(f(x)) == set(y)` hold), so MBPP/126, whose
+          solution is named `sum`, cannot be judged;
+        * asserts or setup that construct objects of a class the program defines (MBPP's
+          `Pair(5, 24)` passed to the solution, MBPP/367's `Node` tree built by test_setup_code):
+          only built-in values cross the sandbox boundary. The parent parses the program (ast,
+          never exec) for module-level class statements and counts a class only in an object
+          position: read by the setup, inside the arguments of a call of a forwarded name, or as
+          `N.x` / `N(...).x`. A class anywhere else (say, one named like the function under test)
+          is the program's choice and an ordinary failure (its objects cannot come back), so on
+          rows whose tests hand the program only plain values a failing program cannot turn its
+          0 into None by defining a class. (Where the tests compose the program's functions,
+          `f(g(x))`, a class `g` is still refused.)
 
 Security design: the verdict never comes from the untrusted process
   * Nothing the candidate can print, write, exit with or hook (atexit, excepthook, settrace,
     builtins, unittest, SkipTest) is read as a result. Each candidate output crosses back as
     tagged JSON of exact built-in types (_sandbox_harness.encode/decode) and is compared by a
     process that never ran candidate code: the parent for call and io tests, a separate *judge*
-    sandbox for HumanEval tests. The judge runs only the test program; its `candidate` forwards
-    each call to the candidate sandbox over a pipe and gets back plain values, so the test's own
-    `assert candidate(x) == y` runs on real ints, lists, ... and an always-equal object or an int
-    subclass with a lying __eq__ is reduced to its honest base value (or refused).
+    sandbox for HumanEval and assert tests. The judge runs only the test program; its `candidate`
+    (for assert tests, one stand-in per function name) forwards each call to the candidate sandbox
+    over a pipe and gets back plain values, so the test's own `assert candidate(x) == y` runs on
+    real ints, lists, ... and an always-equal object or an int subclass with a lying __eq__ is
+    reduced to its honest base value (or refused; for assert tests, reduced to its truth value,
+    which returning True or False would give as well).
   * The candidate could forge that channel, but gains nothing: expected outputs never enter its
     sandbox (the judge holds the test, the parent holds expected values), so a forged reply passes
     only if it carries the right answers, which is solving the task. A missing reply (early
@@ -51,6 +84,8 @@ The untrusted program sees the standard library only (python -S): no site-packag
 """
 from __future__ import annotations
 
+import ast
+import builtins
 import functools
 import itertools
 import json
@@ -69,6 +104,7 @@ import warnings
 from dataclasses import dataclass, field
 
 from verify._sandbox_harness import NOBODY, decode, encode
+from verify.code_asserts import assert_plan, module_classes
 
 HARNESS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_sandbox_harness.py")
 OUTPUT_CAP = 64 << 10           # bytes of stdout / stderr kept in a CodeResult
@@ -107,6 +143,28 @@ class IOTest:
     cases: tuple
 
 
+@dataclass(frozen=True)
+class AssertTest:
+    """Assert statements calling the program's functions by name, each one case (MBPP's test_list);
+    `setup` is trusted code run before them in the judge (imports, test_setup_code)."""
+    asserts: tuple
+    setup: str = ""
+
+    def __post_init__(self):
+        if isinstance(self.asserts, str) or not isinstance(self.asserts, (list, tuple)):
+            raise ValueError(f"assert tests need a list of assert statements, got {type(self.asserts).__name__}")
+        object.__setattr__(self, "asserts", tuple(self.asserts))
+        if not isinstance(self.setup, str):
+            raise ValueError(f"assert test setup must be a string of code, got {type(self.setup).__name__}")
+        for where, source in [("setup", self.setup), *((f"assert {i}", a) for i, a in enumerate(self.asserts))]:
+            if not isinstance(source, str):
+                raise ValueError(f"{where}: expected a string (an assert statement), got {source!r:.80}")
+            try:
+                ast.parse(source)
+            except SyntaxError as e:
+                raise ValueError(f"{where}: not Python ({e.msg}, line {e.lineno}): {source!r:.80}") from None
+
+
 @dataclass
 class CodeResult:
     status: str                          # "pass" | "fail" | "error" | "timeout"
@@ -116,20 +174,26 @@ class CodeResult:
     stderr: str = ""                     # the candidate's stderr, capped
     message: str = ""                    # why it did not pass: assertion traceback, load error, ...
     isolation: tuple = ()                # the isolation layers that were in place
-    cases: list = field(default_factory=list)  # per-case pass flags (call and io tests)
+    cases: list = field(default_factory=list)  # per-case pass flags (call, io and assert tests)
     elapsed_s: float = 0.0
+    unsupported: bool = False            # the tests need what the sandbox cannot do (status "error"):
+                                         # a property of the row, not a failure of the program
 
 
-def as_test(tests) -> HumanEvalTest | CallTest | IOTest:
+def as_test(tests) -> HumanEvalTest | CallTest | IOTest | AssertTest:
     """Normalise the accepted test forms.
 
-    - a HumanEvalTest, CallTest or IOTest;
+    - a HumanEvalTest, CallTest, IOTest or AssertTest;
     - {"kind": "humaneval", "test": str, "entry_point": str, "context"/"prompt": str (optional)},
       or a HumanEval data row (it has "test" and "entry_point");
     - {"kind": "call", "fn_name": str, "cases": [{"input": [args], "output": value}, ...]};
-    - {"kind": "io", "cases": [(stdin, stdout), ...]} or a bare list of (stdin, stdout) pairs.
+    - {"kind": "io", "cases": [(stdin, stdout), ...]} or a bare list of (stdin, stdout) pairs;
+    - {"kind": "asserts", "asserts": [str, ...], "setup": str (optional)} or a bare list of
+      assert statement strings.
+    A bare list is read by its first item: a string makes it asserts, anything else io pairs; an
+    item of the other kind is a ValueError naming its index.
     """
-    if isinstance(tests, (HumanEvalTest, CallTest, IOTest)):
+    if isinstance(tests, (HumanEvalTest, CallTest, IOTest, AssertTest)):
         return tests
     if isinstance(tests, dict):
         kind = tests.get("kind", "humaneval" if "entry_point" in tests else None)
@@ -150,15 +214,27 @@ def as_test(tests) -> HumanEvalTest | CallTest | IOTest:
             return CallTest(tests["fn_name"], tuple(cases))
         if kind == "io":
             return as_test(list(tests.get("cases", [])))
-        raise ValueError(f"unknown test kind {kind!r} (expected 'humaneval', 'call' or 'io')")
+        if kind == "asserts":
+            if "asserts" not in tests:
+                raise ValueError(f"assert tests need a list 'asserts'; got keys {sorted(tests)}")
+            return AssertTest(tests["asserts"], tests.get("setup") or "")
+        raise ValueError(f"unknown test kind {kind!r} (expected 'humaneval', 'call', 'io' or 'asserts')")
     if isinstance(tests, (list, tuple)):
+        if tests and isinstance(tests[0], str):
+            for i, c in enumerate(tests):
+                if not isinstance(c, str):
+                    raise ValueError(f"assert test {i}: expected an assert statement string (item 0 is one, "
+                                     f"so this list is assert tests), got {c!r:.80}")
+            return AssertTest(tuple(tests))
         cases = []
         for i, c in enumerate(tests):
             if not (isinstance(c, (list, tuple)) and len(c) == 2 and all(isinstance(s, str) for s in c)):
-                raise ValueError(f"io test case {i}: expected a (stdin, expected_stdout) pair of strings, got {c!r:.80}")
+                raise ValueError(f"io test case {i}: expected a (stdin, expected_stdout) pair of strings "
+                                 f"(a list of io cases, as item 0 is not a string), got {c!r:.80}")
             cases.append((c[0], c[1]))
         return IOTest(tuple(cases))
-    raise ValueError(f"tests must be a HumanEvalTest, CallTest, IOTest, dict or list of pairs, got {type(tests).__name__}")
+    raise ValueError(f"tests must be a HumanEvalTest, CallTest, IOTest, AssertTest, dict or list, "
+                     f"got {type(tests).__name__}")
 
 
 def normalise_output(text: str) -> str:
@@ -506,12 +582,14 @@ def run_tests(code: str, tests, timeout_s: float = 5.0, memory_mb: int = 1024,
     deadline = start + timeout_s + STARTUP_GRACE_S
     if isinstance(test, HumanEvalTest):
         result = _run_humaneval(plan, code, test, timeout_s, memory_mb, deadline)
+    elif isinstance(test, AssertTest):
+        result = _run_asserts(plan, code, test, timeout_s, memory_mb, deadline)
     elif isinstance(test, CallTest):
         result = _run_calls(plan, code, test, timeout_s, memory_mb, deadline)
     else:
         result = _run_io(plan, code, test, timeout_s, memory_mb, deadline)
     missing = tuple(layer for layer in FULL_ISOLATION if layer not in result.isolation)
-    if missing:
+    if missing and not result.unsupported:  # an unsupported test starts no sandbox
         _warn_once(missing)
     result.elapsed_s = time.monotonic() - start
     return result
@@ -527,17 +605,19 @@ def _timed_out(box: _Sandbox, finished: bool) -> bool:
     return not finished or (exit_msg is not None and exit_msg.get("timeout") is True)
 
 
-def _run_humaneval(plan, code, test: HumanEvalTest, timeout_s, memory_mb, deadline) -> CodeResult:
+def _run_judged(plan, candidate: dict, judge: dict, timeout_s, memory_mb, deadline):
+    """A candidate and a judge sandbox joined by request / reply pipes, run to the end.
+
+    Returns (candidate box, judge box, the judge's verdict messages, finished before the deadline).
+    """
     j2c_r, j2c_w = os.pipe()            # judge -> candidate: call requests
     c2j_r, c2j_w = os.pipe()            # candidate -> judge: load status, replies
     verdict_r, verdict_w = os.pipe()    # judge -> parent
     boxes = []
     try:
-        boxes.append(_Sandbox(plan, {"role": "candidate", "code": code, "entry_point": test.entry_point},
-                              {"requests": j2c_r, "replies": c2j_w}, timeout_s, memory_mb))
-        boxes.append(_Sandbox(plan, {"role": "judge", "test": test.test, "context": test.context,
-                                     "entry_point": test.entry_point},
-                              {"requests": j2c_w, "replies": c2j_r, "verdict": verdict_w}, timeout_s, memory_mb))
+        boxes.append(_Sandbox(plan, candidate, {"requests": j2c_r, "replies": c2j_w}, timeout_s, memory_mb))
+        boxes.append(_Sandbox(plan, judge, {"requests": j2c_w, "replies": c2j_r, "verdict": verdict_w},
+                              timeout_s, memory_mb))
     except BaseException:
         for box in boxes:
             box.destroy()
@@ -546,16 +626,24 @@ def _run_humaneval(plan, code, test: HumanEvalTest, timeout_s, memory_mb, deadli
     finally:
         for fd in (j2c_r, j2c_w, c2j_r, c2j_w, verdict_w):
             os.close(fd)
-    cand, judge = boxes
+    cand, judge_box = boxes
     verdict = _Reader(verdict_r, REPLY_CAP)
     try:
-        finished = _pump([*cand.sources(), *judge.sources(), verdict], deadline)
+        finished = _pump([*cand.sources(), *judge_box.sources(), verdict], deadline)
     finally:
         for box in boxes:
             box.destroy()
         os.close(verdict_r)
+    return cand, judge_box, verdict.messages(), finished
+
+
+def _run_humaneval(plan, code, test: HumanEvalTest, timeout_s, memory_mb, deadline) -> CodeResult:
+    cand, judge, msgs, finished = _run_judged(
+        plan, {"role": "candidate", "code": code, "names": [test.entry_point]},
+        {"role": "judge", "test": test.test, "context": test.context, "entry_point": test.entry_point},
+        timeout_s, memory_mb, deadline)
     out = dict(stdout=cand.stdout.text(), stderr=cand.stderr.text(), isolation=cand.isolation())
-    v = next(iter(verdict.messages()), None)
+    v = next(iter(msgs), None)
     failure = _setup_failure(cand) or _setup_failure(judge)
     if failure:
         return CodeResult("error", 0, 1, message=failure, **out)
@@ -568,12 +656,63 @@ def _run_humaneval(plan, code, test: HumanEvalTest, timeout_s, memory_mb, deadli
     return CodeResult(v["verdict"], int(passed), 1, message=str(v.get("message", "")), **out)
 
 
+def _run_asserts(plan, code, test: AssertTest, timeout_s, memory_mb, deadline) -> CodeResult:
+    total = len(test.asserts)
+    p = assert_plan(test.asserts, test.setup)
+    unsupported = dict(cases=[False] * total, unsupported=True)
+    if not p.names:
+        used = f" ({', '.join(p.builtins_used)})" if p.builtins_used else ""
+        return CodeResult("error", 0, total, message=(
+            f"assert tests call no function the program could define: every name they use is a builtin{used} "
+            "or set up by the test, and a program may not replace builtins; such tests are not supported"),
+            **unsupported)
+    refused = sorted(p.object_names & module_classes(code)) if p.object_names else []
+    if refused:
+        which = f"class {refused[0]!r}" if len(refused) == 1 else "classes " + ", ".join(map(repr, refused))
+        return CodeResult("error", 0, total, message=(
+            f"assert tests construct objects of the solution's {which}: objects cannot cross the sandbox "
+            "boundary (only built-in values do); such tests are not supported"), **unsupported)
+    cand, judge, msgs, finished = _run_judged(
+        plan, {"role": "candidate", "code": code, "names": list(p.names), "partial": True, "opaque": True},
+        {"role": "assert_judge", "asserts": list(test.asserts), "setup": test.setup, "names": list(p.names),
+         "modules": list(p.modules)},
+        timeout_s, memory_mb, deadline)
+    out = dict(stdout=cand.stdout.text(), stderr=cand.stderr.text(), isolation=cand.isolation())
+    failure = _setup_failure(cand) or _setup_failure(judge)
+    if failure:
+        return CodeResult("error", 0, total, message=failure, cases=[False] * total, **out)
+    msgs = [m for m in msgs if isinstance(m, dict)]
+    error = next((m for m in msgs if m.get("verdict") in ("error", "fail")), None)
+    if error is not None:
+        return CodeResult(error["verdict"], 0, total, message=str(error.get("message", "")),
+                          cases=[False] * total, **out)
+    runs = {m["case"]: m for m in msgs if type(m.get("case")) is int}
+    cases, message = [], ""
+    for i, source in enumerate(test.asserts):
+        run = runs.get(i, {})
+        cases.append(run.get("ok") is True)
+        if not cases[-1] and not message:
+            why = str(run.get("message", "")) if run else "not run (time limit exceeded or the judge stopped)"
+            message = f"assert {i} failed: {source[:300]}\n{why}"
+    passed = sum(cases)
+    timed_out = _timed_out(cand, finished) or _timed_out(judge, finished)
+    if passed == total:
+        status = "pass"
+    elif timed_out:
+        status, message = "timeout", f"time limit of {timeout_s}s exceeded; {message}"
+    elif not any(m.get("done") is True for m in msgs):
+        status, message = "error", "the judge ended without a verdict: " + judge.stderr.text()[-2000:]
+    else:
+        status = "fail"
+    return CodeResult(status, passed, total, message=message, cases=cases, **out)
+
+
 def _run_calls(plan, code, test: CallTest, timeout_s, memory_mb, deadline) -> CodeResult:
-    requests = [{"args": encode(list(args)), "kwargs": encode({})} for args, _ in test.cases]
+    requests = [{"fn": test.fn_name, "args": encode(list(args)), "kwargs": encode({})} for args, _ in test.cases]
     expected = [decode(encode(value)) for _, value in test.cases]
     replies_r, replies_w = os.pipe()
     try:
-        box = _Sandbox(plan, {"role": "candidate", "code": code, "entry_point": test.fn_name,
+        box = _Sandbox(plan, {"role": "candidate", "code": code, "names": [test.fn_name],
                               "requests": requests}, {"replies": replies_w}, timeout_s, memory_mb)
     except BaseException:
         os.close(replies_r)
@@ -597,7 +736,8 @@ def _run_calls(plan, code, test: CallTest, timeout_s, memory_mb, deadline) -> Co
         return CodeResult("error", 0, total, message=f"failed to load: {first['load_error']}"[:4000], **out)
     cases, message = [], ""
     for i, want in enumerate(expected):
-        reply = msgs[i + 1] if i + 1 < len(msgs) and first == {"loaded": True} else None
+        loaded = isinstance(first, dict) and first.get("loaded") is True
+        reply = msgs[i + 1] if i + 1 < len(msgs) and loaded else None
         ok = False
         if isinstance(reply, dict) and "ok" in reply:
             try:

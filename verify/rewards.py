@@ -469,6 +469,9 @@ def code_tests(row: dict):
     - `test` + `entry_point` (HumanEval rows): a HumanEval test; the row's `prompt` is passed as
       trusted context (HumanEval tests call the prompt's helpers) only when it is Python source,
       so a natural-language prompt is not run;
+    - `test_list` (MBPP rows: assert statements, a list or its JSON text): an AssertTest, with
+      `test_imports` (sanitized MBPP: a list of import lines) and `test_setup_code` (full MBPP: a
+      string) joined into its trusted setup;
     - `verification_info` (Open-R1, a dict or its JSON text): {"language": "python",
       "test_cases": [{"input": stdin, "output": stdout}, ...]} -> stdin/stdout cases.
     """
@@ -484,6 +487,18 @@ def code_tests(row: dict):
         prompt = row.get("prompt")
         context = prompt if isinstance(prompt, str) and _compiles(prompt) else ""
         return {"kind": "humaneval", "test": row["test"], "entry_point": row["entry_point"], "context": context}
+    if row.get("test_list") is not None:
+        from verify.code import AssertTest
+
+        def strings(key):
+            value = row.get(key)
+            value = json.loads(value) if isinstance(value, str) else list(value or ())
+            if not all(isinstance(v, str) for v in value):
+                raise ValueError(f"code reward: `{key}` must be a list of strings, got {value!r:.80}")
+            return value
+
+        setup = "\n".join(strings("test_imports") + [row.get("test_setup_code") or ""]).strip()
+        return AssertTest(tuple(strings("test_list")), setup)
     info = row.get("verification_info")
     if info is None:
         return None
@@ -495,7 +510,8 @@ def code_tests(row: dict):
     return [(case["input"], case["output"]) for case in info["test_cases"]]
 
 
-_TEST_COLUMNS = ("tests", "test", "entry_point", "verification_info", "prompt")
+_TEST_COLUMNS = ("tests", "test", "entry_point", "test_list", "test_imports", "test_setup_code",
+                 "verification_info", "prompt")
 
 
 @dataclass(frozen=True)
@@ -503,10 +519,13 @@ class CodeReward:
     """Pass rate passed / total of the completion's program (extract_code) on its row's tests
     (code_tests), run by verify.code.run_tests in its sandbox with these limits.
 
-    None for a row without tests (and for every row when no test column is given); 0.0 when the
-    run counts no tests at all. In the worker pool, keep the pool's timeout above timeout_s plus
-    the sandbox's start-up grace (verify.code.STARTUP_GRACE_S), or slow programs count as pool
-    timeouts (0.0 as well, but also a killed worker).
+    None for a row without tests (and for every row when no test column is given), and for a run
+    whose tests the sandbox cannot support (CodeResult.unsupported: assert tests that construct
+    objects of the solution's classes, or call only builtins): that is the row's doing, not the
+    program's, so it gives no signal rather than 0. 0.0 when the run counts no tests at all. In
+    the worker pool, keep the pool's timeout above timeout_s plus the sandbox's start-up grace
+    (verify.code.STARTUP_GRACE_S), or slow programs count as pool timeouts (0.0 as well, but also a
+    killed worker).
     """
     timeout_s: float = 5.0
     memory_mb: int = 1024
@@ -525,7 +544,10 @@ class CodeReward:
                 out.append(None)
                 continue
             result = run_tests(extract_code(completion), tests, timeout_s=self.timeout_s, memory_mb=self.memory_mb)
-            out.append(result.passed / result.total if result.total > 0 else 0.0)
+            if result.unsupported:
+                out.append(None)
+            else:
+                out.append(result.passed / result.total if result.total > 0 else 0.0)
         return out
 
 

@@ -14,8 +14,8 @@ import time
 import pytest
 
 from verify._sandbox_harness import Unserialisable, decode, encode
-from verify.code import (CallTest, CodeResult, HumanEvalTest, IOTest, as_test, normalise_output,
-                         run_tests, values_equal)
+from verify.code import (AssertTest, CallTest, CodeResult, HumanEvalTest, IOTest, as_test,
+                         normalise_output, run_tests, values_equal)
 
 ADD_TEST = HumanEvalTest(
     test="def check(candidate):\n"
@@ -25,11 +25,13 @@ ADD_TEST = HumanEvalTest(
     entry_point="add")
 ADD_CALLS = CallTest("add", (([1, 2], 3), ([-5, 5], 0), ([10, 32], 42)))
 DOUBLE_IO = IOTest((("1\n2\n", "2\n4\n"), ("21", "42")))
+ADD_ASSERTS = AssertTest(("assert add(1, 2) == 3", "assert add(-5, 5) == 0", "assert add(10, 32) == 42"))
 
 
 def run_all_kinds(code: str, **kw) -> list[CodeResult]:
-    """The attack as a candidate for a HumanEval test, a call test and a stdin/stdout test."""
-    return [run_tests(code, t, **kw) for t in (ADD_TEST, ADD_CALLS, DOUBLE_IO)]
+    """The attack as a candidate for a HumanEval test, a call test, a stdin/stdout test and assert
+    tests (MBPP style; more of them in test_mbpp.py)."""
+    return [run_tests(code, t, **kw) for t in (ADD_TEST, ADD_CALLS, DOUBLE_IO, ADD_ASSERTS)]
 
 
 def assert_none_pass(results):
@@ -95,9 +97,11 @@ def test_errors_timeouts_and_load_failures_have_their_own_status():
 
 
 def test_values_cross_as_plain_data_and_are_compared_strictly():
-    value = {1: (2.5, [b"x", None]), "s": {frozenset({1}), 3}, (1, 2): [True, float("nan")]}
+    value = {1: (2.5, [b"x", None]), "s": {frozenset({1}), 3}, (1, 2): [True, float("nan"), -2 + 0.5j]}
     back = decode(encode(value))
     assert values_equal(back, value) and type(back[(1, 2)][0]) is bool
+    liar = type("Liar", (complex,), {"real": property(lambda self: 99.0), "__eq__": lambda s, o: True})
+    assert type(decode(encode(liar(1, 2)))) is complex and decode(encode(liar(1, 2))) == 1 + 2j
     assert not values_equal(True, 1) and not values_equal(1, "1") and values_equal(2, 2.0)
     assert values_equal([1, [2]], (1, (2,))) and not values_equal({"a": 1}, {"a": True})
     with pytest.raises(Unserialisable):
@@ -124,7 +128,7 @@ def test_infinite_loop_times_out():
     start = time.monotonic()
     results = run_all_kinds("def add(a, b):\n    while True: pass\nwhile True: pass\n", timeout_s=1.0)
     assert all(r.status == "timeout" for r in results), results
-    assert time.monotonic() - start < 3 * (1.0 + 3.0)
+    assert time.monotonic() - start < 4 * (1.0 + 3.0)
 
 
 def test_deep_recursion_and_memory_bomb_fail_without_hurting_the_caller():
@@ -298,7 +302,7 @@ def test_faked_passes_do_not_pass(name):
     results = run_all_kinds(FAKES[name], timeout_s=3.0)
     assert_none_pass(results)
     if "patched harness" in name:  # the forged channel carries 3 for every call: 1 of 3 right
-        assert results[1].passed == 1
+        assert results[1].passed == 1 and results[3].cases == [True, False, False]
 
 
 def test_stdin_stdout_attacks_do_not_pass():
