@@ -11,7 +11,13 @@ clean_latex steps, in order:
      \\emptyset, \\varnothing, ∅ to "\\{\\}"; a repeating decimal "0.\\overline{3}" to its fraction
   2. math delimiters dropped: \\$ (a dollar amount), $, \\( \\) \\[ \\], \\displaystyle, \\left and \\right
      (and \\big...), \\left. / \\right.
-  3. thousands separators joined: "10,\\!080", "1{,}000", "1\\,000", "1\\ 000" -> digits
+  3. thousands separators, between a digit and exactly 3 digits: a braced comma (spaced in or around
+     the braces, or followed by a spacing command: "1{,}000", "1{, }000", "1 {,} 000", "1{,}\\!000"),
+     a comma with \\! or \\, ("10,\\!080", "1,\\,000") and a spacing command alone ("1\\,000",
+     "1\\ 000", "1\\;000", "1\\:000") are dropped wherever they stand: no list is written that way. A
+     comma followed by \\; \\: or a control space ("10,\\;000", "10,\\ 000") is also how items are
+     spaced ("(100,\\ 200)"), so it only loses the spacing: math.py joins "10,000" when it is the
+     whole answer, as for any plain comma
   4. \\dfrac \\tfrac \\cfrac -> \\frac, \\dbinom \\tbinom -> \\binom, \\lbrace \\rbrace -> \\{ \\},
      \\langle \\rangle -> ( ), \\leq \\geq \\neq \\lt \\gt -> \\le \\ge \\ne < >, \\lvert \\rvert -> |,
      \\mathbb{R} -> \\reals, "inf" / "infinity" / \\infin -> \\infty
@@ -98,7 +104,11 @@ _COMMAND_ALIASES = [(r"\\[dtc]frac(?![a-zA-Z])", r"\\frac"), (r"\\[dt]binom(?![a
                     (r"\\[lr]?vert(?![a-zA-Z])", "|")]
 _SIZING = re.compile(r"\\(?:left|right|bigl|bigr|Bigl|Bigr|biggl|biggr|Biggl|Biggr|big|Big|bigg|Bigg)"
                      r"(?![a-zA-Z])\s*(\.)?")
-_THOUSANDS = re.compile(r"(?<=\d)(?:\{,\}|,\\!|\\,|\\ |,\\,)\s*(?=\d{3}(?!\d))")
+# Step 3. _THOUSANDS drops the separators that only a number uses; _SPACED_COMMA turns ",\;" into ","
+# (a list's comma or a thousands comma: the whole-answer rule in math.py tells them apart).
+_SPACE_CMD = r"\\[!,:; ]\s*"       # \! \, \: \; and "\ " (a control space), with the blanks after them
+_THOUSANDS = re.compile(rf"(?<=\d)(?:\s*\{{\s*,\s*\}}\s*|,\\[!,]\s*|{_SPACE_CMD})(?:{_SPACE_CMD})*(?=\d{{3}}(?!\d))")
+_SPACED_COMMA = re.compile(rf"(?<=\d),(?:\\[:; ]\s*)(?:{_SPACE_CMD})*(?=\d{{3}}(?!\d))")
 _DEGREES = re.compile(r"\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|\\circ|\^\s*\{\s*\\degree\s*\}|\\degree(?![a-zA-Z])")
 _SPACING = re.compile(r"(\\\\)|\\[!,:;> ]|~|\\q?quad(?![a-zA-Z])|\\hspace\*?\{[^{}]*\}")  # \\ (a row break) kept
 _SCIENTIFIC = re.compile(r"(\d)[eE]([+-]?\d+)(?![\d.])")
@@ -191,6 +201,7 @@ def clean_latex(s: str) -> Cleaned:
     s = re.sub(r"\\(?:displaystyle|textstyle)(?![a-zA-Z])", " ", s)
     s = _SIZING.sub("", s)
     s = _THOUSANDS.sub("", s)
+    s = _SPACED_COMMA.sub(",", s)
     for pattern, repl in _COMMAND_ALIASES:
         s = re.sub(pattern, repl, s)
     s = _DEGREES.sub(" ", s)

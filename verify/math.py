@@ -1,7 +1,8 @@
 """Math answers: extract the final answer of a completion and decide whether it equals the gold.
 
-    from verify.math import extract_answer, is_equivalent, verify
+    from verify.math import extract_answer, gold_answer, is_equivalent, verify
     extract_answer(text) -> str | None
+    gold_answer(text) -> str | None           # the answer a gold (bare or worked solution) states
     is_equivalent(pred, gold, *, timeout_s=5.0, rel_tol=1e-6) -> bool
     verify(completion, gold) -> bool          # extract_answer, then is_equivalent; False if none
 
@@ -11,21 +12,37 @@ Model output is untrusted: nothing reaches eval/exec or sympy's string parser; a
 parser (verify/latex.py) builds sympy values and refuses inputs whose exact value is too big.
 
 Normalisation (verify/latex.py clean_latex): unicode minus and symbols; $, \\$, \\( \\), \\left/\\right
-dropped; thousands separators ("10,\\!080", "1{,}000", "1\\,000", and "58,500" when it is the whole
-answer) joined; \\dfrac/\\tfrac -> \\frac; degrees (^\\circ, °) dropped; \\% remembered; \\text{} units
-("5\\text{ cm}", "\\mbox{ inches}^2") dropped, other \\text{} unwrapped; spacing (\\! \\, \\ ) removed;
-trailing unit words ("5 dollars") dropped; "1.5e3" read as scientific notation.
+dropped; thousands separators joined: a braced comma or a spacing command between digit groups
+wherever it stands ("10,\\!080", "1{,}000", "1{, }000", "1\\,000", "1\\;000"), a plain comma or one
+spaced with \\; \\: or a control space only when the number is the whole answer ("58,500",
+"10,\\;000"; in "(100,\\ 200)" and "5, 1,000" it separates items); \\dfrac/\\tfrac -> \\frac; degrees
+(^\\circ, °) dropped; \\% remembered; \\text{} units ("5\\text{ cm}", "\\mbox{ inches}^2") dropped,
+other \\text{} unwrapped; spacing (\\! \\, \\; \\ ) removed; trailing unit words ("5 dollars")
+dropped; "1.5e3" read as scientific notation.
 
 Answer structure (this module): "A \\cup B" is a union of intervals; a bare comma list "1, 2" is an
-unordered list of answers (the solutions of an equation), like the set "\\{1, 2\\}"; "(1, 2)",
+unordered list of answers (the solutions of an equation), like the set "\\{1, 2\\}" and a plain group
+"{1, 2}" (how \\boxed{1, 2} reads, and a set written without \\{ \\}; "{5}" is 5); "(1, 2)",
 "[a, b)" are ordered (a tuple or an interval: the two read the same, open/closed ends matter);
 pmatrix/bmatrix are matrices (a one-row or one-column matrix also equals the tuple of its entries);
-"x = 5" is an equation, "x > 3" / "3 < x" / "x \\in (3, \\infty)" the same interval; the names in
+"x = 5" is an equation, "x > 3" / "3 < x" / "x \\in (3, \\infty)" the same interval, and so is an
+inequality or chain linear in one variable, solved for it ("2x + 1 > 5", "5 \\ge 3 - x",
+"3 < 2x - 1 \\le 7" is (2, 4]; a negative factor flips it: "-x < 3" is x > -3); the names in
 "(x, y) = (1, 2)" and "f(x) = 2x + 3" are dropped (the answer is the right-hand side), and so is
 an approximation after the exact value ("3\\sqrt2 \\approx 4.24" is 3\\sqrt2); "a \\pm b" is the
 unordered pair {a + b, a - b}. A one-element list or set equals its element; lists and sets
 compare as sets (each element of one equals some element of the other, so repeats do not count);
 a tuple "(1, 2)" never equals the list "1, 2".
+
+Several boxes: a gold whose complete top-level \\boxed{}/\\fbox{} do not all state the same answer
+("\\boxed{2} and \\boxed{3}": the parts of a question) is one answer, the boxes in order; gold_answer
+returns it as "\\boxed{2}, \\boxed{3}", the form is_equivalent and verify read that way. A prediction
+answers it with its own boxes or the items of its comma list ("2, 3", "x = 2, y = 3"), one for one
+and in order: "3", "3, 2", the set "\\{2, 3\\}" and the tuple "(2, 3)" do not. A completion's answer
+to it is its final run of boxes (the last ones written one after another, only commas, "and",
+part labels, "y =", spacing between them) when there are two or more, else its extract_answer.
+Boxes that all state one answer (a solution boxing it once per method, or in two forms) are that
+answer, and a gold with one box or none is read as before.
 
 Comparison order, cheapest first (the first that decides wins):
   1. string: the raw strings are identical -> equal
@@ -44,7 +61,8 @@ Comparison order, cheapest first (the first that decides wins):
      (1e-10) at all of at least MIN_VALID_POINTS points where both are finite -> equal
 Equations compare by their right-hand sides when the left-hand sides are the same symbol
 ("y = 2x + 3"), else as proportional (a = b equals c = d when a - b = k (c - d), k != 0 constant);
-"x = 5" also equals "5". Inequalities compare as f > 0 with a positive factor.
+"x = 5" also equals "5". Inequalities that are not intervals (x^2 > 4, x + y > 1) compare as f > 0
+with a positive factor.
 
 Policies: percent — "50\\%" equals both "50" and "0.5" (a percent sign may be read or ignored,
 in either argument); without a percent sign on either side 50 != 0.5. Degrees are dropped, so
@@ -98,22 +116,69 @@ _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _ANSWER_PHRASE = re.compile(r"\banswer\s*(?:is\b\s*:?|:|=)[ \t]*|####[ \t]*", re.IGNORECASE)
 
 
+def _box_at(text: str, m: re.Match) -> tuple[str, int] | None:
+    """(content, end) of the box whose command `m` matched: its balanced {...} group, or the next
+    word of `\\boxed 5`; None when the group is unclosed (a truncated completion)."""
+    j = m.end()
+    while j < len(text) and text[j] in " \t":
+        j += 1
+    if j < len(text) and text[j] == "{":
+        end = group_end(text, j)
+        return (text[j + 1:end - 1], end) if end > 0 else None
+    bare = re.match(r"[^\s${}\\][^\s$]*", text[j:])   # "\boxed 5", "\boxed5": the next word
+    return (bare.group(0), j + bare.end()) if bare else None
+
+
 def _last_boxed(text: str) -> str | None:
     """Content of the last complete \\boxed{...} / \\fbox{...} (or `\\boxed 5`); an unclosed last
     one (a truncated completion) is skipped in favour of the one before."""
     for m in reversed(list(_BOXED.finditer(text))):
-        j = m.end()
-        while j < len(text) and text[j] in " \t":
-            j += 1
-        if j < len(text) and text[j] == "{":
-            end = group_end(text, j)
-            if end > 0:
-                return text[j + 1:end - 1]
-            continue
-        bare = re.match(r"[^\s${}\\][^\s$]*", text[j:])   # "\boxed 5", "\boxed5": the next word
-        if bare:
-            return bare.group(0)
+        box = _box_at(text, m)
+        if box is not None:
+            return box[0]
     return None
+
+
+def _top_boxes(text: str) -> list[tuple[int, int, str]]:
+    """(start, end, content) of every complete box that is not inside another one, in order."""
+    boxes, pos = [], 0
+    while True:
+        m = _BOXED.search(text, pos)
+        if m is None:
+            return boxes
+        box = _box_at(text, m)
+        if box is None:                 # unclosed (truncated): no box; the boxes after it still count
+            pos = m.end()
+            continue
+        boxes.append((m.start(), box[1], box[0].strip()))
+        pos = box[1]
+
+
+# What may stand between two boxes of one answer: spacing, punctuation, math delimiters, "and" /
+# "or", a part label "(b)" / "b)" / "(ii)" / "2." and a variable's name "y =" (\text{...} groups are
+# unwrapped first). Any other word ends the run: "\boxed{2} is wrong, so \boxed{3}" is one answer, 3.
+_BOX_GAP_TEXT = re.compile(r"\\(?:text|textbf|textit|textrm|mbox|mathrm)\s*\{([^{}]*)\}")
+_BOX_GAP = re.compile(r"(?:\s|[$,;:.&*]|\\[()\[\]!,:; ]|\\\\|\\q?quad(?![a-zA-Z])|\b(?:and|or)\b"
+                      r"|\((?:[a-z]|[ivx]+|\d+)\)|\b(?:[a-z]|\d+)[).]|[a-z](?:_\{?\w+\}?)?\s*=)*", re.IGNORECASE)
+
+
+def _final_run(text: str) -> list[str]:
+    """Contents of the last boxes a completion writes one after another ("\\boxed{2} and \\boxed{3}",
+    "$x = \\boxed{2}$, $y = \\boxed{3}$"): from its last box back while only _BOX_GAP separates a box
+    from the next. Boxes before that (scratch work, an answer retracted in prose) do not count."""
+    boxes = _top_boxes(text)
+    run = boxes[-1:]
+    for box in reversed(boxes[:-1]):
+        gap = _BOX_GAP_TEXT.sub(r" \1 ", text[box[1]:run[0][0]])
+        if not _BOX_GAP.fullmatch(gap):
+            break
+        run.insert(0, box)
+    return [content for _, _, content in run]
+
+
+def _box_list(contents: list[str]) -> str:
+    """The one-string form of several boxes, "\\boxed{a}, \\boxed{b}" (see gold_answer)."""
+    return ", ".join("\\boxed{" + c + "}" for c in contents)
 
 
 def _phrase_answer(rest: str) -> str:
@@ -151,6 +216,45 @@ def extract_answer(text: str) -> str | None:
         if answer:
             return answer
     return None
+
+
+_SOLUTION_MARKERS = ("\\boxed", "\\fbox", "<answer>", "####")   # a gold holding these is a worked solution
+
+
+def _gold_parts(gold: str) -> list[str] | None:
+    """The answers of a gold with two or more complete top-level boxes, in order: all its boxes, or
+    only the last one when every box states the same answer as the last (a solution that boxes its
+    answer once per method, or in two forms: "\\boxed{15\\frac{39}{40}}, or \\boxed{\\frac{639}{40}}").
+    None for a gold with fewer boxes, and for boxes inside boxes (read as before; this also keeps
+    the comparisons below from recursing)."""
+    boxes = [content for _, _, content in _top_boxes(gold)]
+    if len(boxes) < 2 or any(_BOXED.search(box) for box in boxes):
+        return None
+    if all(is_equivalent(box, boxes[-1]) for box in boxes[:-1]):
+        return boxes[-1:]
+    return boxes
+
+
+def gold_answer(text: str) -> str | None:
+    """The answer a gold states, a bare answer ("5") or a worked solution ("... so \\boxed{5}.").
+
+    A gold whose complete top-level boxes do not all state the same answer is one answer made of
+    all of them, returned as "\\boxed{a}, \\boxed{b}": is_equivalent and verify read a gold of that
+    form box by box, in order ("\\boxed{2} and \\boxed{3}" is answered by 2 then 3, not by 3, and
+    not by 3, 2). Otherwise: a worked solution gives its extract_answer (the last box, ...), and a
+    text with no answer form is the answer itself. None for an empty text and for a worked
+    solution whose answer cannot be extracted (an unclosed \\boxed{, an empty "####").
+    """
+    if not isinstance(text, str) or not text.strip():
+        return None
+    text = text.strip()
+    parts = _gold_parts(text)
+    if parts is not None and len(parts) > 1:
+        return _box_list(parts)
+    extracted = extract_answer(text)
+    if extracted is None:
+        return None if any(marker in text for marker in _SOLUTION_MARKERS) else text
+    return extracted or None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,6 +411,25 @@ def _parse_relation(pieces: list[str], ops: list[str]):
     return _parse_relation_values(sides, ops)
 
 
+def _solve_linear(f: sympy.Expr, op: str) -> tuple[sympy.Symbol, str, sympy.Expr] | None:
+    """`f op 0` solved for its variable, as (var, op, bound) for `var op bound`, when f = c var + d
+    with one symbol var, a constant c whose sign sympy decides (op flips when c < 0) and a finite real
+    bound -d/c; None for anything else (x^2 > 4, x + y > 1, 1/x > 2, i x > 1): those stay Relations."""
+    if len(f.free_symbols) != 1 or _heavy(f):
+        return None
+    (var,) = f.free_symbols
+    poly = f.as_poly(var)
+    if poly is None or poly.degree() != 1:
+        return None
+    c, d = poly.all_coeffs()
+    if c.is_negative:
+        op = _FLIP[op]
+    elif not c.is_positive:
+        return None
+    bound = -d / c
+    return (var, op, bound) if bound.is_real and bound.is_finite else None
+
+
 def _parse_relation_values(sides: list, ops: list[str]):
     if len(sides) == 2:
         a, op, b = sides[0], ops[0], sides[1]
@@ -316,14 +439,25 @@ def _parse_relation_values(sides: list, ops: list[str]):
             a, op, b = b, _FLIP[op], a
         if isinstance(a, sympy.Symbol) and not b.free_symbols:
             return _interval(a, op, b)
+        solved = _solve_linear(a - b, op)          # "2x + 1 > 5", "-x < 3", "5 \ge 3 - x": an interval
+        if solved is not None:
+            return _interval(*solved)
         f = a - b if op in (">", ">=") else b - a
         return Relation(f, ">" if op in ("<", ">") else ">=", sympy.Integer(0))
-    if len(sides) == 3 and isinstance(sides[1], sympy.Symbol) and not sides[0].free_symbols \
-            and not sides[2].free_symbols:
-        if all(o in ("<", "<=") for o in ops):
-            return Ordered("(" if ops[0] == "<" else "[", ")" if ops[1] == "<" else "]", (sides[0], sides[2]))
-        if all(o in (">", ">=") for o in ops):
-            return Ordered("(" if ops[1] == ">" else "[", ")" if ops[0] == ">" else "]", (sides[2], sides[0]))
+    if len(sides) == 3 and not sides[0].free_symbols and not sides[2].free_symbols:
+        if isinstance(sides[1], sympy.Symbol):
+            if all(o in ("<", "<=") for o in ops):
+                return Ordered("(" if ops[0] == "<" else "[", ")" if ops[1] == "<" else "]", (sides[0], sides[2]))
+            if all(o in (">", ">=") for o in ops):
+                return Ordered("(" if ops[1] == ">" else "[", ")" if ops[0] == ">" else "]", (sides[2], sides[0]))
+        else:                                      # "3 < 2x - 1 \le 7": each link solved for x
+            links = [_solve_linear(sides[1] - sides[0], _FLIP[ops[0]]), _solve_linear(sides[1] - sides[2], ops[1])]
+            if all(links) and links[0][0] == links[1][0]:
+                lower = [(op, bound) for _, op, bound in links if op in (">", ">=")]
+                upper = [(op, bound) for _, op, bound in links if op in ("<", "<=")]
+                if len(lower) == 1 and len(upper) == 1:    # a chain that runs one way ("3 < 2x > 1" does not)
+                    (lo_op, lo), (hi_op, hi) = lower[0], upper[0]
+                    return Ordered("(" if lo_op == ">" else "[", ")" if hi_op == "<" else "]", (lo, hi))
     raise LatexParseError("unsupported chain of relations")
 
 
@@ -354,6 +488,11 @@ def _parse_item(s: str):
     s = s.strip()
     if not s:
         raise LatexParseError("empty list item")
+    inner = s
+    while inner[:1] == "{" and group_end(inner, 0) == len(inner):   # plain groups around it all: "{5}", "{1, 2}"
+        inner = inner[1:-1].strip()                                 # (a loop: "{{{...}}}" recurses no deeper)
+    if inner is not s:
+        return parse_answer(_join_thousands(inner))
     member = re.match(r"[a-zA-Z](?:_\{?\w+\}?)?\s*\\in(?![a-zA-Z])", s)
     if member:                                   # "x \in [-2, 7]"
         return parse_answer(s[member.end():])
@@ -603,7 +742,26 @@ def _with_percent(x, percent: bool, other_percent: bool) -> list:
     return [x]
 
 
+def _same_in_order(pred: str, parts: list[str], budget: _Budget) -> bool:
+    """pred answers a gold of several boxes `parts` (see gold_answer): pred's own boxes, when it has
+    two or more, else the items of its comma list, equal the parts one by one, in order. A set
+    "\\{2, 3\\}" or tuple "(2, 3)" is one item, so it never answers two boxes."""
+    boxes = [content for _, _, content in _top_boxes(pred)]
+    if len(boxes) > 1:
+        items = boxes
+    else:
+        cleaned = clean_latex(boxes[0] if boxes else pred)
+        pieces, _ = _split_top(_join_thousands(cleaned.text), {",", ";"})
+        items = [p + ("\\%" if cleaned.percent else "") for p in pieces]   # the list's percent sign, on each item
+    return len(items) == len(parts) and all(_equivalent(p, g, budget) for p, g in zip(items, parts))
+
+
 def _equivalent(pred: str, gold: str, budget: _Budget) -> bool:
+    parts = _gold_parts(gold)
+    if parts is not None:               # a gold of several boxes
+        if len(parts) > 1:
+            return _same_in_order(pred, parts, budget)
+        gold = parts[0]                 # ... that all state one answer
     letter = _choice_letter(gold)
     if letter is not None and letter.isupper():   # a multiple-choice gold: "(C)", "\\text{(C)}", "C"
         answer = _choice_letter(pred)
@@ -662,6 +820,15 @@ def is_equivalent(pred: str, gold: str, *, timeout_s: float = 5.0, rel_tol: floa
 
 
 def verify(completion: str, gold: str) -> bool:
-    """extract_answer(completion), then is_equivalent(answer, gold); False when nothing is extracted."""
+    """extract_answer(completion), then is_equivalent(answer, gold); False when nothing is extracted.
+
+    Against a gold of several boxes (gold_answer) the completion's answer is its final run of boxes
+    (_final_run: the last boxes written one after another) when that run has two or more, else its
+    extract_answer as usual (one box "2, 3" answers "\\boxed{2}, \\boxed{3}" item by item)."""
     answer = extract_answer(completion)
+    if answer is not None and isinstance(gold, str):
+        parts = _gold_parts(gold)
+        run = _final_run(completion) if parts is not None and len(parts) > 1 else []
+        if len(run) > 1:
+            answer = _box_list(run)
     return answer is not None and is_equivalent(answer, gold)

@@ -117,26 +117,15 @@ def _correctness(spec, completions: list[str], kwargs: dict) -> list[bool | None
 
 # ----------------------------------------------------------------------------- accuracy
 
-_SOLUTION_MARKERS = ("\\boxed", "\\fbox", "<answer>", "####")   # a gold holding these is a worked solution
-
-
 def gold_answer(gold) -> str | None:
-    """The answer to compare with: a worked solution reduced to its final answer, a bare answer as is.
-
-    Uses verify.math.extract_answer (\\boxed, <answer>, "the answer is", "####"); a gold with none
-    of those forms is already the answer. None (no signal) for a missing or empty gold, and for a
-    worked solution whose answer cannot be extracted (an unclosed \\boxed{, an empty "####").
-    """
+    """The answer to compare with: verify.math.gold_answer of the gold's text (a worked solution
+    reduced to its final answer, a gold of several differing boxes kept as one ordered answer, a
+    bare answer as is). None (no signal) for a missing or empty gold, and for a worked solution
+    whose answer cannot be extracted (an unclosed \\boxed{, an empty "####")."""
     if gold is None:
         return None
-    text = str(gold).strip()
-    if not text:
-        return None
-    from verify.math import extract_answer
-    extracted = extract_answer(text)
-    if extracted is None:
-        return None if any(marker in text for marker in _SOLUTION_MARKERS) else text
-    return extracted or None
+    from verify.math import gold_answer as math_gold_answer
+    return math_gold_answer(str(gold))
 
 
 def accuracy_reward(completions: list[str], **kwargs) -> list[float | None]:

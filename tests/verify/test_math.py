@@ -1,6 +1,7 @@
 """verify.math: table tests of equivalent and non-equivalent answer pairs, extraction, time limits
 and hostile input. The pairs are (prediction, gold) as a model and a data set would write them."""
 import random
+import re
 import signal
 import threading
 import time
@@ -8,7 +9,8 @@ import time
 import pytest
 
 from verify.latex import LatexParseError, TooLarge, clean_latex, parse_latex
-from verify.math import TimeLimitExceeded, extract_answer, is_equivalent, parse_answer, time_limit, verify
+from verify.math import (Relation, TimeLimitExceeded, extract_answer, gold_answer, is_equivalent, parse_answer,
+                         time_limit, verify)
 
 PM = r"\pm"
 
@@ -230,6 +232,107 @@ def test_table_sizes():
 
 
 # ---------------------------------------------------------------------------------------------
+# Linear inequalities, sets in plain braces, spaced thousands separators and golds of several
+# boxes: each table of equal pairs comes with one of near misses, which must stay wrong.
+# ---------------------------------------------------------------------------------------------
+
+# An inequality (or chain) linear in one variable is solved for it, and is then an interval.
+LINEAR_INEQUALITIES = [
+    ("2x + 1 > 5", "x > 2"), ("2x + 1 > 5", r"(2, \infty)"), (r"(2, \infty)", "2x + 1 > 5"), ("x > 2", "2x+1>5"),
+    ("-x < 3", "x > -3"), ("-x < 3", r"(-3, \infty)"), (r"5 \ge 3 - x", r"x \ge -2"), (r"5 \ge 3 - x", r"[-2, \infty)"),
+    (r"3 < 2x - 1 \le 7", "(2, 4]"), ("(2, 4]", r"3 < 2x - 1 \le 7"), (r"7 \ge 2x - 1 > 3", "(2, 4]"),
+    (r"x - 3 \le 2", r"(-\infty, 5]"), ("10 > -2x", r"(-5, \infty)"), ("10 > -2x", "x > -5"),
+    ("-1 < -x < 3", "(-3, 1)"), (r"\frac{x}{2} \le 1", r"x \le 2"), ("2x + 1 > x + 3", "x > 2"),
+    (r"\sqrt2 x > 2", r"x > \sqrt2"),
+    (r"-3x - 6 \ge 0", r"x \le -2"), ("6 - 2x < 0", "3 < x"), (r"x + \frac12 < 1", "x < 0.5"), ("2x > 4", "4 < 2x"),
+    (r"(\pi - 3) x > 0", r"(0, \infty)"), (r"x \in (2, \infty)", "2x > 4"),
+]
+LINEAR_INEQUALITY_NEAR_MISSES = [
+    ("2x + 1 > 5", r"x \ge 2"), ("2x + 1 > 5", r"[2, \infty)"), ("2x + 1 > 5", r"(3, \infty)"), ("2x + 1 > 5", "x < 2"),
+    (r"x \ge 2", "2x + 1 > 5"), ("-x < 3", "x < -3"), ("-x < 3", r"(-\infty, -3)"), ("-x < 3", "x > 3"),
+    (r"5 \ge 3 - x", r"(-2, \infty)"), (r"5 \ge 3 - x", r"x \le -2"), (r"3 < 2x - 1 \le 7", "[2, 4]"),
+    (r"3 < 2x - 1 \le 7", "(2, 4)"), (r"3 < 2x - 1 \le 7", "(1, 4]"), (r"3 < 2x - 1 \le 7", "(4, 8]"),
+    (r"x - 3 \le 2", r"(-\infty, 5)"), (r"x - 3 \le 2", r"(-\infty, -1]"), ("10 > -2x", "x < -5"),
+    ("10 > -2x", r"(-\infty, -5)"), ("-1 < -x < 3", "(-1, 3)"), ("2x > 4", "x > 4"), ("3 < 2x > 1", r"(1.5, \infty)"),
+    # still Relations, never intervals: not linear, several variables, no real solution for x
+    ("x^2 > 4", "x > 2"), ("x^2 > 4", r"(2, \infty)"), ("x + y > 1", r"(1, \infty)"), ("x + y > 1", "x > 1"),
+    (r"\frac{1}{x} > 2", r"x < \frac12"), ("ix > 1", r"(-i, \infty)"), ("2x + 1 = 5", r"(2, \infty)"),
+]
+
+# A plain group around the whole answer is transparent: "{1, 2}" is the set {1, 2}, "{5}" is 5.
+BRACE_GROUPS = [
+    ("{1, 2}", r"\{1,2\}"), ("{2,1}", r"\{1,2\}"), ("{1,2,3}", r"\{3,2,1\}"), (r"\{1, 2\}", "{2, 1}"),
+    ("{1, 2}", "1, 2"), ("2, 1", "{1, 2}"), ("{5}", "5"), ("5", "{5}"), (r"\boxed{1, 2}", r"\{1,2\}"),
+    (r"x \in {1, 2}", r"\{1, 2\}"), (r"\text{(1, 2)}", "(1, 2)"), ("{x = 5}", "5"), ("{{1, 2}}", "1, 2"),
+]
+BRACE_GROUP_NEAR_MISSES = [
+    ("{1,2}", "{1,3}"), ("{1,2}", r"\{1,2,3\}"), ("{1,2}", "(1,2)"), ("(1,2)", "{1,2}"), ("{1, 2}", "[1, 2]"),
+    ("{5}", "6"), ("{1, 2}", "1"), ("{1, 2}", "12"), (r"\{1,2\}", "{1, 2, 3}"), ("{2, 3}", r"\{1, 2\}"),
+]
+
+# Thousands separators spaced or braced the LaTeX way; lists, tuples and decimals keep their meaning.
+SPACED_THOUSANDS = [
+    ("1{, }000", "1000"), ("1{ , }000", "1000"), ("1 {,} 000", "1000"), (r"10,\;000", "10000"), (r"10,\:000", "10000"),
+    (r"10,\ 000", "10000"), (r"1\;000", "1000"), (r"1\:000", "1000"), (r"1,\,000", "1000"), (r"1{,}\!000", "1000"),
+    ("1000", "1{, }000"), ("10000", r"10,\;000"), ("1{, }000{, }000", "10^6"), (r"1,\;000,\;000", "1000000"),
+    (r"\$10,\;000", "10000"), (r"10,\;000 \text{ dollars}", "10000"), (r"1{, }234.5", "1234.5"),
+    (r"(1\;000, 2)", "(1000, 2)"), (r"(100,\ 200)", "(100, 200)"), ("(1,000, 2)", "(1, 0, 2)"), ("1, 000", "1, 0"),
+]
+SPACED_THOUSANDS_NEAR_MISSES = [
+    ("1{, }000", "1"), ("1{, }000", "100"), (r"10,\;000", "10"), (r"10,\;000", "10, 0"), (r"1,\ 000", "1, 0"),
+    ("1, 000", "1000"), ("1, 000", "1{,}000"), (r"(100,\ 200)", "(100200)"), ("(1,000, 2)", "(1000, 2)"),
+    ("1{, }0000", "10000"), (r"1\;00", "100"), (r"1\;000.5", "1000"), (r"1{, }000", "1.000"),
+]
+
+# A gold of several boxes is one ordered answer (see gold_answer); one box or none reads as before.
+SEVERAL_BOXES = [
+    ("2, 3", r"\boxed{2}, \boxed{3}"), (r"\boxed{2}, \boxed{3}", r"\boxed{2} and \boxed{3}"),
+    ("2 and 3", r"\boxed{2} and \boxed{3}"), (r"\boxed{2, 3}", r"\boxed{2}, \boxed{3}"),
+    ("x = 2, y = 3", r"$x = \boxed{2}$, $y = \boxed{3}$"), (r"\frac12, 3", r"\boxed{0.5}, \fbox{3}"),
+    ("(1, 2), 5", r"\boxed{(1, 2)} \text{ and } \boxed{5}"), (r"50\%, 20\%", r"\boxed{0.5}, \boxed{0.2}"),
+    ("2", r"\boxed{2}, \boxed{2}"), (r"\frac{639}{40}", r"$\boxed{15\frac{39}{40}},$ or $\boxed{\frac{639}{40}}$"),
+    ("25", r"Solution 1: \boxed{025}. Solution 2: \boxed{25}"), ("5", r"\boxed{5}"), ("3", "3"),
+]
+SEVERAL_BOXES_NEAR_MISSES = [
+    ("3", r"\boxed{2} and \boxed{3}"), ("2", r"\boxed{2} and \boxed{3}"), ("3, 2", r"\boxed{2}, \boxed{3}"),
+    (r"\boxed{3}, \boxed{2}", r"\boxed{2}, \boxed{3}"), (r"\boxed{3, 2}", r"\boxed{2}, \boxed{3}"),
+    (r"\{2, 3\}", r"\boxed{2}, \boxed{3}"), ("(2, 3)", r"\boxed{2}, \boxed{3}"), ("2, 3, 4", r"\boxed{2}, \boxed{3}"),
+    ("2, 4", r"\boxed{2}, \boxed{3}"), (r"\boxed{2}", r"\boxed{2}, \boxed{3}"), ("2, 2", r"\boxed{2}, \boxed{3}"),
+    ("3", r"\boxed{2}, \boxed{2}"), (r"\frac{639}{41}", r"$\boxed{15\frac{39}{40}},$ or $\boxed{\frac{639}{40}}$"),
+    ("(1, 2), 6", r"\boxed{(1, 2)} \text{ and } \boxed{5}"), ("1, 2, 5", r"\boxed{(1, 2)} \text{ and } \boxed{5}"),
+]
+
+
+NEW_EQUIVALENT = LINEAR_INEQUALITIES + BRACE_GROUPS + SPACED_THOUSANDS + SEVERAL_BOXES
+NEW_NEAR_MISSES = LINEAR_INEQUALITY_NEAR_MISSES + BRACE_GROUP_NEAR_MISSES + SPACED_THOUSANDS_NEAR_MISSES \
+    + SEVERAL_BOXES_NEAR_MISSES
+
+
+@pytest.mark.parametrize("pred,gold", NEW_EQUIVALENT)
+def test_equivalent_new_forms(pred, gold):
+    assert is_equivalent(pred, gold)
+
+
+@pytest.mark.parametrize("pred,gold", NEW_NEAR_MISSES)
+def test_near_misses_of_new_forms(pred, gold):
+    assert not is_equivalent(pred, gold)
+
+
+def test_new_tables_do_not_contradict():
+    assert len(set(NEW_EQUIVALENT)) == len(NEW_EQUIVALENT) and len(set(NEW_NEAR_MISSES)) == len(NEW_NEAR_MISSES)
+    assert not set(NEW_EQUIVALENT) & set(NEW_NEAR_MISSES + NOT_EQUIVALENT)
+    assert not set(NEW_NEAR_MISSES) & set(EQUIVALENT)
+
+
+def test_linear_inequalities_become_intervals_and_others_stay_relations():
+    assert parse_answer(r"3 < 2x - 1 \le 7") == parse_answer("(2, 4]")
+    assert parse_answer("-x < 3") == parse_answer(r"(-3, \infty)")
+    assert isinstance(parse_answer("x^2 > 4"), Relation)
+    assert isinstance(parse_answer("x + y > 1"), Relation)
+    assert isinstance(parse_answer("ax > 1"), Relation)      # the sign of a is unknown
+
+
+# ---------------------------------------------------------------------------------------------
 # extract_answer and verify
 # ---------------------------------------------------------------------------------------------
 
@@ -286,6 +389,77 @@ def test_verify():
     assert not verify(r"\boxed{}", "5")
 
 
+TWO_BOXES = r"\boxed{2} and \boxed{3}"
+
+
+@pytest.mark.parametrize("completion", [
+    r"The solutions are $\boxed{2}$ and $\boxed{3}$.",
+    r"so the answer is \boxed{2, 3}",
+    r"so the answer is \boxed{2 \text{ and } 3}",
+    r"(a) $x = \boxed{2}$; (b) $y = \boxed{3}$",
+    r"At first I got \boxed{7}, which fails the check. Redoing it: \boxed{2}, \boxed{3}.",
+    "<think>so \\boxed{2} and \\boxed{3}</think>\nThe answers are \\boxed{2} and \\boxed{3}.",
+    "\\[\\boxed{2}\\]\n\\[\\boxed{3}\\]",
+    r"The answers are 2 and 3, so the answer is: 2, 3.",
+])
+def test_verify_several_boxes(completion):
+    assert verify(completion, TWO_BOXES)
+
+
+@pytest.mark.parametrize("completion", [
+    r"\boxed{3}", r"\boxed{2}", r"\boxed{3} and \boxed{2}", r"\boxed{3, 2}", r"\boxed{\{2, 3\}}", r"\boxed{(2, 3)}",
+    r"\boxed{1}, \boxed{2}, \boxed{3}",                    # an extra item written with them
+    r"\boxed{1}, \boxed{2, 3}",
+    r"I first found \boxed{2}, but that fails; the answer is \boxed{3}",   # an answer retracted in prose
+    r"\boxed{2} and then a truncated \boxed{3",
+    "no answer",
+])
+def test_verify_several_boxes_near_misses(completion):
+    assert not verify(completion, TWO_BOXES)
+
+
+def test_verify_with_one_box_or_none_in_the_gold_is_unchanged():
+    assert verify(r"\boxed{2} and \boxed{3}", "3")           # the last box, as before
+    assert not verify(r"\boxed{2} and \boxed{3}", "2, 3")
+    assert verify(r"\boxed{2, 3}", "3, 2")                     # a bare list stays unordered
+    assert verify(r"\boxed{5}", r"\boxed{5}")
+
+
+GOLD_ANSWERS = [
+    (r"\boxed{2} and \boxed{3}", r"\boxed{2}, \boxed{3}"),
+    (r"(a) Here $x = \boxed{2}$. (b) So $\fbox{y + 1}$ is the answer.", r"\boxed{2}, \boxed{y + 1}"),
+    (r"\boxed{\boxed{1}} then \boxed{2}", "2"),     # boxes inside boxes: extract_answer, as before
+    (r"Solution 1: $\boxed{025}$. Solution 2: $\boxed{25}$", "25"),                # one answer, boxed twice
+    (r"$d = \boxed{15\frac{39}{40}},$ or $\boxed{\frac{639}{40}}$ inches.", r"\frac{639}{40}"),
+    (r"so \boxed{5}.", "5"), (r"\boxed{7} and a truncated \boxed{\frac{1", "7"), ("Janet sells 9 eggs.\n#### 18", "18"),
+    ("5", "5"), (" x = 5 ", "x = 5"), (r"\text{Evelyn}", r"\text{Evelyn}"),
+    (r"\boxed{unclosed", None), ("####", None), ("", None), ("  ", None), (None, None),
+]
+
+
+@pytest.mark.parametrize("text,expected", GOLD_ANSWERS)
+def test_gold_answer(text, expected):
+    assert gold_answer(text) == expected
+
+
+def test_gold_answer_of_benchmark_solutions(shared_data_dir):
+    """Worked solutions that box their answer several times (once per method, or in two forms: 34
+    rows of MATH-500 and AIME 2024) reduce to that one answer; the gold's answer column verifies
+    against gold_answer(solution) and a wrong answer does not."""
+    from data.datasets import load_eval_set
+    several = 0
+    for name in ["math500", "aime24"]:
+        for row in load_eval_set(name, shared_data_dir):
+            solution, answer = row["solution"], str(row["answer"])
+            if len(re.findall(r"\\(?:boxed|fbox)\{", solution)) < 2:
+                continue
+            several += 1
+            gold = gold_answer(solution)
+            assert verify(r"so \boxed{" + answer + "}", gold), (answer, gold)
+            assert not verify(r"so \boxed{" + answer + "+1}", gold), (answer, gold)
+    assert several >= 30
+
+
 # ---------------------------------------------------------------------------------------------
 # Time limits and hostile input
 # ---------------------------------------------------------------------------------------------
@@ -312,6 +486,7 @@ def test_parser_depth_guard_and_long_sign_runs():
     with pytest.raises(LatexParseError, match="nesting"):
         parse_latex("(" * 200 + "1" + ")" * 200)
     assert parse_latex("-" * 1501 + "5") == -5     # a loop, not 1501 recursive calls
+    assert parse_answer("{" * 900 + "1, 2" + "}" * 900) == parse_answer("1, 2")   # plain groups: a loop too
 
 
 def test_rel_tol_applies_to_irrational_values_only():
