@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out is None:
         args.out = f"runs/{name}"
 
-    info = init_distributed()
+    info = init_distributed(timeout_s=args.dist_timeout_s)
     try:
         try:
             if args.stage is not None and not args.dry_run:

@@ -298,9 +298,8 @@ def _gather(records: list[dict], info) -> list[dict]:
     """Every rank's records (rank r holds problems r, r + W, ...) in problem order, on every rank."""
     if info.world_size == 1:
         return records
-    import torch.distributed as dist
-    shards: list = [None] * info.world_size
-    dist.all_gather_object(shards, records)
+    from runtime.distributed import all_gather_object
+    shards = all_gather_object(records)
     per_problem = []
     for shard in shards:   # records are grouped by problem, n per problem, in order
         groups: dict[str, list[dict]] = {}

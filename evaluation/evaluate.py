@@ -206,10 +206,8 @@ def evaluate_sharded(model, tok, problems: list[dict], kind: str, rank: int = 0,
     (model.parallel.gathered), and each rank samples its own share. Every rank returns the same
     totals; `samples` holds this rank's share only.
     """
-    import torch
-    import torch.distributed as dist
-
     from model.parallel import gathered
+    from runtime.distributed import all_reduce_floats
 
     mine = problems[rank::world_size]
     with gathered(model):
@@ -217,9 +215,7 @@ def evaluate_sharded(model, tok, problems: list[dict], kind: str, rank: int = 0,
     if world_size == 1:
         return r
     k = len(r.samples)
-    t = torch.tensor([r.accuracy * k, r.lenient_accuracy * k, r.mean_length * k, r.truncated * k, k],
-                     dtype=torch.float64)
-    dist.all_reduce(t)
-    total = max(t[4].item(), 1.0)
-    return EvalResult(t[0].item() / total, t[1].item() / total, t[2].item() / total, t[3].item() / total,
+    t = all_reduce_floats([r.accuracy * k, r.lenient_accuracy * k, r.mean_length * k, r.truncated * k, k])
+    total = max(t[4], 1.0)
+    return EvalResult(t[0] / total, t[1] / total, t[2] / total, t[3] / total,
                       num_problems=len(problems), n=r.n, wall_s=r.wall_s, samples=r.samples)

@@ -1,20 +1,37 @@
-"""Building the model and tokenizer a training stage starts from (`--model DIR` or `--preset NAME`).
+"""Building the model and tokenizer a stage starts from (`--model DIR` or `--preset NAME`).
 
 Shared by every loop (sft/, rl/, the eval and generate stages), so it lives below them.
 
-- `--model DIR`: a Hugging Face folder (config.json + safetensors) loaded with load_pretrained.
+- `--model DIR`: a Hugging Face folder (config.json + safetensors). The model is built on the meta
+  device, checked against the checkpoint (every missing, unexpected or mis-shaped tensor is named,
+  with its file, before anything is allocated), wrapped for activation checkpointing and sharded
+  with FSDP2 when asked, and only then allocated: each rank allocates its own shards and reads
+  only its own rows of each tensor, in the target dtype (model.checkpoint.load_into). No rank ever
+  holds the whole model, and nothing is built in fp32 to be cast later.
 - `--preset NAME`: a fresh, randomly initialised model of a named size (model.config.PRESETS);
-  the tokenizer sets the vocabulary size and the bos/eos/pad ids.
+  the tokenizer sets the vocabulary size and the bos/eos/pad ids. Every rank builds the whole
+  model from the same seed before sharding, so FSDP shards one and the same model and a 2-rank
+  run starts where a 1-process run does (presets are the small models of the CPU recipe).
+- `--max-position-embeddings`, `--rope-theta`, `--rope-scaling` override the checkpoint's (or the
+  preset's) length and rope, for fine-tuning past the length it was trained for; the exported
+  config.json carries the new values.
+
+Precision: `--param-dtype` (param_dtype_of) is what the parameters compute in; the training loops
+keep fp32 master weights and let FSDP2's policy cast (model/parallel.py); a frozen model (the GRPO
+reference) is stored in the compute dtype itself. `--export-dtype` (export_dtype_of) is what the
+checkpoints' Hugging Face folders are written in: the source checkpoint's own dtype by default.
 (The tokenizer itself is data/'s: data.tokenizer.load_tokenizer.)
-  Every rank initialises from the same seed, so FSDP shards one and the same model.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 
 from model.config import PRESETS, ModelConfig
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def preset_config(name: str, tok=None, **overrides) -> ModelConfig:
@@ -42,29 +59,127 @@ def check_model_flags(args) -> None:
     tokenizer = args.tokenizer or args.model
     need(tokenizer is not None, "no tokenizer: give --tokenizer DIR (or --model DIR holding tokenizer files)")
     need((Path(tokenizer) / "tokenizer.json").is_file(), f"--tokenizer {tokenizer}: no tokenizer.json there")
+    config_overrides(args)                       # unreadable --rope-scaling and the like
+    param_dtype_of(getattr(args, "param_dtype", "auto"),
+                   torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
 
 
-def build_model(args, tok, device="cpu", dtype=torch.float32, seed: int | None = None,
-                **overrides):
-    """The model of `args.model` (a folder) or `args.preset` (fresh weights seeded with `seed`, or args.seed)."""
-    from model.checkpoint import load_pretrained
+def config_overrides(args) -> dict:
+    """ModelConfig overrides from --max-position-embeddings, --rope-theta and --rope-scaling (JSON, or
+    'none' to remove the checkpoint's); ValueError naming the flag for a value that cannot be read."""
+    out = {}
+    if getattr(args, "max_position_embeddings", None) is not None:
+        if args.max_position_embeddings < 1:
+            raise ValueError(f"--max-position-embeddings {args.max_position_embeddings}: expected >= 1")
+        out["max_position_embeddings"] = args.max_position_embeddings
+    if getattr(args, "rope_theta", None) is not None:
+        if not args.rope_theta > 0:
+            raise ValueError(f"--rope-theta {args.rope_theta}: expected a positive number")
+        out["rope_theta"] = float(args.rope_theta)
+    text = getattr(args, "rope_scaling", None)
+    if text is not None:
+        if text.strip().lower() == "none":
+            out["rope_scaling"] = None
+        else:
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"--rope-scaling {text!r}: not JSON ({e.msg}); expected e.g. "
+                                 f'{{"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}}') from None
+            if not isinstance(value, dict):
+                raise ValueError(f"--rope-scaling {text!r}: expected a JSON object")
+            out["rope_scaling"] = value
+    return out
+
+
+def model_config(args, tok=None) -> ModelConfig:
+    """The ModelConfig a stage will build (the checkpoint's or the preset's, with the flags'
+    overrides), read without loading any weight: what flag checks compare lengths against."""
+    from model.checkpoint import read_config
+
+    overrides = config_overrides(args)
+    if getattr(args, "model", None) is not None:
+        return read_config(args.model, overrides)[0]
+    return preset_config(args.preset, tok, **overrides)
+
+
+def check_length(config: ModelConfig, tokens: int, what: str, source: str) -> None:
+    """Refuse to train on (or sample) positions past the model's length: `tokens` positions of
+    `what` against config.max_position_embeddings, naming both and the flags that extend it."""
+    if tokens > config.max_position_embeddings:
+        raise ValueError(f"{what} needs {tokens} positions but the model ({source}) has max_position_embeddings "
+                         f"{config.max_position_embeddings}; to train past its length pass --max-position-embeddings "
+                         f"{tokens} or more (and usually --rope-theta or --rope-scaling)")
+
+
+def param_dtype_of(flag: str, device: torch.device) -> torch.dtype:
+    """--param-dtype: auto is bf16 on CUDA and fp32 on CPU; a dtype the device cannot compute in
+    (bf16 on a GPU older than Ampere) is refused, naming the GPU."""
+    if flag == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if flag not in DTYPES:
+        raise ValueError(f"--param-dtype {flag!r}: expected auto, {', '.join(DTYPES)}")
+    dtype = DTYPES[flag]
+    if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"--param-dtype bf16: {torch.cuda.get_device_name(device)} cannot compute in bf16 "
+                         f"(compute capability {torch.cuda.get_device_capability(device)}); use --param-dtype fp32")
+    return dtype
+
+
+def export_dtype_of(args) -> torch.dtype:
+    """--export-dtype: auto is the --model checkpoint's own floating dtype (by bytes; bf16 for an
+    FP8 checkpoint), fp32 for a --preset."""
+    flag = getattr(args, "export_dtype", "auto")
+    if flag != "auto":
+        return DTYPES[flag]
+    if getattr(args, "model", None) is None:
+        return torch.float32
+    from model.checkpoint import checkpoint_dtype
+    return checkpoint_dtype(args.model)
+
+
+def build_model(args, tok, device="cpu", dtype=torch.float32, seed: int | None = None, *,
+                fsdp: dict | None = None, activation_checkpointing: bool = False, **overrides):
+    """The model of `args.model` (a folder) or `args.preset` (fresh weights seeded with `seed`, or
+    args.seed), its parameters stored in `dtype` on `device` (see the module docstring).
+
+    activation_checkpointing wraps every block (model.parallel.apply_activation_checkpointing);
+    fsdp, when given, is apply_fsdp's keyword arguments (param_dtype, reduce_dtype, mesh): the
+    model is sharded before any weight is allocated. `overrides` are ModelConfig fields, on top of
+    the flags' (config_overrides).
+    """
+    from model.checkpoint import load_into, plan_load, read_config
+    from model.parallel import apply_activation_checkpointing, apply_fsdp
     from model.transformer import Transformer
 
     model_dir, preset = getattr(args, "model", None), getattr(args, "preset", None)
     if (model_dir is None) == (preset is None):
         raise ValueError("give exactly one of --model DIR and --preset NAME")
+    overrides = {**config_overrides(args), **overrides}
     if model_dir is not None:
-        model = load_pretrained(model_dir, dtype=dtype, device=device, config_overrides=overrides or None)
-        if tok is not None and tok.vocab_size > model.config.vocab_size:
+        config, raw = read_config(model_dir, overrides)
+        if tok is not None and tok.vocab_size > config.vocab_size:
             raise ValueError(f"{model_dir}: the tokenizer has {tok.vocab_size} tokens but the model's vocab_size is "
-                             f"{model.config.vocab_size}; they do not belong together")
-        return model
-    config = preset_config(preset, tok, **overrides)
-    seed = getattr(args, "seed", 0) if seed is None else seed
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Transformer(config)
-    return model.to(device=device, dtype=dtype)
+                             f"{config.vocab_size}; they do not belong together")
+        with torch.device("meta"):
+            model = Transformer(config)
+        model.to(dtype)
+        plan = plan_load(model_dir, model, raw)
+    else:
+        config = preset_config(preset, tok, **overrides)
+        seed = getattr(args, "seed", 0) if seed is None else seed
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = Transformer(config)
+        model.to(device=device, dtype=dtype)
+    if activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if fsdp is not None:
+        apply_fsdp(model, **fsdp)
+    if model_dir is not None:
+        model.to_empty(device=device)
+        load_into(model, plan)
+    return model
 
 
 def model_summary(model) -> str:
@@ -76,10 +191,11 @@ def model_summary(model) -> str:
             f"{counts.total / 1e6:.2f}M parameters ({counts.active / 1e6:.2f}M active per token)")
 
 
-def save_model_fn(model, tok):
-    """The callback runtime.checkpoint calls to write the HF folder of a checkpoint."""
+def save_model_fn(model, tok, dtype: torch.dtype | None = None):
+    """The callback runtime.checkpoint calls to write the HF folder of a checkpoint, tensor by
+    tensor from rank 0 (gathered one at a time when sharded), in `dtype` (None: as stored)."""
     from model.checkpoint import save_pretrained
 
     def save(path):
-        save_pretrained(model, path, tokenizer=tok)
+        save_pretrained(model, path, tokenizer=tok, dtype=dtype)
     return save

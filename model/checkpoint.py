@@ -8,25 +8,16 @@ names of our module tree (`model.layers.3.mlp.experts.7.up_proj.weight`), so a c
 onto `Transformer.state_dict()`: there is no renaming table.
 
 Memory: loading never holds two copies of the weights. The model is built on the meta device (no
-storage), given its final dtype there, then allocated once with `to_empty`; each tensor is then read
-from its file with plain `readinto` calls, straight into the parameter when the dtypes agree, else
-through one reused staging buffer of at most READ_CHUNK_BYTES. Files are not mmapped, so no file
-pages are charged to the process (page cache is not part of RSS), and the header's byte ranges
-double as the truncation check. Peak RSS is the model plus one chunk (a few, in fp32, while
-dequantising FP8).
+storage), given its final dtype there, checked against the checkpoint (`plan_load`: every missing,
+unexpected or mis-shaped tensor is named before anything is allocated), then allocated once with
+`to_empty`, and `load_into` reads each tensor from its file (model/safetensors_io.py: plain
+`readinto`, no mmap, at most one READ_CHUNK_BYTES staging buffer). Peak RSS is the model plus one
+chunk (a few, in fp32, while dequantising FP8 weights).
 
-Safetensors format (what `_SafetensorsFile` and `_write_safetensors` implement): 8 bytes little-endian
-u64 N, then N bytes of JSON {name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__":
-{...}}, padded with spaces, then the tensors' bytes (C order, little-endian), offsets relative to the
-end of the header.
-
-FP8 checkpoints (DeepSeek-V3's released weights): a linear `weight` is stored as float8_e4m3fn next to
-`weight_scale_inv`, fp32 [ceil(out/b0), ceil(in/b1)] with (b0, b1) = quantization_config's
-`weight_block_size` (128, 128). The dequantised weight is
-
-    W[i, j] = float(W_fp8[i, j]) * scale_inv[i // b0, j // b1]
-
-computed in fp32 block-row by block-row and cast to the target dtype.
+Sharded loading (model/build.py under FSDP2): the meta-device model is sharded with `fully_shard`
+before `to_empty`, so each rank allocates only its shards, and `load_into` reads only each rank's
+own rows of every tensor straight into its local shard: per rank, the loaded bytes are the model's
+divided by the ranks.
 
 FSDP: `save_pretrained` takes a model whose parameters are DTensors (FSDP2); every rank gathers each
 tensor in turn (`full_tensor()`, a collective, so all ranks must call save_pretrained), only rank 0
@@ -45,11 +36,9 @@ from pathlib import Path
 import torch
 
 from model.config import ModelConfig
-
-# Bytes of the staging buffer used when a tensor's stored dtype differs from its parameter's (or the
-# parameter is not in CPU memory): large enough that per-call overhead is negligible, small enough to
-# be invisible next to any real model.
-READ_CHUNK_BYTES = 4 << 20
+from model.safetensors_io import (FP8_DTYPES, SafetensorsFile, Staging, read_fp8_rows, read_rows,
+                                  write_safetensors)
+from runtime.distributed import barrier, broadcast_object
 
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9  # transformers' default max_shard_size ("5GB")
 
@@ -65,139 +54,6 @@ GENERATION_CONFIG_FILE = "generation_config.json"
 
 # Old Llama/Qwen checkpoints store the rope inverse frequencies; they are recomputed, never loaded.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-
-_ST_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64, "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
-_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
-_FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
-_MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit
-
-
-# ================================================================================================
-# safetensors files, read and written tensor by tensor
-# ================================================================================================
-
-class _SafetensorsFile:
-    """The header of one .safetensors file, and reads of single tensors into caller-owned memory.
-
-    Opening parses and validates the header only (no tensor bytes are read): each entry's dtype is
-    known, its shape matches its byte range, and the file is long enough to hold every range (a
-    shorter file is reported as truncated). `read_into` then fills a tensor with `readinto`.
-    """
-
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise FileNotFoundError(f"{self.path}: no such safetensors file")
-        size = self.path.stat().st_size
-        with open(self.path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise ValueError(f"{self.path}: truncated or corrupt safetensors file ({size} bytes, "
-                                 f"shorter than the 8-byte header length)")
-            n = int.from_bytes(head, "little")
-            if n > _MAX_HEADER_BYTES or 8 + n > size:
-                raise ValueError(f"{self.path}: truncated or corrupt safetensors file (header length "
-                                 f"{n} bytes, file {size} bytes)")
-            raw = f.read(n)
-        try:
-            header = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ValueError(f"{self.path}: truncated or corrupt safetensors file (header is not valid "
-                             f"JSON: {e})") from None
-        if not isinstance(header, dict):
-            raise ValueError(f"{self.path}: corrupt safetensors file (header is not a JSON object)")
-        self.metadata = header.pop("__metadata__", None) or {}
-        self.data_start = 8 + n
-        self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
-        end_of_data = 0
-        for name, e in header.items():
-            try:
-                dtype_name, shape, (begin, end) = e["dtype"], tuple(e["shape"]), e["data_offsets"]
-            except (KeyError, TypeError, ValueError):
-                raise ValueError(f"{self.path}: corrupt safetensors header entry for {name!r}: {e}") from None
-            if dtype_name not in _ST_DTYPES:
-                raise ValueError(f"{self.path}: tensor {name!r} has dtype {dtype_name!r}, which is not "
-                                 f"supported; expected one of {sorted(_ST_DTYPES)}")
-            dtype = _ST_DTYPES[dtype_name]
-            nbytes = math.prod(shape) * dtype.itemsize
-            if end - begin != nbytes or begin < 0:
-                raise ValueError(f"{self.path}: corrupt safetensors header: tensor {name!r} of shape "
-                                 f"{list(shape)} and dtype {dtype_name} needs {nbytes} bytes but its "
-                                 f"data_offsets are [{begin}, {end}]")
-            self.entries[name] = (dtype, shape, begin, end)
-            end_of_data = max(end_of_data, end)
-        if self.data_start + end_of_data > size:
-            raise ValueError(f"{self.path}: truncated or corrupt safetensors file: its header places "
-                             f"tensor data up to byte {self.data_start + end_of_data}, but the file has "
-                             f"{size} bytes")
-
-    def dtype(self, name: str) -> torch.dtype:
-        return self.entries[name][0]
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self.entries[name][1]
-
-    def names_in_file_order(self) -> list[str]:
-        return sorted(self.entries, key=lambda k: self.entries[k][2])
-
-    def read_into(self, f, name: str, out: torch.Tensor, start: int = 0) -> None:
-        """Fill the contiguous CPU tensor `out` with the elements [start, start + out.numel()) of
-        tensor `name` (flattened), whose dtype `out` must have. `f` is this file opened 'rb'."""
-        dtype, _, begin, end = self.entries[name]
-        assert out.dtype == dtype and out.is_contiguous() and out.device.type == "cpu", (out.dtype, dtype)
-        nbytes = out.numel() * dtype.itemsize
-        offset = self.data_start + begin + start * dtype.itemsize
-        assert offset + nbytes <= self.data_start + end, f"{name}: read past the tensor's bytes"
-        if nbytes == 0:
-            return
-        f.seek(offset)
-        view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
-        got = 0
-        while got < nbytes:
-            n = f.readinto(view[got:])
-            if not n:
-                raise ValueError(f"{self.path}: truncated or corrupt safetensors file: tensor {name!r} "
-                                 f"ends early (read {got} of {nbytes} bytes at offset {offset})")
-            got += n
-
-    def read(self, f, name: str) -> torch.Tensor:
-        """The whole tensor `name`, newly allocated (used for small tensors such as FP8 scales)."""
-        dtype, shape, _, _ = self.entries[name]
-        out = torch.empty(shape, dtype=dtype)
-        self.read_into(f, name, out)
-        return out
-
-
-def _write_safetensors(path: Path, specs: list[tuple[str, torch.dtype, tuple[int, ...]]], tensors) -> int:
-    """Write a safetensors file from `specs` (name, dtype, shape), in that order, taking each tensor's
-    data from the iterator `tensors` (one tensor per spec, produced only when it is written, so a
-    whole shard never has to exist in memory). Returns the bytes of tensor data written.
-
-    The header is fixed before any data is known, which is why dtypes and shapes come first.
-    """
-    header, offset = {}, 0
-    for name, dtype, shape in specs:
-        nbytes = math.prod(shape) * dtype.itemsize
-        header[name] = {"dtype": _ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    header["__metadata__"] = {"format": "pt"}  # transformers refuses files without it
-    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as the reference writer does
-    with open(path, "wb") as f:
-        f.write(len(raw).to_bytes(8, "little"))
-        f.write(raw)
-        for (name, dtype, shape), t in zip(specs, tensors, strict=True):
-            assert t.dtype == dtype and tuple(t.shape) == tuple(shape), (name, t.dtype, dtype, t.shape, shape)
-            if t.numel():
-                f.write(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))
-        f.flush()
-        os.fsync(f.fileno())
-    return offset
 
 
 # ================================================================================================
@@ -237,49 +93,112 @@ def load_pretrained(path, dtype: torch.dtype = torch.float32, device="cpu", *, s
     """
     from model.transformer import Transformer
 
-    path = Path(path)
     config, raw_config = read_config(path, config_overrides)
-    block = _fp8_block_size(raw_config, path / CONFIG_FILE)
-    files, located = _checkpoint_files(path)
-
     with torch.device("meta"):
         model = Transformer(config)
     model.to(dtype)
+    plan = plan_load(path, model, raw_config, strict=strict)   # every naming/shape error, before allocating
+    model.to_empty(device=device)
+    load_into(model, plan)
+    return model.eval()
+
+
+def plan_load(path, model, raw_config: dict, *, strict: bool = True) -> "_LoadPlan":
+    """Match the checkpoint folder `path` against `model`'s state dict (a model on the meta device,
+    sharded or not: only names, global shapes and dtypes are read), so that every naming or shape
+    problem is reported, naming the tensor and its file, before any memory is allocated. The
+    returned plan is what load_into reads."""
+    path = Path(path)
+    block = _fp8_block_size(raw_config, path / CONFIG_FILE)
+    files, located = _checkpoint_files(path)
     expected = model.state_dict(keep_vars=True)  # name -> meta tensor, shapes and dtypes only
     declared_mtp = raw_config.get("num_nextn_predict_layers", raw_config.get("num_mtp_layers")) or 0
-    plan = _plan_load(config, declared_mtp, expected, files, located, block, strict)
+    plan = _plan_load(model.config, declared_mtp, expected, files, located, block, strict)
+    plan.block = block
+    return plan
 
-    model.to_empty(device=device)
+
+def load_into(model, plan: "_LoadPlan") -> None:
+    """Fill `model` (allocated, e.g. by to_empty after plan_load) with the checkpoint's tensors.
+
+    A parameter that FSDP2 has sharded (a DTensor sharded on dim 0, as model.parallel.apply_fsdp
+    leaves them) receives only this rank's rows, read straight from the file into its local shard:
+    no rank ever holds a whole tensor it does not own, let alone the whole model. Other tensors
+    (buffers, an unsharded model) are read whole. Parameters the checkpoint does not hold (absent
+    MTP weights) get the model's own initialisation first. The rope tables are rebuilt last.
+    """
     if plan.uninitialised:
         _init_weights(model)
-    expected = model.state_dict(keep_vars=True)  # now the real tensors
+    state = model.state_dict(keep_vars=True)  # the real tensors
+    first = next(iter(state.values()))
+    device = first.to_local().device if hasattr(first, "to_local") else first.device
     with torch.no_grad():
-        staging = _Staging(torch.device(device))
+        staging = Staging(device)
         for file, names in plan.by_file.items():
             with open(file.path, "rb") as f:
                 for name in names:
+                    dest, first_row = _local_rows(name, state[name], file.shape(name))
                     if name in plan.fp8_scales:
                         scale_file, scale_name = plan.fp8_scales[name]
                         with open(scale_file.path, "rb") as sf:
                             scale = scale_file.read(sf, scale_name)
-                        _read_fp8(file, f, name, scale, block, expected[name].data, staging)
-                    else:
-                        _read_tensor(file, f, name, expected[name].data, staging)
+                        read_fp8_rows(file, f, name, scale, plan.block, dest, staging, first_row)
+                    elif dest.numel():
+                        read_rows(file, f, name, dest, staging, first_row)
     _finish(model)
-    return model.eval()
+
+
+def _local_rows(name: str, t: torch.Tensor, shape: tuple) -> tuple[torch.Tensor, int]:
+    """(the memory this rank fills, its first row of the stored tensor) for state-dict tensor `t`:
+    the whole tensor, or for an FSDP2 DTensor sharded on dim 0 its local shard. FSDP2 splits dim 0
+    as torch.chunk does: chunks of ceil(N / W) rows, rank r's starting at r * ceil(N / W) (the last
+    ranks may hold fewer rows, or none)."""
+    if not hasattr(t, "to_local"):
+        return t.data, 0
+    from torch.distributed.tensor import Shard
+
+    placements = tuple(t.placements)
+    local = t.to_local()
+    if placements != (Shard(0),):
+        assert all(not isinstance(pl, Shard) for pl in placements), f"{name}: placements {placements} not supported"
+        return local, 0
+    world, rank = t.device_mesh.size(), t.device_mesh.get_local_rank()
+    chunk = -(-shape[0] // world)
+    first = min(rank * chunk, shape[0])
+    rows = max(0, min(shape[0], first + chunk) - first)
+    if local.shape[0] != rows:
+        raise AssertionError(f"{name}: local shard of {tuple(local.shape)} on rank {rank} of {world}, expected "
+                             f"{rows} rows of {tuple(shape)} (FSDP2's dim-0 split changed?)")
+    return local, first
+
+
+def checkpoint_dtype(path) -> torch.dtype:
+    """The floating dtype holding most of the bytes of the checkpoint folder `path` (headers only:
+    no tensor is read); bf16 for an FP8 checkpoint, whose dequantised weights are not FP8."""
+    totals: dict[torch.dtype, int] = {}
+    for file in _checkpoint_files(Path(path))[0]:
+        for dtype, shape, begin, end in file.entries.values():
+            if dtype.is_floating_point:
+                totals[dtype] = totals.get(dtype, 0) + end - begin
+    if not totals:
+        return torch.float32
+    main = max(totals, key=totals.get)
+    return torch.bfloat16 if main in FP8_DTYPES else main
 
 
 class _LoadPlan:
-    """What load_pretrained will read: tensor names per file (in file order), the FP8 scale of each
-    quantised weight, and whether some parameters are left to the model's initialisation."""
+    """What load_into will read: tensor names per file (in file order), the FP8 scale of each
+    quantised weight (and the block size), and whether some parameters are left to the model's
+    initialisation."""
 
     def __init__(self):
-        self.by_file: dict[_SafetensorsFile, list[str]] = {}
-        self.fp8_scales: dict[str, tuple[_SafetensorsFile, str]] = {}
+        self.by_file: dict[SafetensorsFile, list[str]] = {}
+        self.fp8_scales: dict[str, tuple[SafetensorsFile, str]] = {}
+        self.block: tuple[int, int] = (128, 128)
         self.uninitialised = False
 
 
-def _checkpoint_files(path: Path) -> tuple[list[_SafetensorsFile], dict[str, _SafetensorsFile]]:
+def _checkpoint_files(path: Path) -> tuple[list[SafetensorsFile], dict[str, SafetensorsFile]]:
     """The folder's safetensors files (headers parsed) and the file holding each tensor name."""
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such checkpoint folder")
@@ -292,7 +211,7 @@ def _checkpoint_files(path: Path) -> tuple[list[_SafetensorsFile], dict[str, _Sa
         for fname in dict.fromkeys(weight_map.values()):
             if not isinstance(fname, str) or "/" in fname or fname.startswith("."):
                 raise ValueError(f"{index}: weight_map names the file {fname!r}; expected a file name in the folder")
-            files[fname] = _SafetensorsFile(path / fname)
+            files[fname] = SafetensorsFile(path / fname)
         located = {}
         for name, fname in weight_map.items():
             if name not in files[fname].entries:
@@ -301,7 +220,7 @@ def _checkpoint_files(path: Path) -> tuple[list[_SafetensorsFile], dict[str, _Sa
         return list(files.values()), located
     single = path / SINGLE_FILE
     if single.is_file():
-        file = _SafetensorsFile(single)
+        file = SafetensorsFile(single)
         return [file], dict.fromkeys(file.entries, file)
     other = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt*"))
     hint = f"; found only {other[:3]} (PyTorch pickles are not read: convert to safetensors)" if other else ""
@@ -326,7 +245,7 @@ def _plan_load(config: ModelConfig, declared_mtp: int, expected: dict, files, lo
     # FP8 weights and their scales: `x.weight` (float8) pairs with `x.weight_scale_inv`.
     scale_names = {n for n in ckpt if n.endswith("_scale_inv")}
     for name, file in ckpt.items():
-        if file.dtype(name) in _FP8_DTYPES:
+        if file.dtype(name) in FP8_DTYPES:
             scale_name = name + "_scale_inv"
             if scale_name not in ckpt:
                 raise ValueError(f"{file.path}: tensor {name!r} is stored as {file.dtype(name)} but the "
@@ -410,58 +329,6 @@ def _name_list(names: list[str], limit: int = 10) -> str:
     return f"{len(names)}: {shown}" + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
 
 
-class _Staging:
-    """One reusable CPU buffer for reads that cannot land in the parameter directly (pinned when the
-    parameters live on a GPU, so the host-to-device copies are fast)."""
-
-    def __init__(self, device: torch.device):
-        self.pin = device.type == "cuda"
-        self.buffer = torch.empty(0, dtype=torch.uint8)
-
-    def get(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
-        nbytes = numel * dtype.itemsize
-        if self.buffer.numel() < nbytes:
-            self.buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin)
-        return self.buffer[:nbytes].view(dtype)
-
-
-def _read_tensor(file: _SafetensorsFile, f, name: str, dest: torch.Tensor, staging: _Staging) -> None:
-    """Copy checkpoint tensor `name` into `dest` (same shape), converting dtype chunk by chunk."""
-    src_dtype = file.dtype(name)
-    if dest.device.type == "cpu" and dest.dtype == src_dtype and dest.is_contiguous():
-        file.read_into(f, name, dest)  # straight into the parameter: no extra copy at all
-        return
-    assert dest.is_contiguous(), f"{name}: parameters are expected to be contiguous"
-    flat = dest.view(-1)
-    step = max(1, READ_CHUNK_BYTES // src_dtype.itemsize)
-    for start in range(0, flat.numel(), step):
-        n = min(step, flat.numel() - start)
-        buf = staging.get(n, src_dtype)
-        file.read_into(f, name, buf, start)
-        flat[start:start + n].copy_(buf)  # blocking: the next read reuses the buffer
-
-
-def _read_fp8(file: _SafetensorsFile, f, name: str, scale_inv: torch.Tensor, block: tuple[int, int],
-              dest: torch.Tensor, staging: _Staging) -> None:
-    """Dequantise the block-quantised FP8 weight `name` into `dest` [O, I]: rows in groups of whole
-    blocks, each group dequantised in fp32 and cast to dest's dtype (see the module docstring)."""
-    b0, b1 = block
-    rows, cols = dest.shape
-    src_dtype = file.dtype(name)
-    group = max(b0, READ_CHUNK_BYTES // max(1, 4 * cols) // b0 * b0)  # rows per chunk, whole blocks
-    scale_inv = scale_inv.float()
-    for r0 in range(0, rows, group):
-        r1 = min(rows, r0 + group)
-        w = staging.get((r1 - r0) * cols, src_dtype).view(r1 - r0, cols)
-        file.read_into(f, name, w, r0 * cols)
-        # dequantised where the weight lives (on a GPU, the multiply is cheap there); fp32 products
-        # are exact IEEE operations, so the values do not depend on the device
-        w = w.to(dest.device)
-        s = scale_inv[r0 // b0: math.ceil(r1 / b0)].to(dest.device)      # [rb, ceil(I/b1)]
-        s = s.repeat_interleave(b0, 0)[: r1 - r0].repeat_interleave(b1, 1)[:, :cols]  # [r, I]
-        dest[r0:r1].copy_(w.float() * s)
-
-
 def _init_weights(model) -> None:
     """Initialise every parameter the model's own way (before loading over it), for the ones the
     checkpoint does not hold."""
@@ -516,9 +383,7 @@ def save_pretrained(model, path, tokenizer=None, *, max_shard_bytes: int = DEFAU
                    None if overwrite or not any(path.iterdir()) else
                    f"{path}: already exists and is not empty; pass overwrite=True to replace it")
     if distributed:  # every rank raises, rather than waiting in gathers rank 0 would never join
-        box = [problem]
-        torch.distributed.broadcast_object_list(box, src=0)
-        problem = box[0]
+        problem = broadcast_object(problem)
     if problem:
         raise FileExistsError(problem)
 
@@ -542,7 +407,7 @@ def save_pretrained(model, path, tokenizer=None, *, max_shard_bytes: int = DEFAU
         tensors = (_gathered(state[name], dt) for name, dt, _ in shard)
         if rank == 0 and error is None:
             try:
-                total += _write_safetensors(tmp / fname, shard, tensors)
+                total += write_safetensors(tmp / fname, shard, tensors)
                 weight_map.update(dict.fromkeys((name for name, _, _ in shard), fname))
             except BaseException as e:
                 error = e
@@ -565,8 +430,7 @@ def save_pretrained(model, path, tokenizer=None, *, max_shard_bytes: int = DEFAU
             error = e
     if error is not None:
         shutil.rmtree(tmp, ignore_errors=True)
-    if distributed:
-        torch.distributed.barrier()
+    barrier()   # the others wait on the side group while rank 0 renames and fsyncs (no watchdog)
     if error is not None:
         raise error
     return path

@@ -49,13 +49,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
 from model.config import ModelConfig
 from model.layers import MLP
+from runtime.distributed import all_reduce
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -367,8 +367,7 @@ def _update_biases(moes: list[MoE], group=None):
     load = torch.stack([m._load_since_update if m._load_since_update is not None
                         else torch.zeros(m.n_experts, dtype=torch.int64, device=bias0.device)
                         for m in moes])  # [L, E]
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(load, op=dist.ReduceOp.SUM, group=group)
+    all_reduce(load, "sum", group)
     for m, l in zip(moes, load):
         m._load_since_update = None
         if l.sum() == 0:

@@ -5,9 +5,15 @@
 all-gathered just before its forward and freed after, and gradients are reduce-scattered per
 block. Parameters become DTensors sharded on dim 0 over the ranks.
 
-Mixed precision: on GPU the policy is bf16 parameters for compute with fp32 gradient reduction
-(the fp32 sharded master weights stay in the optimizer's hands); on CPU everything stays fp32
-(gloo has no bf16 reduce worth using, and the CPU recipe is small).
+Mixed precision (FSDP2's MixedPrecisionPolicy, `--param-dtype`): the sharded master weights and
+the optimizer stay fp32, each block's parameters are all-gathered in `param_dtype` (bf16 by default
+on GPU, fp32 on CPU) for compute, and gradients are reduced in `reduce_dtype` (fp32). The MoE
+router is the exception the model's design asks for: each Router gets a `fully_shard` group of its
+own with an fp32 policy, so its weight is gathered in fp32 and its logits, scores and top-K are
+computed in fp32 (Router.forward casts its input up) whatever the blocks compute in. RMSNorm
+statistics, softmax, log-probs and losses are fp32 in the kernels themselves. The same policy runs
+on gloo (the 2-rank CPU tests exercise it, on tiny shapes: this CPU's bf16 matmuls are slow) and on
+a one-process run (a one-rank mesh, runtime.distributed.ensure_process_group).
 
 `apply_activation_checkpointing(model)` recomputes each block's activations in the backward
 instead of storing them (torch.utils.checkpoint, non-reentrant), wrapping the block's forward in
@@ -43,12 +49,33 @@ def default_mixed_precision(device_type: str) -> tuple[torch.dtype | None, torch
     return None, None
 
 
+def training_fsdp(param_dtype: torch.dtype, world_size: int) -> dict | None:
+    """apply_fsdp's keyword arguments for a model being trained: sharded over several ranks, and on
+    one rank too when the parameters compute in a lower precision than their fp32 master weights
+    (the policy is FSDP2's, so one process computes as a torchrun job does). None: a plain fp32
+    module in one process, as the CPU recipe runs."""
+    if world_size == 1 and param_dtype == torch.float32:
+        return None
+    return {"param_dtype": None if param_dtype == torch.float32 else param_dtype, "reduce_dtype": torch.float32}
+
+
+def _routers(model: nn.Module) -> list[nn.Module]:
+    from model.moe import Router
+
+    return [m for m in model.modules() if isinstance(m, Router)]
+
+
 def apply_fsdp(model: nn.Module, *, mesh=None, param_dtype: torch.dtype | None = None,
                reduce_dtype: torch.dtype | None = None, reshard_after_forward: bool = True) -> nn.Module:
     """Shard each block, then the root, with FSDP2. Needs torch.distributed to be initialised."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    # The routers first, each its own group in fp32 (the module docstring): a group gathers its
+    # parameters in one dtype, so the router cannot share its block's bf16 group.
+    router_mp = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
+    for router in _routers(model):
+        fully_shard(router, mesh=mesh, mp_policy=router_mp, reshard_after_forward=reshard_after_forward)
     # the main blocks only: an MTP module shares the embedding and output head with the root, and
     # FSDP needs tied parameters in one group, so MTP modules stay in the root's group
     for block in model.layers:

@@ -65,6 +65,31 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the --model folder)")
     g.add_argument("--chat-template", default=None,
                    help="chat template: 'r1-zero', 'chatml' or a Jinja file/source (default: the tokenizer's)")
+    g.add_argument("--max-position-embeddings", type=int, default=None,
+                   help="train past the checkpoint's length: the model's new max_position_embeddings (written into "
+                   "the exported config.json); usually with --rope-theta or --rope-scaling")
+    g.add_argument("--rope-theta", type=float, default=None,
+                   help="override the checkpoint's rope base (e.g. 300000 to extend a 4k Qwen2.5-Math to 32k)")
+    g.add_argument("--rope-scaling", default=None,
+                   help="override the checkpoint's rope_scaling, as JSON, e.g. "
+                   "'{\"rope_type\": \"yarn\", \"factor\": 4.0, \"original_max_position_embeddings\": 32768}'; "
+                   "'none' removes it")
+
+    # precision and distribution
+    g = p.add_argument_group("precision and distribution")
+    g.add_argument("--param-dtype", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="compute dtype of the parameters (FSDP2 mixed precision; the master weights, the optimizer, "
+                   "gradient reductions, norms' statistics, softmax, log-probs and losses stay fp32; so does the MoE "
+                   "router). auto: bf16 on CUDA, fp32 on CPU")
+    g.add_argument("--export-dtype", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="dtype of the Hugging Face folders checkpoints export (auto: the --model checkpoint's own "
+                   "dtype; fp32 for a --preset)")
+    g.add_argument("--no-sync-accumulation", action="store_true",
+                   help="keep unsharded gradients across the micro-batches of a step and reduce-scatter once (faster "
+                   "for small models; costs a full fp32 gradient per rank). Default: reduce-scatter every micro-batch")
+    g.add_argument("--dist-timeout-s", type=float, default=None,
+                   help="timeout of the collectives of a step (default: $R1_DIST_TIMEOUT_S or 600). Rank-0-only work "
+                   "(checkpoint publication, HF export) is waited for on a gloo side group, not under this timeout")
 
     # data
     g = p.add_argument_group("data")

@@ -25,26 +25,25 @@ overlong filtering); the soft overlong reward is a reward function (verify.rewar
 """
 from __future__ import annotations
 
-import copy
 import math
 import time
 
 import torch
-import torch.distributed as dist
 
 from data.datasets import ShardedBatchSampler, fit_global_batch, load_prompts, read_jsonl
 from data.tokenizer import load_tokenizer
 from evaluation.evaluate import check_heldout_flags, evaluate_sharded, heldout_task
 from kernels import token_logprobs
-from model.build import build_model, check_model_flags, model_summary, save_model_fn
+from model.build import (build_model, check_length, check_model_flags, export_dtype_of, model_config, model_summary,
+                         param_dtype_of, save_model_fn)
 from model.moe import moe_aux_loss, moe_load_stats, update_moe_biases
-from model.parallel import apply_fsdp, default_mixed_precision, gathered
+from model.parallel import gathered, training_fsdp
 from rl.advantage import group_advantages, group_reward_stats
 from rl.loss import VARIANTS, all_reduce_metrics, combine_metrics, policy_loss
 from rl.rollout import (RewardScorer, RolloutBatch, encode_prompt, generate_rollouts,
                         select_for_dynamic_sampling)
 from runtime.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from runtime.distributed import print0
+from runtime.distributed import all_reduce_floats, ensure_process_group, print0
 from runtime.metrics import MetricsWriter, Progress
 from runtime.optim import build_optimizer, check_training_flags, lr_schedule
 from runtime.rundir import check_rank_multiple, update_run_config, write_json_atomic
@@ -120,13 +119,6 @@ def rollout_seed(seed: int, step: int, round_: int, rank: int) -> int:
     return ((seed * 1_000_003 + step) * 1_009 + round_) * 1_000_003 + rank
 
 
-def _all_reduce(values: list[float], device, op=None) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
-    return t.tolist()
-
-
 # ---- the loop ---------------------------------------------------------------------------------------
 
 def loss_options(args) -> tuple[dict, dict]:
@@ -199,18 +191,27 @@ def check_flags(args, world_size: int) -> list[str]:
 def train_grpo(args, run, info) -> int:
     device = torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     tok = load_tokenizer(args.tokenizer, args.model)
-    model = build_model(args, tok, device=device)
-    print0(model_summary(model))
+    config = model_config(args, tok)
+    check_length(config, args.max_new_tokens + 1, "--max-new-tokens with a prompt", args.model or f"preset {args.preset}")
+    # The policy: fp32 master weights, sharded (FSDP2) before they are allocated when there are several
+    # ranks or a lower compute precision, activation checkpointing wrapped in first. The reference: the
+    # same checkpoint (or seed) built the same way, stored in the compute dtype, never trained.
+    param_dtype = param_dtype_of(args.param_dtype, device)
+    fsdp = training_fsdp(param_dtype, info.world_size)
+    if fsdp is not None:
+        info = ensure_process_group(info)
+    model = build_model(args, tok, device=device, fsdp=fsdp, activation_checkpointing=args.activation_checkpointing)
+    print0(model_summary(model) + f"; computing in {str(param_dtype).removeprefix('torch.')}"
+           + (", sharded over FSDP2" if fsdp is not None else "")
+           + (", activation checkpointing" if args.activation_checkpointing else ""))
     loss_opts, adv_opts = loss_options(args)
     beta = loss_opts.get("beta", 0.0)
     ref_model = None
     if beta > 0:
-        ref_model = copy.deepcopy(model).requires_grad_(False).eval()
-    if info.world_size > 1:
-        param_dtype, reduce_dtype = default_mixed_precision(device.type)
-        apply_fsdp(model, param_dtype=param_dtype, reduce_dtype=reduce_dtype)
-        if ref_model is not None:
-            apply_fsdp(ref_model, param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+        ref_fsdp = None if fsdp is None else {"param_dtype": None, "reduce_dtype": None}
+        ref_model = build_model(args, tok, device=device, dtype=param_dtype, fsdp=ref_fsdp)
+        ref_model.requires_grad_(False).eval()
+    export_dtype = export_dtype_of(args)
     optimizer = build_optimizer(model, lr=args.lr, weight_decay=args.weight_decay)
     guard = NonFiniteGuard(max_in_a_row=args.max_nonfinite)
 
@@ -269,7 +270,7 @@ def train_grpo(args, run, info) -> int:
         save_checkpoint(run.path, at_step, model=model, optimizer=optimizer, keep_last=args.keep_last,
                         trainer_state={"step": at_step, "sampler": prompt_sampler.state_dict(),
                                        "guard": guard.state_dict()},
-                        save_model_fn=save_model_fn(model, tok))
+                        save_model_fn=save_model_fn(model, tok, export_dtype))
 
     first_eval = held_out(step) if (eval_rows and not run.resumed) else {}
     if first_eval:
@@ -286,7 +287,7 @@ def train_grpo(args, run, info) -> int:
         # (dynamic sampling refills the others) joins the gather, skips its prompts and samples nothing.
         batches, kept, tries, dropped, rounds = [], 0, 0, 0, 0
         t_gen = t_rew = 0.0
-        while _all_reduce([per_rank - kept], device, dist.ReduceOp.MAX)[0] > 0:
+        while all_reduce_floats([per_rank - kept], "max")[0] > 0:
             rounds += 1
             if kept >= per_rank:
                 next(prompt_sampler)  # prompt positions stay equal on all ranks (the checkpoint holds rank 0's)
@@ -297,6 +298,8 @@ def train_grpo(args, run, info) -> int:
             chunk_ids = [encode_prompt(tok, r, args.chat_template) for r in chunk]
             need = max(len(p) for p in chunk_ids)
             if sampler is None or need + args.max_new_tokens > sampler.max_seq_len:
+                check_length(config, need + args.max_new_tokens, f"a prompt of {need} tokens with --max-new-tokens "
+                             f"{args.max_new_tokens}", args.model or f"preset {args.preset}")
                 longest_prompt = max(longest_prompt, need)
                 sampler = Sampler(model, max_batch_size=args.sampler_batch_size,
                                   max_seq_len=longest_prompt + args.max_new_tokens, tokenizer=tok,
@@ -335,8 +338,7 @@ def train_grpo(args, run, info) -> int:
         minibatches = [list(range(N))[i::args.num_minibatches] for i in range(args.num_minibatches)]
         plans = [[[mb[j] for j in ch] for ch in token_budget_chunks([lengths[i] for i in mb], args.micro_batch_tokens)]
                  for mb in minibatches]
-        n_micro = [int(x) for x in _all_reduce([len(p) for p in plans], device, dist.ReduceOp.MAX)] \
-            if dist.is_initialized() else [len(p) for p in plans]
+        n_micro = [int(x) for x in all_reduce_floats([len(p) for p in plans], "max")]
 
         def logps_of(m, idx, entropy=False):
             return sequence_logprobs(m, [batch.prompt_ids[i] for i in idx], [batch.completion_ids[i] for i in idx],
@@ -368,7 +370,7 @@ def train_grpo(args, run, info) -> int:
         for _ in range(args.mu):
             for mb, plan, count in zip(minibatches, plans, n_micro):
                 local_tokens = float(mask_all[mb].sum())
-                num_tokens, num_seqs = _all_reduce([local_tokens, float(len(mb))], device)
+                num_tokens, num_seqs = all_reduce_floats([local_tokens, float(len(mb))])
                 parts = []
                 for k in range(count):
                     dummy = k >= len(plan)
@@ -404,7 +406,7 @@ def train_grpo(args, run, info) -> int:
         row.update({k: float(v) for k, v in lm.items()})
         if args.dynamic_sampling:
             row["sampling/rounds"] = rounds  # the same on every rank
-            row["sampling/groups_dropped"] = _all_reduce([dropped], device)[0]
+            row["sampling/groups_dropped"] = all_reduce_floats([dropped])[0]
         row.update(lr=lr, grad_norm=sum(grad_norms) / len(grad_norms), skipped_total=guard.skipped_total,
                    skipped=skipped, **{f"time/{k}": v for k, v in (("rollout", t_gen), ("reward", t_rew),
                                                                     ("logprobs", t_logp), ("train", t_train))},
@@ -449,9 +451,9 @@ def _rollout_metrics(batch: RolloutBatch, args, device) -> dict:
     for name in batch.reward_columns:
         vals = [v for v in batch.reward_columns[name] if v is not None]
         sums += [float(sum(vals)), float(len(vals))]
-    tot = _all_reduce(sums, device)
-    mins = _all_reduce([min(lens)], device, dist.ReduceOp.MIN if dist.is_initialized() else None)
-    maxs = _all_reduce([max(lens)], device, dist.ReduceOp.MAX if dist.is_initialized() else None)
+    tot = all_reduce_floats(sums)
+    mins = all_reduce_floats([min(lens)], "min")
+    maxs = all_reduce_floats([max(lens)], "max")
     n = max(tot[2], 1.0)
     mean = tot[0] / n
     out = {"reward/mean": mean, "reward/std": math.sqrt(max(tot[1] / n - mean ** 2, 0.0)),

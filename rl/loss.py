@@ -70,9 +70,9 @@ ranks, so under them multiply the loss by the world size (or all-reduce with SUM
 import math
 
 import torch
-import torch.distributed as dist
 
 from kernels import grpo_token_loss
+from runtime.distributed import all_reduce, get_world_size
 
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm", "bnpo")
 KL_ESTIMATORS = ("k1", "k2", "k3")
@@ -317,23 +317,23 @@ def combine_metrics(parts: list[dict]) -> dict:
 def all_reduce_metrics(metrics: dict, group=None) -> dict:
     """combine_metrics across the ranks of `group` (every rank gets the result); a copy without a process
     group. Three collectives (SUM, MIN, MAX) whatever the number of metrics. Every rank must pass the same keys."""
-    if not (dist.is_available() and dist.is_initialized()):
+    if get_world_size() == 1 and group is None:
         return dict(metrics)
     keys = sorted(metrics)
     tokens = metrics["tokens"]
     summed = [k for k in keys if _reduction(k) in ("sum", "token_mean")]
     # token means travel as token-weighted sums, divided by the global count after the reduction
     packed = torch.stack([metrics[k] if _reduction(k) == "sum" else metrics[k] * tokens for k in summed])
-    dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
+    all_reduce(packed, "sum", group)
     out = dict(zip(summed, packed.unbind()))
     total = out["tokens"].clamp(min=1)
     for k in summed:
         if _reduction(k) == "token_mean":
             out[k] = out[k] / total
-    for how, op in (("min", dist.ReduceOp.MIN), ("max", dist.ReduceOp.MAX)):
+    for how in ("min", "max"):
         names = [k for k in keys if _reduction(k) == how]
         if names:
             packed = torch.stack([metrics[k] for k in names])
-            dist.all_reduce(packed, op=op, group=group)
+            all_reduce(packed, how, group)
             out.update(zip(names, packed.unbind()))
     return out

@@ -23,10 +23,10 @@ from dataclasses import dataclass
 from typing import Iterable
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
+from runtime.distributed import any_rank
 from runtime.optim import set_lr
 
 
@@ -78,17 +78,6 @@ def clip_grad_norm_(params: Iterable[torch.Tensor], max_norm: float) -> float:
     return total_f
 
 
-def _any_rank(flag: bool) -> bool:
-    """True if `flag` is True on any rank (a no-op without a process group)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return flag
-    backend = dist.get_backend()
-    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
-
-
 def _is_finite(x) -> bool:
     if isinstance(x, torch.Tensor):
         if isinstance(x, DTensor):
@@ -118,7 +107,7 @@ class NonFiniteGuard:
         every rank must call it. Updates the counters and raises NonFiniteError on the
         `max_in_a_row`-th consecutive skip."""
         bad = not math.isfinite(grad_norm) or (loss is not None and not _is_finite(loss))
-        if not _any_rank(bad):
+        if not any_rank(bad):
             self.skipped_in_a_row = 0
             return False
         self.skipped_total += 1

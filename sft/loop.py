@@ -32,16 +32,16 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from data.datasets import ShardedBatchSampler, fit_global_batch, read_jsonl
 from kernels import token_logprobs
 from data.tokenizer import load_tokenizer
-from model.build import build_model, check_model_flags, model_summary, save_model_fn
+from model.build import (build_model, check_length, check_model_flags, export_dtype_of, model_config, model_summary,
+                         param_dtype_of, save_model_fn)
 from model.moe import moe_aux_loss, moe_load_stats, update_moe_biases
-from model.parallel import apply_activation_checkpointing, apply_fsdp, default_mixed_precision
+from model.parallel import training_fsdp
 from runtime.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from runtime.distributed import print0
+from runtime.distributed import all_gather_object, all_reduce_floats, ensure_process_group, print0
 from runtime.metrics import MetricsWriter, Progress
 from runtime.optim import build_optimizer, check_training_flags, lr_schedule
 from runtime.rundir import check_rank_multiple, update_run_config, write_json_atomic
@@ -49,13 +49,6 @@ from runtime.train_step import NonFiniteError, NonFiniteGuard, optimizer_step
 from evaluation.evaluate import check_heldout_flags, evaluate_sharded, heldout_task
 from sft.data import load_documents
 from sft.packing import IGNORE, Batch, fit_lengths, pack, pad_batch
-
-
-def _all_reduce_sum(values: list[float], device) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return t.tolist()
 
 
 def micro_batches(docs, micro_batch_size: int, seq_len: int, packing: bool, pad_id: int) -> list[Batch]:
@@ -114,26 +107,34 @@ def nonfinite_parameters(model) -> list[str]:
     every rank checks its own shards, and the verdicts are combined)."""
     local = [name for name, p in model.named_parameters()
              if not bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all())]
-    if dist.is_initialized():
-        everyone = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, local)
-        local = sorted({n for names in everyone for n in names})
-    return local
+    return sorted({n for names in all_gather_object(local) for n in names})
 
 
 def train_sft(args, run, info) -> int:
     device = torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
     stage = args.stage
     tok = load_tokenizer(args.tokenizer, args.model)
-    model = build_model(args, tok, device=device)
-    print0(model_summary(model))
 
-    # data: documents, over-long policy, this rank's share of each step
+    # data first: documents, over-long policy, the longest against the model's length (before any
+    # weight is loaded), this rank's share of each step
     docs = load_documents(args.data, tok, stage, template=args.chat_template)
     docs, report = fit_lengths(docs, args.seq_len, args.overlong)
     print0(f"data {args.data}: {report.kept} documents kept, {report.dropped} dropped and {report.truncated} "
            f"truncated for being longer than --seq-len {args.seq_len}, {report.empty} without any target token")
     check_flags(args, info.world_size)
+    if docs:
+        check_length(model_config(args, tok), max(len(d.ids) for d in docs), f"the longest document of {args.data}",
+                     args.model or f"preset {args.preset}")
+
+    # the model: sharded (FSDP2) before its weights are allocated when there are several ranks or a
+    # lower compute precision; activation checkpointing wrapped in first
+    param_dtype = param_dtype_of(args.param_dtype, device)
+    fsdp = training_fsdp(param_dtype, info.world_size)
+    if fsdp is not None:
+        info = ensure_process_group(info)
+    model = build_model(args, tok, device=device, fsdp=fsdp, activation_checkpointing=args.activation_checkpointing)
+    print0(model_summary(model) + f"; computing in {str(param_dtype).removeprefix('torch.')}"
+           + (", sharded over FSDP2" if fsdp is not None else ""))
     args.batch_size, note = fit_global_batch(args.batch_size, len(docs), info.world_size, flag="--batch-size",
                                              what=f"{args.data} has {len(docs)} documents that fit",
                                              defaulted="batch_size" in (getattr(args, "defaulted", None) or ()))
@@ -143,12 +144,8 @@ def train_sft(args, run, info) -> int:
     sampler = ShardedBatchSampler(len(docs), args.batch_size // info.world_size, rank=info.rank,
                                   world_size=info.world_size, seed=args.seed)
 
-    # parallelism, then the optimizer over the (possibly sharded) parameters
-    if args.activation_checkpointing:
-        apply_activation_checkpointing(model)
-    if info.world_size > 1:
-        param_dtype, reduce_dtype = default_mixed_precision(device.type)
-        apply_fsdp(model, param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    export_dtype = export_dtype_of(args)   # the HF folders of checkpoints: the source checkpoint's dtype
+    # the optimizer over the (possibly sharded) fp32 master weights
     optimizer = build_optimizer(model, lr=args.lr, weight_decay=args.weight_decay)
     guard = NonFiniteGuard(max_in_a_row=args.max_nonfinite)
 
@@ -191,7 +188,7 @@ def train_sft(args, run, info) -> int:
         save_checkpoint(run.path, at_step, model=model, optimizer=optimizer, keep_last=args.keep_last,
                         trainer_state={"step": at_step, "tokens_seen": tokens_seen,
                                        "sampler": sampler.state_dict(), "guard": guard.state_dict()},
-                        save_model_fn=save_model_fn(model, tok))
+                        save_model_fn=save_model_fn(model, tok, export_dtype))
 
     def finish(at_step, stopped: str | None = None) -> int:
         """Write summary.json (rank 0) and close the metrics; exit status 0, or 3 for a stopped run."""
@@ -213,10 +210,12 @@ def train_sft(args, run, info) -> int:
         step_docs = [docs[i] for i in next(sampler)]
         mbs = micro_batches(step_docs, args.micro_batch_size, args.seq_len, not args.no_packing, pad_id)
         local_targets = sum(b.num_targets for b in mbs)
-        global_targets, = _all_reduce_sum([local_targets], device)
+        global_targets, = all_reduce_floats([local_targets])
         loss_sum = 0.0
         for i, mb in enumerate(mbs):
-            if hasattr(model, "set_requires_gradient_sync"):  # FSDP: reduce-scatter on the last micro-batch only
+            if args.no_sync_accumulation and hasattr(model, "set_requires_gradient_sync"):
+                # FSDP: unsharded gradients accumulate, one reduce-scatter on the last micro-batch.
+                # By default every micro-batch reduce-scatters, so only sharded gradients are kept.
                 model.set_requires_gradient_sync(i == len(mbs) - 1)
             nll, extra = batch_loss_sum(model, mb.to(device))
             loss = nll / global_targets * info.world_size  # FSDP averages gradients over ranks
@@ -227,7 +226,7 @@ def train_sft(args, run, info) -> int:
             loss_sum += float(nll.detach())
         if not mbs:  # a rank without documents this step still joins the collectives
             raise RuntimeError(f"rank {info.rank} got no documents at step {step}")
-        step_loss = _all_reduce_sum([loss_sum], device)[0] / max(global_targets, 1)
+        step_loss = all_reduce_floats([loss_sum])[0] / max(global_targets, 1)
         lr = lr_schedule(step, max_lr=args.lr, warmup_steps=args.warmup_steps, max_steps=args.max_steps,
                          min_lr_ratio=args.min_lr_ratio)
         try:
@@ -244,7 +243,7 @@ def train_sft(args, run, info) -> int:
         else:
             update_moe_biases(model)
         step += 1
-        step_tokens = _all_reduce_sum([sum(len(d.ids) for d in step_docs)], device)[0]  # documents' tokens, no padding
+        step_tokens = all_reduce_floats([sum(len(d.ids) for d in step_docs)])[0]  # documents' tokens, no padding
         tokens_seen += int(step_tokens)
         dt = time.perf_counter() - t0
         row = {"loss": step_loss, "lr": lr, "grad_norm": result.grad_norm,

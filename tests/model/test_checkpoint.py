@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from model import ModelConfig, Transformer, load_pretrained, save_pretrained
-from model.checkpoint import _SafetensorsFile, _write_safetensors
+from model.safetensors_io import SafetensorsFile, write_safetensors
 from tests.model.conftest import TINY, hf_model_for, random_model, tiny_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -49,7 +49,7 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 def test_reader_reads_what_the_safetensors_library_writes(tmp_path):
     tensors = _assorted_tensors()
     save_file(tensors, tmp_path / "x.safetensors", metadata={"format": "pt"})
-    file = _SafetensorsFile(tmp_path / "x.safetensors")
+    file = SafetensorsFile(tmp_path / "x.safetensors")
     assert set(file.entries) == set(tensors)
     with open(file.path, "rb") as f:
         for name, t in tensors.items():
@@ -65,7 +65,7 @@ def test_reader_reads_what_the_safetensors_library_writes(tmp_path):
 def test_writer_output_is_read_by_the_safetensors_library(tmp_path):
     tensors = _assorted_tensors()
     specs = [(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
-    nbytes = _write_safetensors(tmp_path / "y.safetensors", specs, iter(tensors.values()))
+    nbytes = write_safetensors(tmp_path / "y.safetensors", specs, iter(tensors.values()))
     assert nbytes == sum(t.numel() * t.element_size() for t in tensors.values())
     back = load_file(tmp_path / "y.safetensors")
     for name, t in tensors.items():
@@ -82,7 +82,7 @@ def test_truncated_file_is_reported_with_its_name(tmp_path, cut):
     keep = 8 + n // 2 if cut == "header" else len(raw) - cut
     (tmp_path / "w.safetensors").write_bytes(raw[:keep])
     with pytest.raises(ValueError, match=r"w\.safetensors: truncated or corrupt"):
-        _SafetensorsFile(tmp_path / "w.safetensors")
+        SafetensorsFile(tmp_path / "w.safetensors")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ after its HF folder is written, the model and optimizer state already on disk bu
 marker ("hf"), or just before the finished directory is renamed into place ("rename").
 --fail-rank makes rank R raise at its N-th micro-batch forward (1-based), as a crashing rank does.
 --shard-report DIR makes every rank write DIR/rank{r}.json right after the loop has sharded its model
-with model.parallel.apply_fsdp: {"world_size", "sharded", "all_dtensor", "local_numel",
+with model.parallel.apply_fsdp (as model.build calls it): {"world_size", "sharded", "all_dtensor", "local_numel",
 "global_numel", "fsdp_modules", "gathered_equal"}, the last saying that model.parallel.gathered()
 gives every parameter back whole, equal to the weights before sharding.
 """
@@ -38,8 +38,8 @@ def _kill_during_save(step: int, point: str) -> None:
     if point == "hf":
         real_fn = sft.loop.save_model_fn
 
-        def save_model_fn(model, tok):
-            save = real_fn(model, tok)
+        def save_model_fn(model, tok, dtype=None):
+            save = real_fn(model, tok, dtype)
 
             def save_then_die(path):
                 save(path)
@@ -79,7 +79,9 @@ def _report_sharding(out: Path) -> None:
     from model.parallel import _fsdp_modules, gathered, is_sharded
     from runtime.distributed import get_rank, get_world_size
 
-    real = sft.loop.apply_fsdp
+    import model.parallel
+
+    real = model.parallel.apply_fsdp
 
     def apply_fsdp(model, **kwargs):
         whole = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -96,7 +98,7 @@ def _report_sharding(out: Path) -> None:
                   "fsdp_modules": len(_fsdp_modules(model)), "gathered_equal": gathered_equal}
         (out / f"rank{get_rank()}.json").write_text(json.dumps(report))
         return model
-    sft.loop.apply_fsdp = apply_fsdp
+    model.parallel.apply_fsdp = apply_fsdp   # model.build imports it when it builds
 
 
 def main() -> int:
