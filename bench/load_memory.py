@@ -1,20 +1,28 @@
-"""Peak memory of load_pretrained against the size of the weights it loads, on CPU.
+"""Peak memory of loading a checkpoint, per rank, against the checkpoint's size, on CPU.
 
-    python bench/load_memory.py [--size large|small] [--dir DIR]
+    python bench/load_memory.py --ranks 2            # ~1B-parameter fp32 checkpoint, two gloo ranks
+    python bench/load_memory.py --ranks 1 --size small
 
-Writes a sharded fp32 checkpoint of a Qwen2-style model (large: about 495 MB, 5 shards; small:
-about 70 MB, 3 shards), then loads it, once per target dtype (fp32: stored dtype, read straight into
-the parameters; bf16: converted through the staging buffer), each in a fresh process:
+Writes a sharded fp32 checkpoint of a Qwen2-style model (size "1b": 1.03B parameters, 4.1 GB;
+"small": about 70 MB), then loads it once per target dtype (fp32: the stored dtype, read straight
+into the parameters; bf16: converted through the staging buffer), each time in fresh processes:
+with --ranks 1 one process and load_pretrained; with --ranks R > 1, R ranks under torchrun and the
+training loops' sharded path (model.build.build_model with FSDP2: meta device, fully_shard,
+to_empty, each rank reading its own rows). Each rank reports
 
-    ratio = (peak RSS during load - RSS before load) / bytes of the loaded weights in the target dtype
+    ratio = (peak RSS during the load - RSS before it) / bytes of the checkpoint
 
-RSS before load is taken after `import torch`, the model package and one meta-device construction
-of a tiny model (which imports torch._dynamo lazily: a fixed cost of the process, about 80 MB,
-printed apart as "lazy imports"); the peak is VmHWM, whose
-high-water mark is reset just before loading by writing 5 to /proc/self/clear_refs (Linux), so the
-import's own peak does not count. Files are read with plain reads (no mmap), so the page cache is not
-charged to the process. A loader holding a second copy of the weights would show a ratio near 2 (or
-3 for fp32 -> bf16); the goal is <= 1.3. Prints a table, then one JSON line.
+RSS before is taken after the imports and one meta-device construction and sharding of a tiny
+model (lazy imports of torch._dynamo and FSDP: a fixed cost of the process, printed apart); the
+peak is VmHWM, reset just before loading by writing 5 to /proc/self/clear_refs (Linux). Files are
+read with plain reads (no mmap), so the page cache is not charged to the process. A rank holding
+its share of the weights in fp32 shows 1/R; in bf16, 1/(2R). The goals, 1.2/R for fp32 and 0.7/R
+for bf16 (0.6 and 0.35 on 2 ranks), leave room for one staging chunk and allocator slack, and none
+for a whole-tensor or whole-model copy. With --ranks R > 1 the table also shows the path the loops
+took before (every rank loads the whole model, then shards it), for comparison.
+
+Prints a table, then one JSON line: {"ranks", "params", "checkpoint_bytes", "ratio_per_rank":
+{"fp32": [...], "bf16": [...]}, "goal": {"fp32", "bf16"}} (the sharded path's figures).
 """
 import argparse
 import json
@@ -29,11 +37,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Qwen2-style configs: parameters ~ 2·V·D + L·(2·D² + 2·D·Dkv + 3·D·I)
 SIZES = {
+    "1b": dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=20,
+               num_attention_heads=16, num_key_value_heads=4, max_shard_bytes=1 << 30),
     "large": dict(vocab_size=16384, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
                   num_attention_heads=16, num_key_value_heads=4, max_shard_bytes=100 << 20),
     "small": dict(vocab_size=4096, hidden_size=512, intermediate_size=1024, num_hidden_layers=6,
                   num_attention_heads=8, num_key_value_heads=2, max_shard_bytes=32 << 20),
 }
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
 
 def _status_kib(key: str) -> int:
@@ -45,29 +56,51 @@ def _status_kib(key: str) -> int:
 
 
 def child(args) -> None:
-    """Load the checkpoint once and print {ratio, ...} as JSON (runs in a fresh process)."""
+    """Load the checkpoint once (this rank's share under torchrun) and report; rank 0 writes the
+    ranks' reports to --report as JSON."""
     import torch
     sys.path.insert(0, str(ROOT))
+    from argparse import Namespace
+
     from model import ModelConfig, Transformer, load_pretrained
+    from model.build import build_model
+    from model.parallel import apply_fsdp
+    from runtime.distributed import all_gather_object, init_distributed, teardown
 
     torch.set_num_threads(1)  # keep thread pools (and their stacks) out of the measurement
+    info = init_distributed(backend="gloo") if args.ranks > 1 else None
+    dtype = getattr(torch, DTYPES[args.dtype])
     imported = _status_kib("VmRSS") * 1024
-    # The first meta-device construction imports torch._dynamo lazily (torch's meta normal_ goes
-    # through it): a fixed per-process cost, reported apart, not a copy of the weights.
+    # Lazy imports (torch._dynamo through meta normal_, FSDP's modules) are a fixed per-process
+    # cost, reported apart, not a copy of the weights.
     with torch.device("meta"):
-        Transformer(ModelConfig.from_preset("tiny"))
+        tiny = Transformer(ModelConfig.from_preset("tiny"))
+    if info is not None:
+        apply_fsdp(tiny)
+    del tiny
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current RSS
     before = _status_kib("VmRSS") * 1024
     t0 = time.perf_counter()
-    model = load_pretrained(args.dir, dtype=getattr(torch, args.dtype))
+    if info is None:
+        model = load_pretrained(args.dir, dtype=dtype)
+    elif args.path == "sharded":
+        model = build_model(Namespace(model=args.dir, preset=None, seed=0), None, dtype=dtype,
+                            fsdp={"param_dtype": None, "reduce_dtype": None})
+    else:   # what the loops did before: the whole model on every rank, then sharded
+        model = apply_fsdp(load_pretrained(args.dir, dtype=dtype))
     seconds = time.perf_counter() - t0
     peak = _status_kib("VmHWM") * 1024
-    tensors = {id(t): t for t in model.state_dict().values()}.values()
-    weights = sum(t.numel() * t.element_size() for t in tensors)
-    print(json.dumps({"dtype": args.dtype, "weights_bytes": weights, "rss_before": before,
-                      "lazy_import_bytes": before - imported, "seconds": seconds,
-                      "peak_above_before": peak - before, "ratio": (peak - before) / weights}))
+    local = sum((p.to_local() if hasattr(p, "to_local") else p).numel() * p.element_size()
+                for p in model.parameters())
+    report = {"rank": 0 if info is None else info.rank, "rss_before": before, "lazy_import_bytes": before - imported,
+              "peak_above_before": peak - before, "local_weight_bytes": local, "seconds": seconds}
+    reports = all_gather_object(report) if info is not None else [report]
+    if report["rank"] == 0:
+        Path(args.report).write_text(json.dumps(reports))
+    if info is not None:
+        del model
+        teardown()
 
 
 def write_checkpoint(size: str, out: Path) -> dict:
@@ -80,42 +113,80 @@ def write_checkpoint(size: str, out: Path) -> dict:
     max_shard_bytes = spec.pop("max_shard_bytes")
     config = ModelConfig(model_type="qwen2", attention_bias=True, **spec)
     torch.manual_seed(0)
-    model = Transformer(config)
+    with torch.device("meta"):
+        model = Transformer(config)
+    model.to_empty(device="cpu")
+    with torch.no_grad():   # cheap values: the bytes matter here, not the init
+        for p in model.parameters():
+            p.uniform_(-0.02, 0.02)
     save_pretrained(model, out, max_shard_bytes=max_shard_bytes, overwrite=True)
-    n_params = sum(p.numel() for p in model.parameters())
-    return {"params": n_params, "files": sorted(p.name for p in out.glob("*.safetensors"))}
+    return describe(out)
 
 
-def measure(directory: Path, dtype: str) -> dict:
+def describe(directory: Path) -> dict:
+    sys.path.insert(0, str(ROOT))
+    from model.safetensors_io import SafetensorsFile
+
+    files = sorted(directory.glob("*.safetensors"))
+    entries = [e for f in files for e in SafetensorsFile(f).entries.values()]
+    params = sum(end - begin for _, _, begin, end in entries) // 4
+    return {"params": params, "checkpoint_bytes": sum(end - begin for _, _, begin, end in entries),
+            "files": [f.name for f in files]}
+
+
+def measure(directory: Path, dtype: str, ranks: int, path: str) -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, __file__, "--child", "--dir", str(directory), "--dtype", dtype],
-                          capture_output=True, text=True, env=env, check=False)
-    if proc.returncode != 0:
-        raise RuntimeError(f"loading child failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    env["OMP_NUM_THREADS"] = "1"
+    with tempfile.NamedTemporaryFile(suffix=".json") as report:
+        cmd = [__file__, "--child", "--dir", str(directory), "--dtype", dtype, "--ranks", str(ranks),
+               "--path", path, "--report", report.name]
+        if ranks > 1:
+            cmd = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks), *cmd]
+        proc = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, env=env, check=False)
+        if proc.returncode != 0:
+            raise RuntimeError(f"loading child failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+        return json.loads(Path(report.name).read_text())
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--size", choices=sorted(SIZES), default="large")
-    p.add_argument("--dir", help="checkpoint folder (default: a temporary one, deleted afterwards)")
-    p.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
+    p.add_argument("--ranks", type=int, default=2, help="processes loading the checkpoint together")
+    p.add_argument("--size", choices=sorted(SIZES), default="1b")
+    p.add_argument("--dir", help="checkpoint folder (written there if it holds none; default: a temporary one)")
+    p.add_argument("--skip-before", action="store_true", help="do not measure the previous load-then-shard path")
+    p.add_argument("--dtype", default="fp32", help=argparse.SUPPRESS)
+    p.add_argument("--path", default="sharded", help=argparse.SUPPRESS)
+    p.add_argument("--report", help=argparse.SUPPRESS)
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         return child(args)
+    if args.ranks < 1:
+        raise SystemExit(f"--ranks {args.ranks}: expected >= 1")
 
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(args.dir) if args.dir else Path(tmp) / "ckpt"
-        info = write_checkpoint(args.size, directory)
-        rows = [measure(directory, dt) for dt in ("float32", "bfloat16")]
-    print(f"checkpoint: {info['params'] / 1e6:.1f}M parameters, fp32, {len(info['files'])} shard(s)")
-    print(f"{'target dtype':<14}{'weights MB':>12}{'peak above MB':>15}{'ratio':>8}{'lazy imports MB':>17}{'load s':>8}")
-    for r in rows:
-        print(f"{r['dtype']:<14}{r['weights_bytes'] / 1e6:>12.1f}{r['peak_above_before'] / 1e6:>15.1f}"
-              f"{r['ratio']:>8.3f}{r['lazy_import_bytes'] / 1e6:>17.1f}{r['seconds']:>8.2f}")
-    result = {"bench": "load_memory", "size": args.size, "params": info["params"], "shards": len(info["files"]),
-              "ratios": {r["dtype"]: round(r["ratio"], 4) for r in rows}, "goal": 1.3}
+        t0 = time.perf_counter()
+        info = describe(directory) if list(directory.glob("*.safetensors")) else write_checkpoint(args.size, directory)
+        write_s = time.perf_counter() - t0
+        paths = ["sharded"] if args.ranks == 1 or args.skip_before else ["sharded", "before"]
+        rows = {(path, dt): measure(directory, dt, args.ranks, path) for path in paths for dt in DTYPES}
+    B = info["checkpoint_bytes"]
+    goal = {"fp32": round(1.2 / args.ranks, 4), "bf16": round(0.7 / args.ranks, 4)}
+    print(f"checkpoint: {info['params'] / 1e9:.3f}B parameters, fp32, {B / 1e9:.2f} GB in {len(info['files'])} "
+          f"file(s) (ready in {write_s:.0f} s); {args.ranks} rank(s)")
+    print(f"{'path':<34}{'target':<7}{'rank':>5}{'peak above MB':>15}{'ratio':>8}{'goal':>7}{'local MB':>10}"
+          f"{'imports MB':>12}{'load s':>8}")
+    for (path, dt), reports in rows.items():
+        label = ("load_pretrained" if args.ranks == 1 else "sharded load (each rank its rows)") if path == "sharded" \
+            else "before: whole model, then shard"
+        for r in reports:
+            print(f"{label:<34}{dt:<7}{r['rank']:>5}{r['peak_above_before'] / 1e6:>15.1f}"
+                  f"{r['peak_above_before'] / B:>8.3f}{goal[dt] if path == 'sharded' else '':>7}"
+                  f"{r['local_weight_bytes'] / 1e6:>10.1f}{r['lazy_import_bytes'] / 1e6:>12.1f}{r['seconds']:>8.2f}")
+    ratios = {dt: [round(r["peak_above_before"] / B, 4) for r in rows[("sharded", dt)]] for dt in DTYPES}
+    result = {"ranks": args.ranks, "params": info["params"], "checkpoint_bytes": B, "ratio_per_rank": ratios,
+              "goal": goal}
     print(json.dumps(result))
     return result
 

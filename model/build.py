@@ -182,6 +182,26 @@ def build_model(args, tok, device="cpu", dtype=torch.float32, seed: int | None =
     return model
 
 
+def build_trained_model(args, tok, info, device):
+    """The model a training loop trains, as both loops build it: fp32 master weights computing in
+    --param-dtype, sharded with FSDP2 before any weight is allocated when there are several ranks or
+    a lower compute precision (model.parallel.training_fsdp; a one-process run then gets a one-rank
+    process group), activation checkpointing wrapped in first when asked. Prints the summary line.
+    Returns (model, info (with its process group), param_dtype, fsdp options or None)."""
+    from model.parallel import training_fsdp
+    from runtime.distributed import ensure_process_group, print0
+
+    param_dtype = param_dtype_of(args.param_dtype, device)
+    fsdp = training_fsdp(param_dtype, info.world_size)
+    if fsdp is not None:
+        info = ensure_process_group(info)
+    model = build_model(args, tok, device=device, fsdp=fsdp, activation_checkpointing=args.activation_checkpointing)
+    print0(model_summary(model) + f"; computing in {str(param_dtype).removeprefix('torch.')}"
+           + (", sharded over FSDP2" if fsdp is not None else "")
+           + (", activation checkpointing" if args.activation_checkpointing else ""))
+    return model, info, param_dtype, fsdp
+
+
 def model_summary(model) -> str:
     from model.stats import count_params
 

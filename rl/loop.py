@@ -34,16 +34,16 @@ from data.datasets import ShardedBatchSampler, fit_global_batch, load_prompts, r
 from data.tokenizer import load_tokenizer
 from evaluation.evaluate import check_heldout_flags, evaluate_sharded, heldout_task
 from kernels import token_logprobs
-from model.build import (build_model, check_length, check_model_flags, export_dtype_of, model_config, model_summary,
-                         param_dtype_of, save_model_fn)
+from model.build import (build_model, build_trained_model, check_length, check_model_flags, export_dtype_of,
+                         model_config, save_model_fn)
 from model.moe import moe_aux_loss, moe_load_stats, update_moe_biases
-from model.parallel import gathered, training_fsdp
+from model.parallel import gathered
 from rl.advantage import group_advantages, group_reward_stats
 from rl.loss import VARIANTS, all_reduce_metrics, combine_metrics, policy_loss
 from rl.rollout import (RewardScorer, RolloutBatch, encode_prompt, generate_rollouts,
                         select_for_dynamic_sampling)
 from runtime.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from runtime.distributed import all_reduce_floats, ensure_process_group, print0
+from runtime.distributed import all_reduce_floats, print0
 from runtime.metrics import MetricsWriter, Progress
 from runtime.optim import build_optimizer, check_training_flags, lr_schedule
 from runtime.rundir import check_rank_multiple, update_run_config, write_json_atomic
@@ -196,14 +196,7 @@ def train_grpo(args, run, info) -> int:
     # The policy: fp32 master weights, sharded (FSDP2) before they are allocated when there are several
     # ranks or a lower compute precision, activation checkpointing wrapped in first. The reference: the
     # same checkpoint (or seed) built the same way, stored in the compute dtype, never trained.
-    param_dtype = param_dtype_of(args.param_dtype, device)
-    fsdp = training_fsdp(param_dtype, info.world_size)
-    if fsdp is not None:
-        info = ensure_process_group(info)
-    model = build_model(args, tok, device=device, fsdp=fsdp, activation_checkpointing=args.activation_checkpointing)
-    print0(model_summary(model) + f"; computing in {str(param_dtype).removeprefix('torch.')}"
-           + (", sharded over FSDP2" if fsdp is not None else "")
-           + (", activation checkpointing" if args.activation_checkpointing else ""))
+    model, info, param_dtype, fsdp = build_trained_model(args, tok, info, device)
     loss_opts, adv_opts = loss_options(args)
     beta = loss_opts.get("beta", 0.0)
     ref_model = None

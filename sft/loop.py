@@ -36,12 +36,10 @@ import torch
 from data.datasets import ShardedBatchSampler, fit_global_batch, read_jsonl
 from kernels import token_logprobs
 from data.tokenizer import load_tokenizer
-from model.build import (build_model, check_length, check_model_flags, export_dtype_of, model_config, model_summary,
-                         param_dtype_of, save_model_fn)
+from model.build import build_trained_model, check_length, check_model_flags, export_dtype_of, model_config, save_model_fn
 from model.moe import moe_aux_loss, moe_load_stats, update_moe_biases
-from model.parallel import training_fsdp
 from runtime.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from runtime.distributed import all_gather_object, all_reduce_floats, ensure_process_group, print0
+from runtime.distributed import all_gather_object, all_reduce_floats, print0
 from runtime.metrics import MetricsWriter, Progress
 from runtime.optim import build_optimizer, check_training_flags, lr_schedule
 from runtime.rundir import check_rank_multiple, update_run_config, write_json_atomic
@@ -128,13 +126,7 @@ def train_sft(args, run, info) -> int:
 
     # the model: sharded (FSDP2) before its weights are allocated when there are several ranks or a
     # lower compute precision; activation checkpointing wrapped in first
-    param_dtype = param_dtype_of(args.param_dtype, device)
-    fsdp = training_fsdp(param_dtype, info.world_size)
-    if fsdp is not None:
-        info = ensure_process_group(info)
-    model = build_model(args, tok, device=device, fsdp=fsdp, activation_checkpointing=args.activation_checkpointing)
-    print0(model_summary(model) + f"; computing in {str(param_dtype).removeprefix('torch.')}"
-           + (", sharded over FSDP2" if fsdp is not None else ""))
+    model, info, _, _ = build_trained_model(args, tok, info, device)
     args.batch_size, note = fit_global_batch(args.batch_size, len(docs), info.world_size, flag="--batch-size",
                                              what=f"{args.data} has {len(docs)} documents that fit",
                                              defaulted="batch_size" in (getattr(args, "defaulted", None) or ()))

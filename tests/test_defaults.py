@@ -183,3 +183,32 @@ def test_fit_global_batch():
         fit_global_batch(32, 21, 2, flag="--batch-size", what="x has 21 rows")
     with pytest.raises(ValueError, match="fewer than the 4 ranks"):
         fit_global_batch(32, 3, 4, flag="--batch-size", what="x has 3 rows", defaulted=True)
+
+
+def test_training_past_the_model_length_is_refused_unless_extended(tmp_path):
+    """A document (SFT) or prompt + completion (GRPO) longer than the checkpoint's
+    max_position_embeddings is refused naming both numbers; --max-position-embeddings (with a rope
+    override) extends the model, and the export says so."""
+    from data.tasks import pretraining_corpus, write_jsonl
+
+    make_model_dir(tmp_path / "model")
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    (tmp_path / "model" / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 32}))
+    rows = pretraining_corpus("arithmetic", 40, seed=1, carry_bug=0.0, wrong_answer=0.0, missing_tags=0.0, digits=2)
+    write_jsonl([{"prompt": r["prompt"], "completion": r["completion"]} for r in rows], tmp_path / "sft.jsonl")
+    sft = ["--stage", "sft", "--model", str(tmp_path / "model"), "--chat-template", "r1-zero", "--data",
+           str(tmp_path / "sft.jsonl"), "--max-steps", "1", "--batch-size", "4", "--micro-batch-size", "4",
+           "--seq-len", "256", "--log-every-s", "60"]
+    with pytest.raises(ValueError, match=r"the longest document of .*sft.jsonl needs \d+ positions but the model "
+                                         r"\(.*model\) has max_position_embeddings 32; to train past its length pass "
+                                         r"--max-position-embeddings \d+ or more"):
+        train.main([*sft, "--out", str(tmp_path / "short")])
+    assert train.main([*sft, "--out", str(tmp_path / "long"), "--max-position-embeddings", "256",
+                       "--rope-theta", "40000"]) == 0
+    exported = json.loads((tmp_path / "long" / "checkpoints" / "step-00000001" / "hf" / "config.json").read_text())
+    assert exported["max_position_embeddings"] == 256 and exported["rope_theta"] == 40000.0
+
+    write_prompts(tmp_path / "p.jsonl", 8)
+    with pytest.raises(ValueError, match=r"a prompt of \d+ tokens with --max-new-tokens 12 needs \d+ positions but the "
+                                         r"model .* has max_position_embeddings 32"):
+        train.main(grpo_argv(tmp_path / "model", tmp_path / "p.jsonl", tmp_path / "grpo", "--max-steps", 1))

@@ -471,14 +471,17 @@ def test_folder_without_weights_is_an_error(saved_qwen2):
 # memory: loading holds one copy of the weights
 # ------------------------------------------------------------------------------------------------
 
-def test_load_peak_memory_is_at_most_1_3x_the_weights(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "load_memory.py"), "--size", "small",
+def test_load_peak_memory_is_the_weights_plus_a_chunk(tmp_path):
+    # one process: peak RSS above the pre-load level at most 1.2x the fp32 checkpoint for an fp32
+    # target, 0.7x for bf16 (whose weights are half the checkpoint's bytes): no second copy
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "load_memory.py"), "--ranks", "1", "--size", "small",
                            "--dir", str(tmp_path / "ckpt")], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["shards"] > 1
-    for dtype, ratio in result["ratios"].items():
-        assert ratio <= 1.3, (dtype, ratio, proc.stdout)
+    assert len(list((tmp_path / "ckpt").glob("*.safetensors"))) > 1
+    assert result["ranks"] == 1 and result["goal"] == {"fp32": 1.2, "bf16": 0.7}
+    for dtype, ratios in result["ratio_per_rank"].items():
+        assert len(ratios) == 1 and ratios[0] <= result["goal"][dtype], (dtype, ratios, proc.stdout)
 
 
 # ------------------------------------------------------------------------------------------------

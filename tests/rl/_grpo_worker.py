@@ -131,23 +131,28 @@ def grpo_argv(model_dir, prompts, out, *extra) -> list[str]:
 # ---- the two-rank worker ------------------------------------------------------------------------
 
 def main() -> int:
-    import torch.distributed as dist
-
     import train
     from data.datasets import read_jsonl
     from data.tokenizer import load_tokenizer
     from model.checkpoint import load_pretrained
     from model.parallel import apply_fsdp, gathered
     from rl.rollout import generate_rollouts
-    from runtime.distributed import init_distributed
+    from runtime.distributed import all_gather_object, barrier, init_distributed
     from sampling.sampler import Sampler
 
     p = argparse.ArgumentParser()
     p.add_argument("--model", required=True)
     p.add_argument("--prompts", required=True)
     p.add_argument("--out", required=True)
+    p.add_argument("--activation-checkpointing-run", action="store_true",
+                   help="only the GRPO run again, with --activation-checkpointing, into OUT/grpo_ac")
     args = p.parse_args()
     out = Path(args.out)
+    common = ("--dynamic-sampling", "--reward", f"{FIXED_REWARD},format,task", "--eval-data", args.prompts,
+              "--eval-problems", 4, "--eval-max-new-tokens", 8, "--eval-samples", 1)
+    if args.activation_checkpointing_run:   # a launch of its own: a process group is joined once per process
+        return train.main(grpo_argv(args.model, out / "grpo_prompts.jsonl", out / "grpo_ac", *common,
+                                    "--activation-checkpointing"))
 
     info = init_distributed()
     assert info.world_size == 2, f"run under torchrun with 2 processes, got world size {info.world_size}"
@@ -161,22 +166,21 @@ def main() -> int:
                                   template="r1-zero", seed=ROLLOUT_SEED + info.rank)
     mine = {"completion_ids": batch.completion_ids, "rollout_logp": batch.rollout_logp,
             "finish_reasons": batch.finish_reasons}
-    every = [None] * info.world_size
-    dist.all_gather_object(every, mine)
+    every = all_gather_object(mine)
     if info.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "rollouts.json").write_text(json.dumps(every))
-    dist.barrier()
+    barrier()
 
     # The GRPO stage on both ranks (train.main joins the same group and leaves it at the end), with
     # dynamic sampling over prompts where rank 1's first two are fixed-reward ones: rank 1 needs more
-    # rounds than rank 0, whose collectives must stay in step with it.
+    # rounds than rank 0, whose collectives must stay in step with it; a held-out evaluation before
+    # and after.
     grpo_prompts = out / "grpo_prompts.jsonl"
     if info.rank == 0:
         write_prompts(grpo_prompts, 32, fixed_rows=rank1_first_rows(32, per_rank=2))
-    dist.barrier()
-    return train.main(grpo_argv(args.model, grpo_prompts, out / "grpo", "--dynamic-sampling",
-                                "--reward", f"{FIXED_REWARD},format,task"))
+    barrier()
+    return train.main(grpo_argv(args.model, grpo_prompts, out / "grpo", *common))
 
 
 def rank1_first_rows(num_rows: int, per_rank: int) -> set[int]:

@@ -249,3 +249,34 @@ def test_training_step_never_builds_batch_by_vocab_logits(tmp_path):
         _, largest_forward = allocation_profile(lambda: model(torch.tensor([prompts[0] + completions[0]])),
                                                  tmp_path / "forward.json")
     assert largest_forward >= (P + C) * V * 4
+
+
+def test_activation_checkpointing_is_applied_and_computes_the_same(assets, tmp_path, capsys):
+    """--activation-checkpointing reaches the GRPO stage (it was accepted and ignored) and recomputes
+    the same losses; its memory saving is measured by bench/activation_checkpointing.py."""
+    common = ("--max-steps", 2, "--beta", 0)
+    assert train.main(grpo_argv(assets / "model", assets / "prompts.jsonl", tmp_path / "plain", *common)) == 0
+    assert train.main(grpo_argv(assets / "model", assets / "prompts.jsonl", tmp_path / "ac", *common,
+                                "--activation-checkpointing")) == 0
+    assert "activation checkpointing" in capsys.readouterr().out
+    plain, ac = metrics_of(tmp_path / "plain"), metrics_of(tmp_path / "ac")
+    assert [r["step"] for r in plain] == [r["step"] for r in ac] == [1, 2]
+    for a, b in zip(plain, ac):
+        assert abs(b["loss"] - a["loss"]) <= 1e-5 * max(abs(a["loss"]), 1e-8), (a["loss"], b["loss"])
+        assert abs(b["grad_norm"] / a["grad_norm"] - 1) <= 1e-5
+
+
+def test_bf16_policy_with_a_reference_model_in_one_process(assets, tmp_path, capsys):
+    """--param-dtype bf16 in one process: the policy computes under FSDP2's policy on a one-rank mesh
+    (as one GPU would), the reference model is built from the checkpoint stored in bf16, and the run
+    samples, scores, takes the KL to the reference and trains."""
+    run = tmp_path / "bf16"
+    assert train.main(grpo_argv(assets / "model", assets / "prompts.jsonl", run, "--max-steps", 2,
+                                "--param-dtype", "bf16", "--beta", "0.04")) == 0
+    out = capsys.readouterr().out
+    assert "computing in bfloat16, sharded over FSDP2" in out
+    rows = metrics_of(run)
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        assert math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) and r["kl"] >= 0.0
+    assert rows[1]["kl"] > 0.0    # the policy moved away from its bf16 reference

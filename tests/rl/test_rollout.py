@@ -169,19 +169,22 @@ def test_dynamic_sampling_keeps_informative_groups_and_tops_up_on_the_last_round
 
 # ---- two ranks ---------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def two_ranks(tiny):
-    """Runs tests/rl/_grpo_worker.py under torchrun (2 processes, gloo) once for the tests below."""
-    d = tiny[0]
-    out = d / "two_ranks"
+def _run_worker(d, out, *extra):
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER),
-         "--model", str(d / "model"), "--prompts", str(d / "prompts.jsonl"), "--out", str(out)],
+         "--model", str(d / "model"), "--prompts", str(d / "prompts.jsonl"), "--out", str(out), *extra],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
         env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
     ranks = "\n".join(line for line in proc.stderr.splitlines() if line.startswith("[rank"))  # their tracebacks
     assert proc.returncode == 0, proc.stdout[-2000:] + (ranks or proc.stderr)[-6000:]
-    return out
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tiny):
+    """Runs tests/rl/_grpo_worker.py under torchrun (2 processes, gloo) once for the tests below."""
+    d = tiny[0]
+    _run_worker(d, d / "two_ranks")
+    return d / "two_ranks"
 
 
 @pytest.mark.distributed
@@ -207,7 +210,9 @@ def test_two_rank_grpo_run_logs_every_metric(two_ranks):
     needs more rounds than rank 0) finish, and each step's line has the issue's metrics."""
     run = two_ranks / "grpo"
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2]
+    assert [r["step"] for r in rows] == [0, 1, 2]   # step 0: the held-out evaluation before training
+    held_out, rows = rows[0], rows[1:]
+    assert 0.0 <= held_out["eval/greedy_accuracy"] <= 1.0 and "eval/greedy_accuracy" in rows[-1]
     keys = step_metric_keys([FIXED_REWARD, "format", "task"])
     for r in rows:
         missing = [k for k in keys if k not in r]
@@ -220,3 +225,19 @@ def test_two_rank_grpo_run_logs_every_metric(two_ranks):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 2 and (run / "checkpoints" / "step-00000002" / "hf" / "config.json").exists()
     assert json.loads((run / "config.json").read_text())["world_size"] == 2
+
+
+@pytest.mark.distributed
+def test_two_rank_grpo_with_activation_checkpointing_computes_the_same(tiny, two_ranks):
+    _run_worker(tiny[0], two_ranks, "--activation-checkpointing-run")
+
+    def by_step(run):
+        return {r["step"]: r for r in map(json.loads, (two_ranks / run / "metrics.jsonl").read_text().splitlines())
+                if r["step"] > 0}
+    plain, ac = by_step("grpo"), by_step("grpo_ac")
+    assert sorted(plain) == sorted(ac) == [1, 2]
+    for step in plain:
+        for key in ("loss", "reward/mean", "kl", "grad_norm"):
+            a, b = plain[step][key], ac[step][key]
+            assert abs(a - b) <= 1e-5 * max(abs(a), 1e-8), (step, key, a, b)
+    assert json.loads((two_ranks / "grpo_ac" / "config.json").read_text())["activation_checkpointing"] is True

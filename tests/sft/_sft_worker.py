@@ -14,6 +14,7 @@ marker ("hf"), or just before the finished directory is renamed into place ("ren
 with model.parallel.apply_fsdp (as model.build calls it): {"world_size", "sharded", "all_dtensor", "local_numel",
 "global_numel", "fsdp_modules", "gathered_equal"}, the last saying that model.parallel.gathered()
 gives every parameter back whole, equal to the weights before sharding.
+--slow-publish S makes rank 0 sleep S seconds before publishing each checkpoint.
 """
 from __future__ import annotations
 
@@ -101,6 +102,21 @@ def _report_sharding(out: Path) -> None:
     model.parallel.apply_fsdp = apply_fsdp   # model.build imports it when it builds
 
 
+def _slow_publish(seconds: float) -> None:
+    """Rank 0 takes `seconds` longer to publish each checkpoint (a slow file system's fsyncs, a large
+    HF export): the other ranks wait for it, on the gloo side group, past the collectives' timeout."""
+    import time
+
+    import runtime.checkpoint
+
+    real = runtime.checkpoint._publish
+
+    def publish(*args, **kwargs):
+        time.sleep(seconds)
+        return real(*args, **kwargs)
+    runtime.checkpoint._publish = publish
+
+
 def main() -> int:
     argv = sys.argv[1:]
     if "train.py" not in argv:
@@ -112,7 +128,10 @@ def main() -> int:
     ap.add_argument("--fail-rank", type=int, default=-1)
     ap.add_argument("--fail-at-call", type=int, default=1)
     ap.add_argument("--shard-report", type=Path, default=None)
+    ap.add_argument("--slow-publish", type=float, default=0.0)
     own = ap.parse_args(argv[:cut])
+    if own.slow_publish:
+        _slow_publish(own.slow_publish)
     if own.shard_report is not None:
         _report_sharding(own.shard_report)
     if own.kill_at_save >= 0:

@@ -81,3 +81,71 @@ def test_a_crashing_rank_ends_the_job_within_a_minute(sft_files, tmp_path):
     assert "injected failure of rank 1" in p.stdout + p.stderr
     assert elapsed < 60, f"the job took {elapsed:.0f}s to end after rank 1 failed"
     assert latest_checkpoint(tmp_path / "run") is None
+
+
+# ----------------------------------------------------------------------------- the GPU policy, on gloo
+
+def _policy_flags(sft_files, out, *extra):
+    """The tiny MoE preset (so a router is there to keep in fp32) under --param-dtype bf16, with a
+    held-out greedy evaluation at the end (the path that used to all-reduce a CPU tensor)."""
+    return sft_flags(sft_files, out, "--preset", "tiny-moe", "--param-dtype", "bf16", "--eval-data", sft_files.heldout,
+                     "--eval-problems", "4", "--eval-max-new-tokens", "8", *extra)
+
+
+@pytest.fixture(scope="module")
+def bf16_one_and_two_ranks(sft_files, tmp_path_factory):
+    d = tmp_path_factory.mktemp("sft_bf16")
+    p = run_worker(_policy_flags(sft_files, d / "one"), ranks=1, timeout=TORCHRUN_TIMEOUT)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    q = run_worker(_policy_flags(sft_files, d / "two"), ranks=2, timeout=TORCHRUN_TIMEOUT)
+    assert q.returncode == 0, q.stdout[-2000:] + q.stderr[-3000:]
+    return d / "one", d / "two", p.stdout, q.stdout
+
+
+def test_bf16_policy_one_process_and_two_ranks_agree(bf16_one_and_two_ranks):
+    one, two, out_one, out_two = bf16_one_and_two_ranks
+    # one process computes under the same FSDP2 policy, on a one-rank mesh
+    assert "computing in bfloat16, sharded over FSDP2" in out_one and "computing in bfloat16" in out_two
+    a, b = losses(one), losses(two)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
+    for step in a:
+        assert abs(b[step] / a[step] - 1) <= 1e-2, f"step {step}: 2 ranks {b[step]}, 1 process {a[step]}"
+    assert a[6] < a[1]
+
+
+def test_held_out_evaluation_runs_on_two_ranks(bf16_one_and_two_ranks):
+    one, two, _, _ = bf16_one_and_two_ranks
+    for run in (one, two):
+        summary = json.loads((run / "summary.json").read_text())
+        assert 0.0 <= summary["greedy_accuracy"] <= 1.0 and summary["eval_response_length"] > 0, summary
+    # the export of a preset is fp32 (--export-dtype auto), whatever the compute dtype
+    from safetensors import safe_open
+    hf = two / "checkpoints" / "step-00000006" / "hf" / "model.safetensors"
+    with safe_open(str(hf), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}
+
+
+def test_gradients_are_reduce_scattered_every_micro_batch_or_once(sft_files, tmp_path):
+    """Default: every micro-batch reduce-scatters (only sharded gradients live); --no-sync-accumulation
+    accumulates unsharded gradients and reduce-scatters once. The same losses either way."""
+    flags = ("--micro-batch-size", "1", "--max-steps", "4")   # 2 micro-batches per rank per step
+    p = run_worker(sft_flags(sft_files, tmp_path / "every", *flags), ranks=2, timeout=TORCHRUN_TIMEOUT)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    q = run_worker(sft_flags(sft_files, tmp_path / "once", *flags, "--no-sync-accumulation"), ranks=2,
+                   timeout=TORCHRUN_TIMEOUT)
+    assert q.returncode == 0, q.stdout[-2000:] + q.stderr[-3000:]
+    a, b = losses(tmp_path / "every"), losses(tmp_path / "once")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for step in a:
+        assert abs(b[step] / a[step] - 1) <= 1e-6, f"step {step}: once {b[step]}, every micro-batch {a[step]}"
+
+
+def test_rank_0_only_work_is_waited_for_past_the_collective_timeout(sft_files, tmp_path):
+    """Rank 0 publishes each checkpoint alone (fsync, rename); the other ranks wait for it on the gloo
+    side group, whose timeout is not --dist-timeout-s: a publication slower than that timeout (and than
+    the group's own watchdog) ends well. Before, the wait was a broadcast on the main group, and gloo
+    gave up after --dist-timeout-s."""
+    p = run_worker(sft_flags(sft_files, tmp_path / "run", "--max-steps", "2", "--dist-timeout-s", "3"),
+                   "--slow-publish", 6, ranks=2, timeout=TORCHRUN_TIMEOUT)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    assert latest_checkpoint(tmp_path / "run").name == "step-00000002"
