@@ -3,8 +3,10 @@
     KERNELS_BACKEND=auto    (default) Triton on CUDA tensors, the torch twin on CPU tensors,
                             whatever TRITON_INTERPRET says: model code on CPU never crawls through
                             Triton's interpreter unless asked to. (flash_attention refines this:
-                            where auto does not pick Triton it runs flash_attention_sdpa, torch's
-                            fused SDPA per document, tested equal to the twin.)
+                            on CUDA it runs flash-attn's varlen kernel when that is installed
+                            and takes the shapes, and where auto does not pick Triton it runs
+                            flash_attention_sdpa, torch's fused SDPA per document, tested equal
+                            to the twin.)
     KERNELS_BACKEND=triton  always Triton; CPU tensors then need TRITON_INTERPRET=1 (Triton's CPU
                             interpreter, what the kernel tests use).
     KERNELS_BACKEND=torch   always the plain-torch twin (the spec), on any device.

@@ -1,21 +1,25 @@
 """Compile every Triton kernel of this package for an NVIDIA GPU target, without a GPU.
 
-    python -m kernels.compile_check [--arch 90] [--json]
+    python -m kernels.compile_check [--arch 90] [--json] [--only NAME] [--jobs N]
 
 The kernel tests run in Triton's CPU interpreter, which accepts code a GPU build rejects (layouts,
 dot shapes and dtypes, shared-memory budgets) and computes bf16 dots wrongly; this check builds
-each kernel with the launch configurations its host launcher uses, for fp32, fp16 and bf16, down
+each kernel with every launch configuration it may run with on CUDA (each autotune configuration
+of kernels.tuning, with the constexprs its host launcher passes), for fp32, fp16 and bf16, down
 to a cubin when the CUDA backend's ptxas is present (Triton wheels bundle it), or to PTX when it is
 not. It needs TRITON_INTERPRET unset: under the interpreter `triton.jit` returns interpreted
-functions that cannot be compiled. Each kernel module lists its configurations in `compile_specs()`, as CompileSpecs
-(kernels/compile_spec.py).
+functions that cannot be compiled. Each kernel module lists its configurations in
+`compile_specs()`, as CompileSpecs (kernels/compile_spec.py). The builds run in --jobs processes
+(default: one per CPU core).
 
-Output: one line per (kernel, dtype) with the stage reached and the static shared memory, then,
-with --json, one JSON line. Exit status 1 when any kernel fails to compile or needs more shared
+Output: one line per (kernel, dtype, configuration) with the stage reached and the static shared
+memory, then, with --json, one JSON line. Exit status 1 when any build fails or needs more shared
 memory than one block may use on the target (227 KiB on sm_90).
 """
 import argparse
+import concurrent.futures
 import json
+import multiprocessing
 import os
 import sys
 import time
@@ -69,7 +73,8 @@ def compile_one(spec: CompileSpec, arch: int, to_cubin: bool) -> dict:
     target = GPUTarget("cuda", arch, 32)
     src = triton.compiler.ASTSource(fn=spec.fn, signature=spec.signature, constexprs=spec.constexprs)
     options = {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
-    row = {"kernel": spec.name, "dtype": spec.dtype, "ok": False, "stage": None, "shared": None, "error": None}
+    row = {"kernel": spec.name, "dtype": spec.dtype, "config": spec.config, "ok": False, "stage": None, "shared": None,
+           "error": None}
     t0 = time.perf_counter()
     try:
         if to_cubin:
@@ -88,19 +93,37 @@ def compile_one(spec: CompileSpec, arch: int, to_cubin: bool) -> dict:
     return row
 
 
+def _compile_nth(job) -> dict:
+    """compile_one of the n-th spec, in a worker process (a spec holds a kernel object: send its index)."""
+    n, arch, to_cubin = job
+    return compile_one(all_specs()[n], arch, to_cubin)
+
+
+def compile_all(arch: int, only=None, jobs: int = 1) -> tuple[bool, list[dict]]:
+    """(to_cubin, one result row per spec whose name contains `only`), in spec order."""
+    to_cubin = _ptxas_available()
+    picked = [n for n, s in enumerate(all_specs()) if only is None or only in s.name]
+    work = [(n, arch, to_cubin) for n in picked]
+    if jobs <= 1 or len(work) <= 1:
+        return to_cubin, [_compile_nth(w) for w in work]
+    # fork: the workers inherit the imported kernel modules; nothing was compiled in this process yet
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
+        return to_cubin, list(pool.map(_compile_nth, work))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90 for Hopper")
     p.add_argument("--json", action="store_true", help="also print one JSON line of all results")
     p.add_argument("--only", default=None, help="compile only kernels whose name contains this")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="builds in parallel (processes)")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise SystemExit("kernels.compile_check needs TRITON_INTERPRET unset (interpreted kernels cannot be compiled)")
-    to_cubin = _ptxas_available()
-    rows = [compile_one(s, args.arch, to_cubin) for s in all_specs() if args.only is None or args.only in s.name]
+    to_cubin, rows = compile_all(args.arch, args.only, args.jobs)
     for r in rows:
         status = "ok" if r["ok"] else "FAIL " + (r["error"] or "")
-        print(f"{r['kernel']:<34} {r['dtype']:<5} sm_{args.arch} {r['stage'] or '-':<5} "
+        print(f"{r['kernel']:<34} {r['dtype']:<5} {r['config']:<28} sm_{args.arch} {r['stage'] or '-':<5} "
               f"shared={r['shared'] if r['shared'] is not None else '-':>6} {r['seconds']:>6.2f}s  {status}")
     if args.json:
         print(json.dumps({"arch": args.arch, "to_cubin": to_cubin, "results": rows}))

@@ -9,7 +9,8 @@ import dataclasses
 @dataclasses.dataclass
 class CompileSpec:
     """One kernel build: `signature` maps each argument to a Triton type ("*fp16", "i32",
-    "fp32", "constexpr"); `constexprs` gives the constexpr values the launcher uses."""
+    "fp32", "constexpr"); `constexprs` gives the constexpr values the launcher uses, tile sizes
+    included; `config` names the autotune configuration (kernels.tuning.describe)."""
     name: str
     dtype: str
     fn: object
@@ -17,3 +18,4 @@ class CompileSpec:
     constexprs: dict
     num_warps: int = 4
     num_stages: int = 3
+    config: str = ""

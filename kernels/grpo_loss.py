@@ -25,20 +25,24 @@ Departures and conventions:
 Gradient of the policy term with respect to log_ratio: -w * m * A * r where no indicator is set
 (and the clamp is not active), 0 elsewhere.
 
-Layout: jit kernels (forward, backward), host launchers, autograd.Function, the torch twin, the
-public functions, compile_specs().
+Kernels: one pass over the tokens each, BLOCK tokens per program, the count n a runtime argument
+(not specialised) and the grid cdiv(n, BLOCK), so a new token count compiles nothing. On CUDA,
+BLOCK and num_warps are autotuned per flag combination and dtypes among GRPO_CONFIGS; the
+interpreter runs the first.
+
+Layout: jit kernels (forward, backward), launch configurations, autograd.Function, the torch twin,
+the public functions, compile_specs().
 """
 from typing import NamedTuple
 
 import torch
 
 from kernels.backend import use_triton
-from kernels.compile_spec import CompileSpec
 from kernels.triton_import import tl, triton
+from kernels.tuning import TunedKernel
 
 LOG_RATIO_CLAMP = 20.0
 KL_ESTIMATORS = {"k1": 1, "k2": 2, "k3": 3}
-BLOCK = 1024
 
 
 class GRPOTokenLoss(NamedTuple):
@@ -68,7 +72,7 @@ def _policy_terms(lr, adv, eps_low, eps_high, dual_clip, HAS_DUAL: tl.constexpr)
     return pg, r, clipped_low, clipped_high, clipped_dual, in_clamp
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n"])
 def _grpo_fwd_kernel(LR, ADV, MASK, W, LOGP, REF, LOSS, CLO, CHI, CDU, KL, n, eps_low, eps_high, dual_clip, beta,
                      HAS_DUAL: tl.constexpr, HAS_W: tl.constexpr, HAS_KL: tl.constexpr, KL_KIND: tl.constexpr,
                      BLOCK: tl.constexpr):
@@ -101,7 +105,7 @@ def _grpo_fwd_kernel(LR, ADV, MASK, W, LOGP, REF, LOSS, CLO, CHI, CDU, KL, n, ep
     tl.store(KL + offs, tl.where(live, kl, 0.0), mask=ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n"])
 def _grpo_bwd_kernel(G, LR, ADV, MASK, W, LOGP, REF, D_LR, D_LOGP, n, eps_low, eps_high, dual_clip, beta,
                      HAS_DUAL: tl.constexpr, HAS_W: tl.constexpr, HAS_KL: tl.constexpr, KL_KIND: tl.constexpr,
                      BLOCK: tl.constexpr):
@@ -129,6 +133,20 @@ def _grpo_bwd_kernel(G, LR, ADV, MASK, W, LOGP, REF, D_LR, D_LOGP, n, eps_low, e
         tl.store(D_LOGP + offs, (g * beta * dkl).to(D_LOGP.dtype.element_ty), mask=ok)
 
 
+# ---------------------------------------------------------------- launch configurations
+
+# memory-bound elementwise passes: tokens per program and warps; 1024 x 4 warps first (the interpreter's)
+GRPO_CONFIGS = [triton.Config({"BLOCK": b}, num_warps=w, num_stages=1) for b, w in ((1024, 4), (512, 4), (2048, 8),
+                                                                                      (4096, 8))]
+_FLAGS = ["HAS_DUAL", "HAS_W", "HAS_KL", "KL_KIND"]
+_fwd = TunedKernel(_grpo_fwd_kernel, GRPO_CONFIGS, key=_FLAGS)
+_bwd = TunedKernel(_grpo_bwd_kernel, GRPO_CONFIGS, key=_FLAGS)
+
+
+def _grid(n):
+    return lambda meta: (triton.cdiv(n, meta["BLOCK"]),)
+
+
 # ---------------------------------------------------------------- autograd
 
 class _GRPOTriton(torch.autograd.Function):
@@ -139,14 +157,11 @@ class _GRPOTriton(torch.autograd.Function):
         loss, c_lo, c_hi, c_du, kl = outs
         has_kl = logp is not None
         dummy = log_ratio
-        grid = (triton.cdiv(n, BLOCK),)
         if n:
-            _grpo_fwd_kernel[grid](log_ratio, adv, mask, w if w is not None else dummy,
-                                   logp if has_kl else dummy, ref if has_kl else dummy,
-                                   loss, c_lo, c_hi, c_du, kl, n, eps_low, eps_high,
-                                   dual_clip if dual_clip is not None else 0.0, beta,
-                                   HAS_DUAL=dual_clip is not None, HAS_W=w is not None, HAS_KL=has_kl,
-                                   KL_KIND=kl_kind, BLOCK=BLOCK)
+            _fwd(_grid(n), log_ratio, adv, mask, w if w is not None else dummy, logp if has_kl else dummy,
+                 ref if has_kl else dummy, loss, c_lo, c_hi, c_du, kl, n, eps_low, eps_high,
+                 dual_clip if dual_clip is not None else 0.0, beta,
+                 HAS_DUAL=dual_clip is not None, HAS_W=w is not None, HAS_KL=has_kl, KL_KIND=kl_kind)
         ctx.save_for_backward(log_ratio, logp, adv, mask, w, ref)
         ctx.args = (eps_low, eps_high, dual_clip, beta, kl_kind)
         ctx.mark_non_differentiable(c_lo, c_hi, c_du, kl)
@@ -161,12 +176,10 @@ class _GRPOTriton(torch.autograd.Function):
         d_lr = torch.empty_like(log_ratio)
         d_logp = torch.empty_like(logp) if has_kl else None
         if n:
-            _grpo_bwd_kernel[(triton.cdiv(n, BLOCK),)](
-                g.contiguous(), log_ratio, adv, mask, w if w is not None else log_ratio,
-                logp if has_kl else log_ratio, ref if has_kl else log_ratio, d_lr,
-                d_logp if has_kl else d_lr, n, eps_low, eps_high, dual_clip if dual_clip is not None else 0.0,
-                beta, HAS_DUAL=dual_clip is not None, HAS_W=w is not None, HAS_KL=has_kl, KL_KIND=kl_kind,
-                BLOCK=BLOCK)
+            _bwd(_grid(n), g.contiguous(), log_ratio, adv, mask, w if w is not None else log_ratio,
+                 logp if has_kl else log_ratio, ref if has_kl else log_ratio, d_lr, d_logp if has_kl else d_lr, n,
+                 eps_low, eps_high, dual_clip if dual_clip is not None else 0.0, beta,
+                 HAS_DUAL=dual_clip is not None, HAS_W=w is not None, HAS_KL=has_kl, KL_KIND=kl_kind)
         return d_lr, d_logp, None, None, None, None, None, None, None, None, None
 
 
@@ -267,18 +280,18 @@ def grpo_token_loss(log_ratio, advantages, mask, *, eps_low=0.2, eps_high=0.2, d
 # ---------------------------------------------------------------- GPU build configurations
 
 def compile_specs():
-    """Forward and backward with every option on (dual clip, IS weight, k3 KL), log-ratio in fp32/fp16/bf16."""
+    """Forward and backward with every option on (dual clip, IS weight, k3 KL), log-ratio in fp32/fp16/bf16,
+    every configuration."""
     specs = []
-    flags = {"HAS_DUAL": True, "HAS_W": True, "HAS_KL": True, "KL_KIND": 3, "BLOCK": BLOCK}
+    flags = {"HAS_DUAL": True, "HAS_W": True, "HAS_KL": True, "KL_KIND": 3}
     scalars = {"n": "i32", "eps_low": "fp32", "eps_high": "fp32", "dual_clip": "fp32", "beta": "fp32",
-               **{k: "constexpr" for k in flags}}
+               **{k: "constexpr" for k in (*flags, "BLOCK")}}
     for dt in ("fp32", "fp16", "bf16"):
         p = "*" + dt
-        specs.append(CompileSpec("grpo_token_loss_fwd", dt, _grpo_fwd_kernel,
-                                 {"LR": p, "ADV": "*fp32", "MASK": "*fp32", "W": "*fp32", "LOGP": p, "REF": p,
-                                  "LOSS": "*fp32", "CLO": "*fp32", "CHI": "*fp32", "CDU": "*fp32", "KL": "*fp32",
-                                  **scalars}, flags))
-        specs.append(CompileSpec("grpo_token_loss_bwd", dt, _grpo_bwd_kernel,
-                                 {"G": "*fp32", "LR": p, "ADV": "*fp32", "MASK": "*fp32", "W": "*fp32", "LOGP": p,
-                                  "REF": p, "D_LR": p, "D_LOGP": p, **scalars}, flags))
+        specs += _fwd.compile_specs("grpo_token_loss_fwd", dt, {
+            "LR": p, "ADV": "*fp32", "MASK": "*fp32", "W": "*fp32", "LOGP": p, "REF": p, "LOSS": "*fp32",
+            "CLO": "*fp32", "CHI": "*fp32", "CDU": "*fp32", "KL": "*fp32", **scalars}, flags)
+        specs += _bwd.compile_specs("grpo_token_loss_bwd", dt, {
+            "G": "*fp32", "LR": p, "ADV": "*fp32", "MASK": "*fp32", "W": "*fp32", "LOGP": p, "REF": p, "D_LR": p,
+            "D_LOGP": p, **scalars}, flags)
     return specs

@@ -13,13 +13,19 @@ Backward, with xhat = x * rstd, rstd = 1 / sqrt(mean(x**2) + eps), g = dy * weig
 The Triton backward gives each program a contiguous range of rows and writes one fp32 partial
 dweight per program; the partials are summed on the host (deterministic, no atomics).
 
-Layout: jit kernels, host launchers, autograd.Function, the torch twin, the public function.
+Compilation: the kernels' only constexpr is BLOCK_D = next_power_of_2(D); the number of rows N and
+the rows per backward program are runtime arguments (not specialised), and the grids follow N, so
+a new token count never compiles anything (tests/kernels/test_compile_once.py). On CUDA the number
+of warps is autotuned per (D, dtypes) among NORM_CONFIGS; the interpreter runs the first.
+
+Layout: jit kernels, launch configurations, host launchers, autograd.Function, the torch twin, the
+public function, compile_specs().
 """
 import torch
 
 from kernels.backend import use_triton
-from kernels.compile_spec import CompileSpec
 from kernels.triton_import import tl, triton
+from kernels.tuning import TunedKernel
 
 
 # ---------------------------------------------------------------- jit kernels
@@ -36,16 +42,17 @@ def _rms_norm_fwd_kernel(X, W, Y, RSTD, stride_x, stride_y, D, eps, BLOCK_D: tl.
     tl.store(Y + row * stride_y + cols, (x * rstd * w).to(Y.dtype.element_ty), mask=ok)
 
 
-@triton.jit
-def _rms_norm_bwd_kernel(DY, X, W, RSTD, DX, DW_PARTIAL, stride_dy, stride_x, stride_dx, N, D,
-                         ROWS_PER_PROGRAM: tl.constexpr, BLOCK_D: tl.constexpr):
+@triton.jit(do_not_specialize=["N", "rows_per_program"])
+def _rms_norm_bwd_kernel(DY, X, W, RSTD, DX, DW_PARTIAL, stride_dy, stride_x, stride_dx, N, D, rows_per_program,
+                         BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_D)
     ok = cols < D
     w = tl.load(W + cols, mask=ok, other=0.0).to(tl.float32)
     dw = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    for i in range(ROWS_PER_PROGRAM):
-        row = pid.to(tl.int64) * ROWS_PER_PROGRAM + i
+    first = pid.to(tl.int64) * rows_per_program
+    for i in range(0, rows_per_program):
+        row = first + i
         if row < N:
             x = tl.load(X + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
             dy = tl.load(DY + row * stride_dy + cols, mask=ok, other=0.0).to(tl.float32)
@@ -58,10 +65,27 @@ def _rms_norm_bwd_kernel(DY, X, W, RSTD, DX, DW_PARTIAL, stride_dy, stride_x, st
     tl.store(DW_PARTIAL + pid * D + cols, dw, mask=ok)
 
 
+# one row per program (fwd) or a range of rows (bwd): only the warps are tuned; 4 warps first (the
+# interpreter's), 8 and 16 for the wide rows of real models (D = 4096..8192 is 32..64 fp32 per thread)
+NORM_CONFIGS = [triton.Config({}, num_warps=w, num_stages=1) for w in (4, 8, 16)]
+_fwd = TunedKernel(_rms_norm_fwd_kernel, NORM_CONFIGS, key=["D"])
+_bwd = TunedKernel(_rms_norm_bwd_kernel, NORM_CONFIGS, key=["D"])
+
+
 # ---------------------------------------------------------------- host launchers
 
 def _block_d(D: int) -> int:
+    """The kernels' one constexpr: a whole row in one block, D padded to a power of two."""
     return triton.next_power_of_2(D)
+
+
+def _bwd_programs(N: int, device: torch.device) -> tuple[int, int]:
+    """(programs, rows per program) of the backward, runtime values both: enough programs to fill
+    the GPU (4 per SM), few enough that the [programs, D] fp32 partials stay small."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+    programs = max(1, min(N, 4 * sms))
+    rows = triton.cdiv(max(N, 1), programs)
+    return triton.cdiv(max(N, 1), rows), rows
 
 
 def rms_norm_fwd(x2: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,9 +94,7 @@ def rms_norm_fwd(x2: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[to
     y = torch.empty_like(x2)
     rstd = torch.empty(N, dtype=torch.float32, device=x2.device)
     if N > 0:
-        BLOCK_D = _block_d(D)
-        _rms_norm_fwd_kernel[(N,)](x2, weight, y, rstd, x2.stride(0), y.stride(0), D, eps,
-                                   BLOCK_D=BLOCK_D, num_warps=min(max(BLOCK_D // 256, 1), 16))
+        _fwd((N,), x2, weight, y, rstd, x2.stride(0), y.stride(0), D, eps, BLOCK_D=_block_d(D))
     return y, rstd
 
 
@@ -81,16 +103,10 @@ def rms_norm_bwd(dy2: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor,
     """(dy [N, D], x [N, D], weight [D], rstd [N]) -> (dx [N, D] in x's dtype, dweight [D] in weight's dtype)."""
     N, D = x2.shape
     dx = torch.empty_like(x2)
-    # enough programs to fill a GPU, few enough that the [programs, D] partials stay small
-    programs = max(1, min(N, 4 * torch.cuda.get_device_properties(x2.device).multi_processor_count
-                          if x2.is_cuda else 8))
-    rows_per_program = triton.cdiv(max(N, 1), programs)
-    programs = triton.cdiv(max(N, 1), rows_per_program)
+    programs, rows = _bwd_programs(N, x2.device)
     partial = torch.empty(programs, D, dtype=torch.float32, device=x2.device)
-    BLOCK_D = _block_d(D)
-    _rms_norm_bwd_kernel[(programs,)](dy2, x2, weight, rstd, dx, partial, dy2.stride(0), x2.stride(0),
-                                      dx.stride(0), N, D, ROWS_PER_PROGRAM=rows_per_program,
-                                      BLOCK_D=BLOCK_D, num_warps=min(max(BLOCK_D // 256, 1), 16))
+    _bwd((programs,), dy2, x2, weight, rstd, dx, partial, dy2.stride(0), x2.stride(0), dx.stride(0), N, D, rows,
+         BLOCK_D=_block_d(D))
     return dx, partial.sum(0).to(weight.dtype)
 
 
@@ -153,19 +169,17 @@ TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "
 
 
 def compile_specs(D: int = 4096):
-    """The launches above for x in fp32/fp16/bf16 (weight in x's dtype), for kernels.compile_check."""
-    BLOCK_D = _block_d(D)
-    warps = min(max(BLOCK_D // 256, 1), 16)
+    """Every configuration of both kernels for x in fp32/fp16/bf16 (weight in x's dtype), for
+    kernels.compile_check."""
     specs = []
+    meta = {"BLOCK_D": _block_d(D)}
     for dt in TRITON_DTYPES.values():
         p = "*" + dt
-        specs.append(CompileSpec("rms_norm_fwd", dt, _rms_norm_fwd_kernel,
-                                 {"X": p, "W": p, "Y": p, "RSTD": "*fp32", "stride_x": "i32", "stride_y": "i32",
-                                  "D": "i32", "eps": "fp32", "BLOCK_D": "constexpr"},
-                                 {"BLOCK_D": BLOCK_D}, num_warps=warps))
-        specs.append(CompileSpec("rms_norm_bwd", dt, _rms_norm_bwd_kernel,
-                                 {"DY": p, "X": p, "W": p, "RSTD": "*fp32", "DX": p, "DW_PARTIAL": "*fp32",
-                                  "stride_dy": "i32", "stride_x": "i32", "stride_dx": "i32", "N": "i32", "D": "i32",
-                                  "ROWS_PER_PROGRAM": "constexpr", "BLOCK_D": "constexpr"},
-                                 {"ROWS_PER_PROGRAM": 16, "BLOCK_D": BLOCK_D}, num_warps=warps))
+        specs += _fwd.compile_specs("rms_norm_fwd", dt, {
+            "X": p, "W": p, "Y": p, "RSTD": "*fp32", "stride_x": "i32", "stride_y": "i32", "D": "i32", "eps": "fp32",
+            "BLOCK_D": "constexpr"}, meta)
+        specs += _bwd.compile_specs("rms_norm_bwd", dt, {
+            "DY": p, "X": p, "W": p, "RSTD": "*fp32", "DX": p, "DW_PARTIAL": "*fp32", "stride_dy": "i32",
+            "stride_x": "i32", "stride_dx": "i32", "N": "i32", "D": "i32", "rows_per_program": "i32",
+            "BLOCK_D": "constexpr"}, meta)
     return specs

@@ -4,7 +4,8 @@ setup.py installs Triton on Linux only, yet the CPU path (the torch twins) must 
 every kernel module imports `triton, tl` from here, so its `@triton.jit` definitions still load
 without Triton, and launching one raises a clear error instead. kernels.backend never picks the
 Triton path when HAVE_TRITON is False (auto falls back to the twins; KERNELS_BACKEND=triton is an
-error).
+error). `triton.Config` and `triton.autotune` have stand-ins too, so that kernels.tuning's
+configuration lists load (the autotune decorator then returns the refusing kernel unchanged).
 """
 try:
     import triton
@@ -23,10 +24,22 @@ except ImportError:  # Triton ships wheels for Linux only
             raise RuntimeError(f"Triton is not installed, so kernel {self.fn.__name__} cannot run; "
                                "use KERNELS_BACKEND=torch (or auto) for the torch path")
 
+    class _Config:
+        """triton.Config's fields, for the configuration lists (nothing runs them)."""
+
+        def __init__(self, kwargs, num_warps=4, num_stages=3, **_):
+            self.kwargs, self.num_warps, self.num_stages = kwargs, num_warps, num_stages
+
     class _TritonStandIn:
+        Config = _Config
+
         @staticmethod
         def jit(fn=None, **_):
             return _MissingKernel(fn) if fn is not None else _MissingKernel
+
+        @staticmethod
+        def autotune(configs, key, **_):
+            return lambda kernel: kernel
 
         @staticmethod
         def cdiv(a, b):

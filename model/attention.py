@@ -9,7 +9,8 @@ Both classes take x [B, T, D] and rope tables cos, sin [B, T, R/2] and return [B
 one of two attention paths:
 - plain (no cache): causal flash attention (kernels.flash_attention) over the call's own tokens;
   with `cu_seqlens` the call is one packed row (B = 1) of documents that attend only within
-  themselves (the varlen path);
+  themselves (the varlen path), and `max_seqlen` (a Python int, the longest document) spares the
+  kernel a copy of cu_seqlens to the host in every layer;
 - cached (`step`, a model.cache.CacheStep): the call's keys are written into the KV cache and each
   query attends over its slot's cached positions with a position mask (`masked_attention`, torch
   SDPA). MLA does this in its naive form for prefill (T > 1) and its absorbed form for decode.
@@ -54,9 +55,10 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible:
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                     cu_seqlens: torch.Tensor | None) -> torch.Tensor:
+                     cu_seqlens: torch.Tensor | None, max_seqlen: int | None = None) -> torch.Tensor:
     """Causal attention of a call over its own tokens: q [B, T, H, Dqk], k/v [B, T, K, D*] -> [B, T, H, Dv];
-    with cu_seqlens (B must be 1) each packed document attends only within itself.
+    with cu_seqlens (B must be 1) each packed document attends only within itself; max_seqlen, when
+    known, is the longest of them (passed to kernels.flash_attention).
 
     kernels.flash_attention takes fp32/fp16/bf16; float64 (exactness checks) goes through
     masked_attention with the same causal, per-document mask.
@@ -72,7 +74,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     if cu_seqlens is None:
         return flash_attention(q, k, v, causal=True, softmax_scale=scale)
     assert q.shape[0] == 1, f"packed sequences (cu_seqlens) need batch size 1, got {q.shape[0]}"
-    return flash_attention(q[0], k[0], v[0], causal=True, softmax_scale=scale, cu_seqlens=cu_seqlens)[None]
+    return flash_attention(q[0], k[0], v[0], causal=True, softmax_scale=scale, cu_seqlens=cu_seqlens,
+                           max_seqlen=max_seqlen)[None]
 
 
 class Attention(nn.Module):
@@ -102,7 +105,8 @@ class Attention(nn.Module):
         self.scale = Dh ** -0.5
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cu_seqlens: torch.Tensor | None = None, step: CacheStep | None = None) -> torch.Tensor:
+                cu_seqlens: torch.Tensor | None = None, step: CacheStep | None = None,
+                max_seqlen: int | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)     # [B, T, H, Dh]
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # [B, T, K, Dh]
@@ -111,7 +115,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if step is None:
-            o = causal_attention(q, k, v, self.scale, cu_seqlens)        # [B, T, H, Dh]
+            o = causal_attention(q, k, v, self.scale, cu_seqlens, max_seqlen)  # [B, T, H, Dh]
         else:
             k_all, v_all = step.update(self.layer_idx, k, v)              # [B, S, K, Dh] each
             o = masked_attention(q, k_all, v_all, step.visible, self.scale)
@@ -181,17 +185,17 @@ class MLA(nn.Module):
         k_pe = apply_rope(k_pe[:, :, None, :], cos, sin, self.interleaved)[:, :, 0]  # [B, T, R]
         return q_nope, q_pe, c_kv, k_pe
 
-    def attend_naive(self, q_nope, q_pe, c_kv, k_pe, cu_seqlens=None, visible=None) -> torch.Tensor:
+    def attend_naive(self, q_nope, q_pe, c_kv, k_pe, cu_seqlens=None, visible=None, max_seqlen=None) -> torch.Tensor:
         """Attention with k and v expanded from the latents c_kv [B, S, C], k_pe [B, S, R] -> o [B, T, H, Dv]:
-        causal over the call's own tokens (S = T; cu_seqlens for packed rows) when `visible` is
-        None, else masked to visible [B, T, S] (keys from a cache)."""
+        causal over the call's own tokens (S = T; cu_seqlens and max_seqlen for packed rows) when
+        `visible` is None, else masked to visible [B, T, S] (keys from a cache)."""
         B, S, H = c_kv.shape[0], c_kv.shape[1], self.n_heads
         kv = self.kv_b_proj(c_kv).view(B, S, H, self.nope_dim + self.v_dim)       # [B, S, H, Dn + Dv]
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
         k = torch.cat([k_nope, k_pe[:, :, None, :].expand(B, S, H, self.rope_dim)], dim=-1)  # [B, S, H, Dn + R]
         q = torch.cat([q_nope, q_pe], dim=-1)                                      # [B, T, H, Dn + R]
         if visible is None:
-            return causal_attention(q, k, v, self.scale, cu_seqlens)               # [B, T, H, Dv]
+            return causal_attention(q, k, v, self.scale, cu_seqlens, max_seqlen)   # [B, T, H, Dv]
         return masked_attention(q, k, v, visible, self.scale)
 
     def attend_absorbed(self, q_nope, q_pe, kv, visible) -> torch.Tensor:
@@ -207,11 +211,12 @@ class MLA(nn.Module):
         return torch.einsum("bthc,hvc->bthv", o_lat, w_uv)                         # [B, T, H, Dv]
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cu_seqlens: torch.Tensor | None = None, step: CacheStep | None = None) -> torch.Tensor:
+                cu_seqlens: torch.Tensor | None = None, step: CacheStep | None = None,
+                max_seqlen: int | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q_nope, q_pe, c_kv, k_pe = self.project(x, cos, sin)
         if step is None:
-            o = self.attend_naive(q_nope, q_pe, c_kv, k_pe, cu_seqlens)
+            o = self.attend_naive(q_nope, q_pe, c_kv, k_pe, cu_seqlens, max_seqlen=max_seqlen)
         else:
             (kv,) = step.update(self.layer_idx, torch.cat([c_kv, k_pe], dim=-1))  # [B, S, C + R]
             if T == 1:  # decode

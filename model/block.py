@@ -39,6 +39,8 @@ class Block(nn.Module):
             self.mlp = MLP(D, config.intermediate_size, bias=config.mlp_bias)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cu_seqlens: torch.Tensor | None = None, step: CacheStep | None = None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cu_seqlens, step)
+                cu_seqlens: torch.Tensor | None = None, step: CacheStep | None = None,
+                max_seqlen: int | None = None) -> torch.Tensor:
+        """cu_seqlens/max_seqlen: packed documents (model.attention); step: the KV-cached path."""
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cu_seqlens, step, max_seqlen)
         return x + self.mlp(self.post_attention_layernorm(x))

@@ -123,7 +123,7 @@ class Transformer(nn.Module):
                 cu_seqlens: torch.Tensor | None = None, cache: KVCache | None = None,
                 slots: torch.Tensor | None = None, attn_len: int | None = None,
                 return_hidden: bool = False, with_mtp_loss: bool = False,
-                target_mask: torch.Tensor | None = None):
+                target_mask: torch.Tensor | None = None, max_seqlen: int | None = None):
         """input_ids [B, T] -> logits [B, T, V] in the model's dtype; arguments as forward_hidden.
 
         return_hidden=True returns forward_hidden's h [B, T, D] instead (no [B, T, V] logits).
@@ -132,7 +132,7 @@ class Transformer(nn.Module):
         whose root all-gathers its parameters (embedding, final norm, head, which the MTP modules
         share) around `forward` only, so a separate mtp_loss call may find them sharded.
         """
-        h = self._hidden(input_ids, position_ids, cu_seqlens, cache, slots, attn_len)
+        h = self._hidden(input_ids, position_ids, cu_seqlens, cache, slots, attn_len, max_seqlen)
         out = h if return_hidden else self.lm_head(h)
         if not with_mtp_loss:
             return out
@@ -140,7 +140,8 @@ class Transformer(nn.Module):
 
     def forward_hidden(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
                        cu_seqlens: torch.Tensor | None = None, cache: KVCache | None = None,
-                       slots: torch.Tensor | None = None, attn_len: int | None = None) -> torch.Tensor:
+                       slots: torch.Tensor | None = None, attn_len: int | None = None,
+                       max_seqlen: int | None = None) -> torch.Tensor:
         """The final normalised hidden states h [B, T, D] (logits = h @ output_weight.T).
 
         It goes through `self(..., return_hidden=True)`, so module hooks (FSDP2's all-gather of the
@@ -152,15 +153,22 @@ class Transformer(nn.Module):
           reaches the real tokens.
         - cu_seqlens int32 [ndocs + 1]: packed documents in one row (B = 1), attending only within
           themselves (kernels.flash_attention's varlen path).
+        - max_seqlen: with cu_seqlens, the longest document as a Python int (the packer knows it on
+          the host; an upper bound works). It goes to every layer's attention, so that no kernel
+          copies cu_seqlens to the host. Without it the forward's input check (one copy to the host
+          per forward, checking cu_seqlens) finds it and hands that on; the check also refuses a
+          max_seqlen below the longest document. Under torch.compile, where the check is skipped,
+          a missing max_seqlen is found by each layer again.
         - cache, slots [B] int64, attn_len: the KV-cached path (model/cache.py). slots=None means
           row b is slot b (read as views: cheaper than a gather when a batch fills slots 0..B-1).
           position_ids is then required; row b writes its keys at (slots[b], position_ids[b]) and
           attends over cache positions 0..attn_len-1 (default max_seq_len) up to its own position.
           For a static decode step keep B and attn_len fixed.
         """
-        return self(input_ids, position_ids, cu_seqlens, cache, slots, attn_len, return_hidden=True)
+        return self(input_ids, position_ids, cu_seqlens, cache, slots, attn_len, return_hidden=True,
+                    max_seqlen=max_seqlen)
 
-    def _hidden(self, input_ids, position_ids, cu_seqlens, cache, slots, attn_len) -> torch.Tensor:
+    def _hidden(self, input_ids, position_ids, cu_seqlens, cache, slots, attn_len, max_seqlen=None) -> torch.Tensor:
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
         B, T = input_ids.shape
@@ -171,10 +179,7 @@ class Transformer(nn.Module):
             if position_ids is None:
                 raise ValueError("the KV-cached forward needs position_ids [B, T] (where each token goes in its slot)")
         if cu_seqlens is not None and not torch.compiler.is_compiling():
-            if B != 1 or cu_seqlens.dim() != 1 or int(cu_seqlens[-1]) != T:
-                raise ValueError(f"packed documents need input_ids of shape [1, total] and cu_seqlens [ndocs + 1] "
-                                 f"ending at total = {T}; got input_ids {tuple(input_ids.shape)}, cu_seqlens "
-                                 f"{cu_seqlens.tolist() if cu_seqlens.numel() < 20 else tuple(cu_seqlens.shape)}")
+            max_seqlen = self._check_packed(input_ids, cu_seqlens, max_seqlen)
         if position_ids is None:
             position_ids = self._default_positions(B, T, cu_seqlens, device)
         if position_ids.shape != input_ids.shape:
@@ -186,8 +191,28 @@ class Transformer(nn.Module):
         step = cache.step(slots, position_ids, attn_len) if cache is not None else None
         h = self.model.embed_tokens(input_ids)  # [B, T, D]
         for layer in self.layers:
-            h = layer(h, cos, sin, cu_seqlens, step)
+            h = layer(h, cos, sin, cu_seqlens, step, max_seqlen)
         return self.model.norm(h)
+
+    def _check_packed(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int | None) -> int:
+        """Packed documents: input_ids [1, total] and cu_seqlens rising from 0 and ending at total,
+        checked with one copy to the host, which also yields the longest document. Returns the
+        max_seqlen every layer's attention gets: the one given (it must cover the longest), else
+        the longest."""
+        B, T = input_ids.shape
+        ok = B == 1 and cu_seqlens.dim() == 1 and cu_seqlens.numel() >= 2
+        if ok:
+            lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+            first, last, shortest, longest = torch.stack(
+                [cu_seqlens[0], cu_seqlens[-1], lengths.min(), lengths.max()]).tolist()
+            ok = first == 0 and last == T and shortest >= 0
+        if not ok:
+            raise ValueError(f"packed documents need input_ids of shape [1, total] and cu_seqlens [ndocs + 1] rising "
+                             f"from 0 and ending at total = {T}; got input_ids {tuple(input_ids.shape)}, cu_seqlens "
+                             f"{cu_seqlens.tolist() if cu_seqlens.numel() < 20 else tuple(cu_seqlens.shape)}")
+        if max_seqlen is not None and max_seqlen < longest:
+            raise ValueError(f"max_seqlen {max_seqlen} is shorter than the longest packed document ({longest} tokens)")
+        return longest if max_seqlen is None else max_seqlen
 
     def _default_positions(self, B: int, T: int, cu_seqlens: torch.Tensor | None, device) -> torch.Tensor:
         if cu_seqlens is None:

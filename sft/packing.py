@@ -14,8 +14,11 @@ a document that does not fit starts a new row; the tail of a row is padding). In
 each document keeps its own positions (position ids restart at 0) and attends only to itself: the
 row's `cu_seqlens` (int32, cumulative document lengths, padding as one more segment) go to the
 attention kernel's varlen path. The model runs `Batch.documents_only()`: the rows end to end
-without their padding tails, which carry no target and would only cost work. Without packing (`pad_batch`) each document is its own row,
-right-padded to the longest in the batch (causal attention makes right padding harmless).
+without their padding tails, which carry no target and would only cost work. The batch keeps its
+documents' lengths on the host (`doc_lengths`), so `Batch.max_seqlen`, the longest document, is a
+Python int the attention kernels take instead of reading cu_seqlens back from the GPU in every
+layer. Without packing (`pad_batch`) each document is its own row, right-padded to the longest in
+the batch (causal attention makes right padding harmless).
 
 Over-long documents (more than seq_len tokens) are dropped or truncated to seq_len, by flag; the
 counts are returned so the caller reports them (never a silent change of the data).
@@ -47,7 +50,8 @@ class Document:
 @dataclass
 class Batch:
     """input_ids, targets, position_ids: [B, L] int64; cu_seqlens: per row, int32 [segments + 1]
-    (None when rows are not packed). targets are IGNORE where no loss is taken."""
+    (None when rows are not packed). targets are IGNORE where no loss is taken. doc_lengths: packed,
+    each row's documents' token counts, host ints (the padding tail is not a document)."""
 
     input_ids: torch.Tensor
     targets: torch.Tensor
@@ -55,6 +59,16 @@ class Batch:
     cu_seqlens: list[torch.Tensor] | None = None
     num_docs: int = 0
     row_used: list[int] | None = None  # packed: tokens of documents in each row (the rest is padding)
+    doc_lengths: list[list[int]] | None = None
+
+    @property
+    def max_seqlen(self) -> int | None:
+        """The longest document of a packed batch (a Python int; None when not packed): the
+        max_seqlen of documents_only()'s cu_seqlens. (flat_cu_seqlens() also has the padding tails
+        as segments, which can be longer.)"""
+        if self.doc_lengths is None:
+            return None
+        return max((n for row in self.doc_lengths for n in row), default=0)
 
     @property
     def num_targets(self) -> int:
@@ -73,20 +87,19 @@ class Batch:
         documents' tokens. Padding has no target and attends only to itself, so leaving it out
         changes no loss or gradient; it only saves the work (a third of a 2048-token row's slots
         for documents of 16-512 tokens)."""
-        assert self.cu_seqlens is not None and self.row_used is not None, "documents_only needs a packed batch"
+        assert self.doc_lengths is not None and self.row_used is not None, "documents_only needs a packed batch"
         L = self.input_ids.shape[1]
         real = torch.arange(L, device=self.input_ids.device)[None, :] < torch.tensor(self.row_used, device=self.input_ids.device)[:, None]
-        bounds, offset = [0], 0
-        for cu, used in zip(self.cu_seqlens, self.row_used):
-            bounds += [offset + int(b) for b in cu[1:].tolist() if 0 < b <= used]  # the padding segment ends past `used`
-            offset += used
+        bounds = [0]
+        for n in (n for row in self.doc_lengths for n in row):  # host ints: nothing read back from the device
+            bounds.append(bounds[-1] + n)
         cu_seqlens = torch.tensor(bounds, dtype=torch.int32, device=self.input_ids.device)
         return self.input_ids[real][None], self.position_ids[real][None], self.targets[real], cu_seqlens
 
     def to(self, device) -> "Batch":
         return Batch(self.input_ids.to(device), self.targets.to(device), self.position_ids.to(device),
                      None if self.cu_seqlens is None else [c.to(device) for c in self.cu_seqlens], self.num_docs,
-                     self.row_used)
+                     self.row_used, self.doc_lengths)
 
 
 @dataclass
@@ -144,7 +157,7 @@ def pack(docs: list[Document], seq_len: int, pad_id: int = 0) -> Batch:
     input_ids = torch.full((B, seq_len), pad_id, dtype=torch.long)
     targets = torch.full((B, seq_len), IGNORE, dtype=torch.long)
     position_ids = torch.zeros((B, seq_len), dtype=torch.long)
-    cu_seqlens, row_used = [], []
+    cu_seqlens, row_used, doc_lengths = [], [], []
     for b, row in enumerate(rows):
         start, bounds = 0, [0]
         for d in row:
@@ -159,7 +172,9 @@ def pack(docs: list[Document], seq_len: int, pad_id: int = 0) -> Batch:
             bounds.append(seq_len)
         cu_seqlens.append(torch.tensor(bounds, dtype=torch.int32))
         row_used.append(start)
-    return Batch(input_ids, targets, position_ids, cu_seqlens, num_docs=len(docs), row_used=row_used)
+        doc_lengths.append([len(d.ids) for d in row])
+    return Batch(input_ids, targets, position_ids, cu_seqlens, num_docs=len(docs), row_used=row_used,
+                 doc_lengths=doc_lengths)
 
 
 def pad_batch(docs: list[Document], pad_id: int = 0) -> Batch:

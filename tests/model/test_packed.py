@@ -1,6 +1,7 @@
 """Packed sequences: one row of 3 documents with cu_seqlens and restarting positions gives the same
-logits and gradients as three separate forwards (dense GQA and MLA+MoE). (The MTP loss over packed
-documents: tests/model/test_mtp.py.)"""
+logits and gradients as three separate forwards (dense GQA and MLA+MoE); max_seqlen (given, or found
+once per forward) reaches every layer's attention, which then reads nothing back to the host.
+(The MTP loss over packed documents: tests/model/test_mtp.py.)"""
 import pytest
 import torch
 
@@ -57,3 +58,57 @@ def test_packed_input_errors():
         model(ids[:, :-1], cu_seqlens=cu)
     with pytest.raises(ValueError, match=r"need input_ids of shape \[1, total\]"):
         model(ids.expand(2, -1), cu_seqlens=cu)
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "deepseek_v3"])
+def test_max_seqlen_reaches_every_attention_call_which_reads_nothing_back(kind, monkeypatch):
+    # the GPU path of attention (Triton, interpreted): with max_seqlen every layer's call copies
+    # nothing to the host, forward or backward; without it the forward finds it once and hands it on
+    import model.attention as attention
+    from tests.kernels.test_max_seqlen import host_reads
+
+    monkeypatch.setenv("KERNELS_BACKEND", "triton")
+    config = tiny_config(kind)
+    model = random_model(config, seed=5)
+    _, ids, cu, pos = _packed(config.vocab_size)
+    model.zero_grad()
+    default = model(ids, position_ids=pos, cu_seqlens=cu)
+    default.square().mean().backward()
+    default_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    seen, real = [], attention.flash_attention
+
+    def guarded(*args, **kwargs):
+        seen.append(kwargs.get("max_seqlen"))
+        with host_reads(allowed=False):
+            return real(*args, **kwargs)
+
+    monkeypatch.setattr(attention, "flash_attention", guarded)
+    for given in (None, 15):  # found by the forward's check; given (an upper bound)
+        model.zero_grad()
+        seen.clear()
+        out = model(ids, position_ids=pos, cu_seqlens=cu, max_seqlen=given)
+        with host_reads(allowed=False):
+            out.square().mean().backward()
+        assert seen == [given or max(LENGTHS)] * config.num_hidden_layers
+        assert torch.equal(out, default)
+        for n, p in model.named_parameters():
+            assert torch.equal(p.grad, default_grads[n]), (given, n)
+    with pytest.raises(ValueError, match="max_seqlen 8 is shorter than the longest packed document"):
+        model(ids, position_ids=pos, cu_seqlens=cu, max_seqlen=8)
+
+
+def test_without_max_seqlen_cu_seqlens_is_read_back_once_per_forward_not_per_layer(monkeypatch):
+    monkeypatch.setenv("KERNELS_BACKEND", "triton")
+    reads = []
+    real = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: reads.append(self.numel()) or real(self))
+    counts = {}
+    for layers in (1, 3):
+        model = random_model(tiny_config("qwen2", num_hidden_layers=layers), seed=1)
+        _, ids, cu, pos = _packed(model.config.vocab_size)
+        reads.clear()
+        with torch.no_grad():
+            model(ids, position_ids=pos, cu_seqlens=cu)
+        counts[layers] = len(reads)
+    assert counts[1] == counts[3] <= 2  # the forward's input checks; none in the layers

@@ -68,3 +68,22 @@ def test_documents_only_drops_padding_tails():
     # an exactly full row has no padding segment to drop
     full = pack([doc([1, 2]), doc([3, 4])], seq_len=4)
     assert full.documents_only()[3].tolist() == [0, 2, 4]
+
+
+def test_packed_batch_carries_max_seqlen_on_the_host(monkeypatch):
+    docs = [doc([1, 2, 3]), doc([4, 5]), doc([6, 7, 8, 9]), doc([10])]
+    b = pack(docs, seq_len=6)
+    assert b.doc_lengths == [[3, 2], [4, 1]]
+    assert b.max_seqlen == 4 and type(b.max_seqlen) is int        # the padding tails (1 token each) are no documents
+    assert pack([doc([1, 2]), doc([3, 4, 5])], seq_len=10).max_seqlen == 3  # though the tail of 5 is longer
+    assert pad_batch(docs).max_seqlen is None
+    moved = b.to("cpu")
+    assert moved.max_seqlen == 4
+    # documents_only's cu_seqlens come from those host lengths: no tensor is read back (a sync on a GPU)
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: pytest.fail("documents_only read a tensor back"))
+    monkeypatch.setattr(torch.Tensor, "item", lambda self: pytest.fail("documents_only read a tensor back"))
+    monkeypatch.setattr(torch.Tensor, "__int__", lambda self: pytest.fail("documents_only read a tensor back"))
+    ids, pos, targets, cu = moved.documents_only()
+    monkeypatch.undo()
+    assert cu.tolist() == [0, 3, 5, 9, 10] and ids.shape == (1, 10)
+    assert (cu[1:] - cu[:-1]).max().item() == b.max_seqlen
