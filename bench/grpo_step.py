@@ -32,7 +32,9 @@ the last step's wall time (the first pays one-time allocations), the peak is the
 (resident high-water mark, /proc/self/status) after its last step: model, reference model, AdamW
 state, activations and whatever the libraries hold. Our run skips its final checkpoint write
 (the benchmark keeps nothing). Prints `uptime`, a table (medians over rounds), then one JSON line.
-Goals: ours >= 1.5x faster per step and <= 0.75x TRL's peak memory.
+Ours runs twice, eager (--compile off) and with compiled blocks (--compile on; its first step
+pays the compile warm-up, reported apart). Goals: ours >= 1.6x faster per step than TRL and
+<= 0.6x its peak memory.
 """
 from __future__ import annotations
 
@@ -122,7 +124,7 @@ def gemm_rates(threads: int, reps: int = 3) -> tuple[float, float]:
 
 # ---- the two sides, each in its own process -----------------------------------------------------------
 
-def child_ours(d: Path, steps: int) -> dict:
+def child_ours(d: Path, steps: int, compile: str = "off") -> dict:
     sys.path.insert(0, str(ROOT))
     import train
     from rl import loop
@@ -140,7 +142,7 @@ def child_ours(d: Path, steps: int) -> dict:
             "--prompts-per-step", str(PROMPTS_PER_STEP), "--group-size", str(GROUP),
             "--max-new-tokens", str(NEW_TOKENS), "--reward", "bench.grpo_step:random_reward", "--reward-workers", "0",
             "--beta", str(BETA), "--lr", str(LR), "--sampler-batch-size", str(PROMPTS_PER_STEP * GROUP),
-            "--log-every-s", "1000"]
+            "--log-every-s", "1000", "--compile", compile]
     assert train.main(argv) == 0
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert all(r["response_length/min"] == NEW_TOKENS for r in rows), "completions must all be 64 tokens"
@@ -203,7 +205,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=2, help="GRPO steps per run (the last one is timed)")
     p.add_argument("--threads", type=int, default=2, help="torch threads on both sides")
     p.add_argument("--trl-gradient-checkpointing", action="store_true", help="TRL with its default checkpointing")
-    p.add_argument("--child", choices=("ours", "trl"), default=None, help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=("ours", "ours-compiled", "trl"), default=None, help=argparse.SUPPRESS)
     p.add_argument("--assets", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
 
@@ -211,8 +213,10 @@ def main() -> int:
         import torch
         torch.set_num_threads(args.threads)
         d = Path(args.assets)
-        result = child_ours(d, args.steps) if args.child == "ours" else \
-            child_trl(d, args.steps, args.trl_gradient_checkpointing)
+        if args.child == "trl":
+            result = child_trl(d, args.steps, args.trl_gradient_checkpointing)
+        else:
+            result = child_ours(d, args.steps, "on" if args.child == "ours-compiled" else "off")
         print(json.dumps(result))
         return 0
 
@@ -221,10 +225,11 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="grpo-bench-") as tmp:
         d = Path(tmp)
         assets = make_assets(d, args.steps)
-        results = {"ours": [], "trl": []}
+        results = {"ours": [], "ours-compiled": [], "trl": []}
         big, small = [], []
+        order = ("ours", "ours-compiled", "trl")
         for r in range(args.rounds):
-            for side in (("ours", "trl") if r % 2 == 0 else ("trl", "ours")):
+            for side in (order if r % 2 == 0 else order[::-1]):
                 res = run_child(side, d, args)
                 results[side].append(res)
                 print(f"round {r + 1} {side}: steps {', '.join(f'{t:.1f}' for t in res['step_s'])} s, "
@@ -237,6 +242,11 @@ def main() -> int:
     med = statistics.median
     ours_s, trl_s = med([r["step_s"][-1] for r in results["ours"]]), med([r["step_s"][-1] for r in results["trl"]])
     ours_m, trl_m = med([r["peak_bytes"] for r in results["ours"]]), med([r["peak_bytes"] for r in results["trl"]])
+    comp_s = med([r["step_s"][-1] for r in results["ours-compiled"]])
+    comp_m = med([r["peak_bytes"] for r in results["ours-compiled"]])
+    comp_first = med([r["step_s"][0] for r in results["ours-compiled"]])
+    comp_train_s = med([r["train_s"] for r in results["ours-compiled"]])
+    comp_logprobs_s = med([r["logprobs_s"] for r in results["ours-compiled"]])
     rate_big, rate_small = med(big), med(small)
     n_mm, prompt_tokens = assets["n_mm"], assets["prompt_tokens"]
     seqs = PROMPTS_PER_STEP * GROUP
@@ -256,17 +266,24 @@ def main() -> int:
     print(f"{'':34}{'step s':>10}{'peak GiB':>10}")
     print(f"{'ours (train.py --stage grpo)':34}{ours_s:>10.1f}{ours_m / 2**30:>10.2f}")
     print(f"{'  of which rollout / ref / train':34}{rollout_s:>5.1f} / {logprobs_s:.1f} / {train_s:.1f}")
+    print(f"{'ours --compile on':34}{comp_s:>10.1f}{comp_m / 2**30:>10.2f}   (first step {comp_first:.1f} s: "
+          f"the compile warm-up)")
+    print(f"{'  of which ref / train':34}{comp_logprobs_s:>5.1f} / {comp_train_s:.1f}")
     print(f"{'TRL GRPOTrainer' + (' (grad ckpt)' if args.trl_gradient_checkpointing else ''):34}"
           f"{trl_s:>10.1f}{trl_m / 2**30:>10.2f}")
     print(f"{'floor: train 6NT + sampler 2NT':34}{floor:>10.1f}     (train {floor_train:.1f}, sampler "
           f"{floor_gen:.1f}; + reference forward {floor_ref:.1f})")
-    print(f"speed-up {trl_s / ours_s:.2f}x (goal >= 1.5), memory {ours_m / trl_m:.2f}x of TRL's (goal <= 0.75), "
-          f"ours / floor {ours_s / floor:.2f} ({ours_s / (floor + floor_ref):.2f} with the reference forward)")
+    print(f"speed-up {trl_s / ours_s:.2f}x eager, {trl_s / comp_s:.2f}x compiled (goal >= 1.6), memory "
+          f"{ours_m / trl_m:.2f}x / {comp_m / trl_m:.2f}x of TRL's (goal <= 0.6), ours / floor {ours_s / floor:.2f} "
+          f"eager, {comp_s / floor:.2f} compiled ({comp_s / (floor + floor_ref):.2f} with the reference forward)")
     print(f"uptime after: {uptime_after}")
     print(json.dumps({"bench": "grpo_step", "rounds": args.rounds, "threads": args.threads,
                       "ours_step_s": ours_s, "trl_step_s": trl_s, "speedup": trl_s / ours_s,
                       "ours_peak_bytes": ours_m, "trl_peak_bytes": trl_m, "memory_ratio": ours_m / trl_m,
                       "ours_rollout_s": rollout_s, "ours_logprobs_s": logprobs_s, "ours_train_s": train_s,
+                      "compiled_step_s": comp_s, "compiled_speedup": trl_s / comp_s, "compiled_peak_bytes": comp_m,
+                      "compiled_memory_ratio": comp_m / trl_m, "compiled_first_step_s": comp_first,
+                      "compiled_train_s": comp_train_s, "compiled_logprobs_s": comp_logprobs_s,
                       "floor_s": floor,
                       "floor_train_s": floor_train, "floor_sampler_s": floor_gen, "floor_ref_s": floor_ref,
                       "gemm_flops_big": rate_big, "gemm_flops_decode": rate_small,

@@ -60,6 +60,7 @@ sys.path.insert(0, str(ROOT))
 
 from model import save_pretrained  # noqa: E402
 from model.build import preset_config  # noqa: E402
+from model.parallel import apply_compile  # noqa: E402
 from model.transformer import Transformer  # noqa: E402
 from sft.loop import batch_loss_sum  # noqa: E402
 from sft.packing import IGNORE, Document, pack  # noqa: E402
@@ -161,7 +162,16 @@ def main(argv=None) -> int:
                     os.environ["KERNELS_BACKEND"] = before
         return run
 
+    compiled = Transformer(config).train()
+    compiled.load_state_dict(ours.state_dict())
+    apply_compile(compiled)                    # --compile on: each block's forward compiled
+    t0 = time.perf_counter()
+    c = ours_step(compiled, packed[0])          # the compile warm-up (its first shapes)
+    compile_s = time.perf_counter() - t0
+    assert abs(c / a - 1) < 1e-5, f"compiled and eager losses disagree: {c} vs {a}"
+
     variants = {"ours": (with_backend("auto", ours_step), ours, packed),
+                "ours-compiled": (with_backend("auto", ours_step), compiled, packed),
                 "ours-twin": (with_backend("torch", ours_step), ours, packed),
                 "hf": (hf_step, hf, padded)}
     totals = dict.fromkeys(variants, 0.0)
@@ -176,22 +186,25 @@ def main(argv=None) -> int:
     real = sum(len(d.ids) for docs in timed for d in docs)
     ours_slots = sum(p.input_ids.numel() for p in packed[args.warmup:])
     hf_slots = sum(x[0].numel() for x in padded[args.warmup:])
-    slots = {"ours": ours_slots, "ours-twin": ours_slots, "hf": hf_slots}
+    slots = {"ours": ours_slots, "ours-compiled": ours_slots, "ours-twin": ours_slots, "hf": hf_slots}
     tps = {name: real / t for name, t in totals.items()}
     threads = torch.get_num_threads()
     print(f"SFT forward+backward, preset {args.preset} ({sum(p.numel() for p in ours.parameters()) / 1e6:.2f}M "
           f"parameters), {args.batches} batches of {args.docs_per_batch} documents, lengths U[{args.min_len}, "
           f"{args.max_len}], {real} real tokens; threads {threads}, clock {args.clock}; transformers attention "
           f"{attn_impl}; load average {os.getloadavg()[0]:.1f}")
-    print(f"{'variant':<10} {'real tok/s':>11} {'ms/batch':>9} {'row padding':>12} {'vs hf':>7}")
+    print(f"{'variant':<14} {'real tok/s':>11} {'ms/batch':>9} {'row padding':>12} {'vs hf':>7}")
     for name in variants:
         pad_frac = 1 - real / slots[name]
-        print(f"{name:<10} {tps[name]:>11.0f} {totals[name] / args.batches * 1e3:>9.1f} {pad_frac:>12.1%} "
+        print(f"{name:<14} {tps[name]:>11.0f} {totals[name] / args.batches * 1e3:>9.1f} {pad_frac:>12.1%} "
               f"{tps[name] / tps['hf']:>6.2f}x")
     print(json.dumps({"bench": "sft_throughput", "preset": args.preset, "threads": threads, "clock": args.clock,
                       "batches": args.batches, "docs_per_batch": args.docs_per_batch, "real_tokens": real,
                       "tokens_per_s": {k: round(v, 1) for k, v in tps.items()},
                       "ratio_vs_hf": round(tps["ours"] / tps["hf"], 3),
+                      "compiled_ratio_vs_hf": round(tps["ours-compiled"] / tps["hf"], 3),
+                      "compiled_vs_eager": round(tps["ours-compiled"] / tps["ours"], 3),
+                      "compile_warmup_s": round(compile_s, 1),
                       "sdpa_speedup_vs_twin": round(tps["ours"] / tps["ours-twin"], 3),
                       "padding_fraction": {"ours": round(1 - real / ours_slots, 4), "hf": round(1 - real / hf_slots, 4)},
                       "load_average": round(os.getloadavg()[0], 2)}))

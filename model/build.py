@@ -139,17 +139,18 @@ def export_dtype_of(args) -> torch.dtype:
 
 
 def build_model(args, tok, device="cpu", dtype=torch.float32, seed: int | None = None, *,
-                fsdp: dict | None = None, activation_checkpointing: bool = False, **overrides):
+                fsdp: dict | None = None, activation_checkpointing: bool = False, compile: bool = False,
+                **overrides):
     """The model of `args.model` (a folder) or `args.preset` (fresh weights seeded with `seed`, or
     args.seed), its parameters stored in `dtype` on `device` (see the module docstring).
 
-    activation_checkpointing wraps every block (model.parallel.apply_activation_checkpointing);
-    fsdp, when given, is apply_fsdp's keyword arguments (param_dtype, reduce_dtype, mesh): the
+    activation_checkpointing wraps every block (model.parallel.apply_activation_checkpointing),
+    compile then compiles each block's forward (model.parallel.apply_compile); fsdp, when given, is apply_fsdp's keyword arguments (param_dtype, reduce_dtype, mesh): the
     model is sharded before any weight is allocated. `overrides` are ModelConfig fields, on top of
     the flags' (config_overrides).
     """
     from model.checkpoint import load_into, plan_load, read_config
-    from model.parallel import apply_activation_checkpointing, apply_fsdp
+    from model.parallel import apply_activation_checkpointing, apply_compile, apply_fsdp
     from model.transformer import Transformer
 
     model_dir, preset = getattr(args, "model", None), getattr(args, "preset", None)
@@ -174,6 +175,8 @@ def build_model(args, tok, device="cpu", dtype=torch.float32, seed: int | None =
         model.to(device=device, dtype=dtype)
     if activation_checkpointing:
         apply_activation_checkpointing(model)
+    if compile:
+        apply_compile(model)
     if fsdp is not None:
         apply_fsdp(model, **fsdp)
     if model_dir is not None:
@@ -182,12 +185,34 @@ def build_model(args, tok, device="cpu", dtype=torch.float32, seed: int | None =
     return model
 
 
+# --compile auto turns compilation on for models at least this wide on the CPU (measured: see
+# compile_enabled) and always on CUDA.
+COMPILE_MIN_HIDDEN_CPU = 512
+COMPILE_MIN_STEPS = 20
+
+
+def compile_enabled(flag: str, device: torch.device, config: ModelConfig, max_steps: int) -> bool:
+    """--compile: on, off, or auto. auto compiles where it was measured to pay for its warm-up within
+    the run: on CUDA always (fused elementwise kernels; the warm-up is seconds against GPU runs of
+    hours); on the CPU only for runs of at least COMPILE_MIN_STEPS steps of models at least
+    COMPILE_MIN_HIDDEN_CPU wide, since the tiny recipe's models gain little per step and the CPU
+    compile takes tens of seconds."""
+    if flag in ("on", "off"):
+        return flag == "on"
+    if flag != "auto":
+        raise ValueError(f"--compile {flag!r}: expected auto, on or off")
+    if device.type == "cuda":
+        return True
+    return config.hidden_size >= COMPILE_MIN_HIDDEN_CPU and max_steps >= COMPILE_MIN_STEPS
+
+
 def build_trained_model(args, tok, info, device):
     """The model a training loop trains, as both loops build it: fp32 master weights computing in
     --param-dtype, sharded with FSDP2 before any weight is allocated when there are several ranks or
     a lower compute precision (model.parallel.training_fsdp; a one-process run then gets a one-rank
     process group), activation checkpointing wrapped in first when asked. Prints the summary line.
-    Returns (model, info (with its process group), param_dtype, fsdp options or None)."""
+    Blocks are compiled when --compile says so (compile_enabled).
+    Returns (model, info (with its process group), param_dtype, fsdp options or None, compiled)."""
     from model.parallel import training_fsdp
     from runtime.distributed import ensure_process_group, print0
 
@@ -195,11 +220,14 @@ def build_trained_model(args, tok, info, device):
     fsdp = training_fsdp(param_dtype, info.world_size)
     if fsdp is not None:
         info = ensure_process_group(info)
-    model = build_model(args, tok, device=device, fsdp=fsdp, activation_checkpointing=args.activation_checkpointing)
+    compiled = compile_enabled(getattr(args, "compile", "off"), device, model_config(args, tok), args.max_steps)
+    model = build_model(args, tok, device=device, fsdp=fsdp, activation_checkpointing=args.activation_checkpointing,
+                        compile=compiled)
     print0(model_summary(model) + f"; computing in {str(param_dtype).removeprefix('torch.')}"
            + (", sharded over FSDP2" if fsdp is not None else "")
-           + (", activation checkpointing" if args.activation_checkpointing else ""))
-    return model, info, param_dtype, fsdp
+           + (", activation checkpointing" if args.activation_checkpointing else "")
+           + (", compiled blocks" if compiled else ""))
+    return model, info, param_dtype, fsdp, compiled
 
 
 def model_summary(model) -> str:

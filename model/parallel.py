@@ -19,6 +19,9 @@ a one-process run (a one-rank mesh, runtime.distributed.ensure_process_group).
 instead of storing them (torch.utils.checkpoint, non-reentrant), wrapping the block's forward in
 place so parameter names do not change (checkpoints stay in Hugging Face layout).
 
+`apply_compile(model)` compiles each block's forward with torch.compile, the block being the unit
+(torchtitan's way), in place as well; the order is activation checkpointing, compile, FSDP2.
+
 `gathered(model)` unshards every FSDP module once and keeps it unsharded for the duration of the
 context: generation runs hundreds of forwards per rollout batch, and without it each decode step
 would all-gather every layer again.
@@ -105,6 +108,30 @@ def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
             if not torch.is_grad_enabled():
                 return _inner(*args, **kwargs)
             return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
+
+        block.forward = forward
+    return model
+
+
+def apply_compile(model: nn.Module) -> nn.Module:
+    """torch.compile each block's forward (torchtitan's unit: names, the state dict, FSDP2's hooks and
+    activation checkpointing stay as they are, since only the function the module calls is
+    compiled, not the module). Apply after activation checkpointing (the recompute is then the
+    compiled block too) and before FSDP. A call with a KV-cache step (the sampler's prefill and
+    decode) runs eagerly: decode shapes change every step and the cache is updated in place, so
+    compiling them would only recompile; training forwards and backwards and the no-grad log-prob
+    passes over packed sequences run compiled. dynamic=True: packed micro-batches change their
+    token count every step, so the block compiles once for symbolic sizes instead of once per size."""
+    import inspect
+
+    for block in _blocks(model):
+        eager = block.forward
+        compiled = torch.compile(eager, dynamic=True)
+        signature = inspect.signature(type(block).forward)   # the block's own (AC's wrapper takes *args)
+
+        def forward(*args, _eager=eager, _compiled=compiled, _signature=signature, **kwargs):
+            step = _signature.bind(None, *args, **kwargs).arguments.get("step")
+            return (_eager if step is not None else _compiled)(*args, **kwargs)
 
         block.forward = forward
     return model

@@ -118,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-nonfinite", type=int, default=5,
                    help="stop after this many optimizer steps in a row with a non-finite loss or gradient")
     g.add_argument("--activation-checkpointing", action="store_true", help="recompute each block in backward")
+    g.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                   help="torch.compile each transformer block for training and the no-grad log-prob passes "
+                   "(the sampler stays eager). auto: on where it was measured to win within a run "
+                   "(model.build.compile_enabled)")
 
     # GRPO (--stage grpo). Paper option sets: --variant grpo|dapo|dr_grpo|gspo (rl/loss.py VARIANTS);
     # an explicit flag overrides the variant's value. Defaults without a variant: DAPO's token-mean

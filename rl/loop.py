@@ -58,8 +58,9 @@ def sequence_logprobs(model, prompt_ids: list[list[int]], completion_ids: list[l
     """Per-token log-probs (and entropies) of the completions given their prompts.
 
     The sequences prompt + completion are packed end to end into one row [1, total] whose documents
-    attend only to themselves (cu_seqlens); the hidden states at the positions that predict
-    completion tokens go through kernels.token_logprobs (temperature-scaled, never [tokens, V]).
+    attend only to themselves (cu_seqlens, and their longest length, known on the host, as
+    max_seqlen); the hidden states at the positions that predict completion tokens go through
+    kernels.token_logprobs (temperature-scaled, never [tokens, V]).
     Returns logp [B, Tc] fp32 (0 on padding), entropy [B, Tc] or None, mask [B, Tc] bool.
     """
     device = model.output_weight.device
@@ -76,8 +77,9 @@ def sequence_logprobs(model, prompt_ids: list[list[int]], completion_ids: list[l
         src += [start + len(p) - 1 + t for t in range(len(c))]
         targets += c
     ids_t = torch.tensor([ids], device=device)
+    longest = max(b - a for a, b in zip(cu, cu[1:]))  # known here on the host: no layer reads cu_seqlens back
     hidden = model.forward_hidden(ids_t, position_ids=torch.tensor([pos], device=device),
-                                  cu_seqlens=torch.tensor(cu, dtype=torch.int32, device=device))
+                                  cu_seqlens=torch.tensor(cu, dtype=torch.int32, device=device), max_seqlen=longest)
     h = hidden[0, torch.tensor(src, device=device)]  # [N_completion_tokens, D]
     out = token_logprobs(h, model.output_weight, torch.tensor(targets, device=device), temperature=temperature,
                          with_entropy=with_entropy)
@@ -196,13 +198,13 @@ def train_grpo(args, run, info) -> int:
     # The policy: fp32 master weights, sharded (FSDP2) before they are allocated when there are several
     # ranks or a lower compute precision, activation checkpointing wrapped in first. The reference: the
     # same checkpoint (or seed) built the same way, stored in the compute dtype, never trained.
-    model, info, param_dtype, fsdp = build_trained_model(args, tok, info, device)
+    model, info, param_dtype, fsdp, compiled = build_trained_model(args, tok, info, device)
     loss_opts, adv_opts = loss_options(args)
     beta = loss_opts.get("beta", 0.0)
     ref_model = None
     if beta > 0:
         ref_fsdp = None if fsdp is None else {"param_dtype": None, "reduce_dtype": None}
-        ref_model = build_model(args, tok, device=device, dtype=param_dtype, fsdp=ref_fsdp)
+        ref_model = build_model(args, tok, device=device, dtype=param_dtype, fsdp=ref_fsdp, compile=compiled)
         ref_model.requires_grad_(False).eval()
     export_dtype = export_dtype_of(args)
     optimizer = build_optimizer(model, lr=args.lr, weight_decay=args.weight_decay)

@@ -62,11 +62,13 @@ def batch_loss_sum(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | No
     """(sum of the token NLLs of the batch's targets, the model's extra losses or None).
 
     Packed rows are laid end to end as one sequence, without their padding tails, whose documents
-    attend only to themselves (cu_seqlens); padded rows run as a batch.
+    attend only to themselves (cu_seqlens, with the batch's longest document as max_seqlen, a host
+    int); padded rows run as a batch.
     """
     if batch.cu_seqlens is not None:
         ids, pos, targets, cu_seqlens = batch.documents_only()                     # [1, N], [1, N], [N]
-        hidden = model.forward_hidden(ids, position_ids=pos, cu_seqlens=cu_seqlens)  # [1, N, D]
+        hidden = model.forward_hidden(ids, position_ids=pos, cu_seqlens=cu_seqlens,
+                                      max_seqlen=batch.max_seqlen)                 # [1, N, D]
     else:
         hidden = model.forward_hidden(batch.input_ids, position_ids=batch.position_ids)  # [B, L, D]
         targets = batch.targets.reshape(-1)
@@ -126,7 +128,7 @@ def train_sft(args, run, info) -> int:
 
     # the model: sharded (FSDP2) before its weights are allocated when there are several ranks or a
     # lower compute precision; activation checkpointing wrapped in first
-    model, info, _, _ = build_trained_model(args, tok, info, device)
+    model, info, _, _, _ = build_trained_model(args, tok, info, device)
     args.batch_size, note = fit_global_batch(args.batch_size, len(docs), info.world_size, flag="--batch-size",
                                              what=f"{args.data} has {len(docs)} documents that fit",
                                              defaulted="batch_size" in (getattr(args, "defaulted", None) or ()))
