@@ -447,13 +447,21 @@ def flash_attention_sdpa(q, k, v, causal=True, softmax_scale=None, cu_seqlens=No
     _check(q, k, v, cu_seqlens, max_seqlen)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     if cu_seqlens is not None:
-        # split, not slicing: the backward of one split is one cat, while every slice's backward
-        # would write a zero tensor of the whole packed length (quadratic in the documents)
-        c = cu_seqlens.tolist()
-        lengths = [b - a for a, b in zip(c, c[1:])]
-        parts = zip(q.split(lengths), k.split(lengths), v.split(lengths))
-        return torch.cat([_sdpa(qi[None], ki[None], vi[None], causal, scale)[0] for qi, ki, vi in parts], dim=0)
+        return _sdpa_documents(q, k, v, cu_seqlens, causal, scale)
     return _sdpa(q, k, v, causal, scale)
+
+
+@torch.compiler.disable
+def _sdpa_documents(q, k, v, cu_seqlens, causal, scale):
+    """SDPA of each packed document, eager even inside a compiled block: the loop reads cu_seqlens on
+    the host, and traced it would unroll into one graph per number of documents (a recompile for
+    nearly every packed batch, each with one SDPA per document to compile)."""
+    # split, not slicing: the backward of one split is one cat, while every slice's backward
+    # would write a zero tensor of the whole packed length (quadratic in the documents)
+    c = cu_seqlens.tolist()
+    lengths = [b - a for a, b in zip(c, c[1:])]
+    parts = zip(q.split(lengths), k.split(lengths), v.split(lengths))
+    return torch.cat([_sdpa(qi[None], ki[None], vi[None], causal, scale)[0] for qi, ki, vi in parts], dim=0)
 
 
 def _sdpa(q, k, v, causal, scale):

@@ -93,3 +93,28 @@ def test_sft_loop_with_compile_on_equals_compile_off(tmp_path):
     assert len(a) == len(b) == 3
     for x, y in zip(a, b):
         assert abs(y / x - 1) <= 1e-5, (a, b)
+
+
+def test_new_document_counts_and_lengths_compile_nothing_new():
+    """Packed micro-batches differ in their number of documents and their lengths every step: after
+    the first forward+backward (and the first no-grad forward), none of them compiles again (the
+    per-document attention loop runs eagerly inside the compiled block)."""
+    from torch._dynamo.utils import counters
+
+    config = ModelConfig(**TINY["qwen2"])
+    model = random_model(config, seed=4)
+    apply_compile(model)
+    g = torch.Generator().manual_seed(1)
+
+    def step(lengths):
+        ids = torch.randint(0, config.vocab_size, (1, sum(lengths)), generator=g)
+        cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+        with torch.no_grad():
+            model.forward_hidden(ids, cu_seqlens=cu)
+        _loss_and_grads(model, ids, cu)
+
+    step([9, 14])
+    frames = counters["stats"]["unique_graphs"]
+    for lengths in ([5, 7, 11, 3], [30], [4, 4, 4, 4, 4, 4, 4, 4, 9], [17, 2, 21]):
+        step(lengths)
+    assert counters["stats"]["unique_graphs"] == frames, "a new document count or length compiled a new graph"
