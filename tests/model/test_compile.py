@@ -118,3 +118,19 @@ def test_new_document_counts_and_lengths_compile_nothing_new():
     for lengths in ([5, 7, 11, 3], [30], [4, 4, 4, 4, 4, 4, 4, 4, 9], [17, 2, 21]):
         step(lengths)
     assert counters["stats"]["unique_graphs"] == frames, "a new document count or length compiled a new graph"
+
+
+def test_compile_auto_compiles_long_runs_of_wide_models_and_cuda_runs_only():
+    from model.build import COMPILE_MIN_HIDDEN_CPU, COMPILE_MIN_STEPS, compile_enabled
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    tiny = ModelConfig(**TINY["qwen2"])
+    wide = ModelConfig(**{**TINY["qwen2"], "hidden_size": COMPILE_MIN_HIDDEN_CPU, "head_dim": 16})
+    assert not compile_enabled("auto", cpu, tiny, 10_000)            # the tiny recipes stay eager
+    assert compile_enabled("auto", cpu, wide, COMPILE_MIN_STEPS)
+    assert not compile_enabled("auto", cpu, wide, COMPILE_MIN_STEPS - 1)  # too short to pay the warm-up
+    assert compile_enabled("auto", cuda, tiny, COMPILE_MIN_STEPS)
+    assert not compile_enabled("auto", cuda, tiny, COMPILE_MIN_STEPS - 1)
+    assert compile_enabled("on", cpu, tiny, 1) and not compile_enabled("off", cuda, wide, 10_000)
+    with pytest.raises(ValueError, match="--compile 'yes'"):
+        compile_enabled("yes", cpu, tiny, 100)
