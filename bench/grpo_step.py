@@ -9,7 +9,10 @@ one forward + backward over the 64 sequences (prompt + completion) and one AdamW
 transformers `generate` path (no vLLM), num_generations 8, per_device_train_batch_size 64 (the 64
 completions in one optimizer step), max_completion_length 64, bf16 off, gradient checkpointing off
 unless --trl-gradient-checkpointing (TRL's default is on: it recomputes activations, less memory,
-more time; off is the same work as ours).
+more time; off is the same work as ours). Ours runs as train.py runs, with its host malloc tuning
+(runtime/host_memory.py: freed memory stays in the process, so a step does not fault its
+activations in afresh); TRL runs with glibc's defaults unless --trl-keep-host-memory gives it the
+same tuning.
 
 Model: a 100M-parameter Qwen2 (hidden D = 768, 12 layers, 12 heads, 2 KV heads, intermediate 2048,
 vocab V = 32000, tied embeddings, q/k/v biases), random weights from seed 0, fp32, saved once with
@@ -191,6 +194,8 @@ def run_child(side: str, d: Path, args) -> dict:
            "--steps", str(args.steps), "--threads", str(args.threads)]
     if args.trl_gradient_checkpointing:
         cmd.append("--trl-gradient-checkpointing")
+    if args.trl_keep_host_memory:
+        cmd.append("--trl-keep-host-memory")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(args.threads),
            "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
@@ -205,6 +210,8 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=2, help="GRPO steps per run (the last one is timed)")
     p.add_argument("--threads", type=int, default=2, help="torch threads on both sides")
     p.add_argument("--trl-gradient-checkpointing", action="store_true", help="TRL with its default checkpointing")
+    p.add_argument("--trl-keep-host-memory", action="store_true",
+                   help="give TRL's process the malloc tuning train.py applies to ours (runtime/host_memory.py)")
     p.add_argument("--child", choices=("ours", "ours-compiled", "trl"), default=None, help=argparse.SUPPRESS)
     p.add_argument("--assets", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -214,6 +221,10 @@ def main() -> int:
         torch.set_num_threads(args.threads)
         d = Path(args.assets)
         if args.child == "trl":
+            if args.trl_keep_host_memory:
+                sys.path.insert(0, str(ROOT))
+                from runtime.host_memory import keep_freed_host_memory
+                assert keep_freed_host_memory(), "the malloc tuning did not apply (not glibc, or MALLOC_*_ set)"
             result = child_trl(d, args.steps, args.trl_gradient_checkpointing)
         else:
             result = child_ours(d, args.steps, "on" if args.child == "ours-compiled" else "off")
@@ -269,7 +280,7 @@ def main() -> int:
     print(f"{'ours --compile on':34}{comp_s:>10.1f}{comp_m / 2**30:>10.2f}   (first step {comp_first:.1f} s: "
           f"the compile warm-up)")
     print(f"{'  of which ref / train':34}{comp_logprobs_s:>5.1f} / {comp_train_s:.1f}")
-    print(f"{'TRL GRPOTrainer' + (' (grad ckpt)' if args.trl_gradient_checkpointing else ''):34}"
+    print(f"{'TRL GRPOTrainer' + (' (grad ckpt)' if args.trl_gradient_checkpointing else '') + (' (kept malloc)' if args.trl_keep_host_memory else ''):34}"
           f"{trl_s:>10.1f}{trl_m / 2**30:>10.2f}")
     print(f"{'floor: train 6NT + sampler 2NT':34}{floor:>10.1f}     (train {floor_train:.1f}, sampler "
           f"{floor_gen:.1f}; + reference forward {floor_ref:.1f})")
@@ -288,6 +299,7 @@ def main() -> int:
                       "floor_train_s": floor_train, "floor_sampler_s": floor_gen, "floor_ref_s": floor_ref,
                       "gemm_flops_big": rate_big, "gemm_flops_decode": rate_small,
                       "trl_gradient_checkpointing": args.trl_gradient_checkpointing,
+                      "trl_keep_host_memory": args.trl_keep_host_memory,
                       "all": results, "uptime_before": uptime, "uptime_after": uptime_after}))
     return 0
 

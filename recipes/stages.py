@@ -20,6 +20,7 @@ from typing import Callable
 
 from recipes.flags import STAGES
 from runtime.distributed import DistInfo, print0
+from runtime.host_memory import keep_freed_host_memory
 
 
 def _sft(args, run, info):
@@ -85,4 +86,5 @@ def run_stage(args, run, info: DistInfo) -> int:
     """Run `args.stage` (checked by check_stage) in the prepared run directory `run`."""
     if args.stage not in RUNNERS:
         raise ValueError(f"stage {args.stage!r} is not built yet (built: {', '.join(sorted(RUNNERS))})")
+    keep_freed_host_memory()  # activations are not faulted in afresh every step (runtime/host_memory.py)
     return RUNNERS[args.stage](args, run, info) or 0
