@@ -43,8 +43,9 @@ freed heap memory mostly stays in RSS: with the default, the peaks measured 1.18
 the checkpoint sft-2rank's RSS stayed 2.6 GB above the start, where 0.97 GB were still live. The
 children therefore run with MALLOC_MMAP_THRESHOLD_=65536 (a fixed threshold: every larger tensor has
 its own mapping, returned when freed), so that RSS follows the live tensors as a GPU's allocated
-bytes do; --default-malloc measures with glibc's defaults instead (allocator retention included,
-the CPU counterpart of the planner's GPU fragmentation margin).
+bytes do (a MALLOC_*_ variable also turns off train.py's own malloc tuning, runtime/host_memory.py);
+--default-malloc measures with glibc's defaults instead (allocator retention included, the CPU
+counterpart of the planner's GPU fragmentation margin; R1_HOST_MALLOC=system there).
 Measured (this 2-core machine, shared; about 15 minutes): planned / measured 0.976-1.052 for every
 rank, segment and peak (sft-2rank 1.052, sft-2rank-ac 1.050, grpo-1proc 0.994 with its rollout 0.987
 and reference pass 0.988, grpo-2rank-ac 1.006-1.015 with its rollout 0.976); --default-malloc: peaks
@@ -251,6 +252,8 @@ def measure(tmp: Path, cfg: dict, inputs: dict, default_malloc: bool = False) ->
     env.pop("TRITON_INTERPRET", None)
     if not default_malloc:   # see the module docstring: RSS then follows the live tensors
         env["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD)
+    else:                    # glibc's own defaults, not train.py's tuning (runtime/host_memory.py)
+        env["R1_HOST_MALLOC"] = "system"
     proc = subprocess.run([sys.executable, *cmd], cwd=ROOT, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{cfg['name']} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
