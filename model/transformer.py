@@ -36,6 +36,7 @@ from torch import nn
 
 from model.block import Block
 from model.cache import KVCache
+from model.paged_cache import PagedKVCache
 from model.config import ModelConfig
 from model.layers import RMSNorm
 from model.mtp import MTPLayer, mtp_loss
@@ -228,10 +229,11 @@ class Transformer(nn.Module):
         the cache, slots within the cache."""
         V = self.config.vocab_size
         B = input_ids.shape[0]
-        if slots is not None and slots.shape != (B,):
+        paged = isinstance(cache, PagedKVCache)   # its slots are block tables, checked by the cache
+        if slots is not None and not paged and slots.shape != (B,):
             raise ValueError(f"slots must be [B] = [{B}], got {tuple(slots.shape)}")
         extremes = [input_ids.min(), input_ids.max(), position_ids.min(), position_ids.max()]
-        if slots is not None:
+        if slots is not None and not paged:
             extremes += [slots.min(), slots.max()]
         lo, hi, pmin, pmax, *slot_span = torch.stack([e.long() for e in extremes]).tolist()
         if lo < 0 or hi >= V:
@@ -239,7 +241,9 @@ class Transformer(nn.Module):
                              f"(valid ids 0..{V - 1})")
         if pmin < 0:
             raise ValueError(f"position_ids must be ≥ 0, got {pmin}")
-        if cache is not None:
+        if paged:
+            cache.check_call(B, pmax, slots)
+        elif cache is not None:
             if pmax >= cache.max_seq_len:
                 raise ValueError(f"position {pmax} does not fit the cache (max_seq_len {cache.max_seq_len})")
             if slots is None and B > cache.max_batch_size:
