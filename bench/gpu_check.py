@@ -1118,6 +1118,18 @@ def _train_common(ctx: Context) -> list[str]:
             "--keep-last", "1", "--seed", "0"]
 
 
+def _run_problems(run: dict, figs: dict, steps: int) -> list[str]:
+    """What went wrong with a train.py run of a section: a timeout, an exit status, missing steps."""
+    problems = []
+    if run["timed_out"]:
+        problems.append(f"train.py timed out after {run['timeout_s']} s (the section's time left)")
+    elif run["rc"] != 0:
+        problems.append(f"train.py exited with status {run['rc']}")
+    if figs["steps_logged"] != steps:
+        problems.append(f"{figs['steps_logged']} of {steps} steps in metrics.jsonl")
+    return problems
+
+
 def _finish_run(ctx: Context, run_dir: Path) -> None:
     """Drop a run's checkpoints (GBs at 0.5B) once parsed, unless --keep-work."""
     import shutil
@@ -1140,13 +1152,7 @@ def section_sft(ctx: Context, deadline: Deadline) -> dict:
     peak, peak_note = peak_bf16_tflops(ctx.device_name)
     figs = sft_figures(rows, summary, a["config"], p["batch_size"], peak)
     _finish_run(ctx, run_dir)
-    problems = []
-    if run["timed_out"]:
-        problems.append(f"train.py timed out after {run['timeout_s']} s (the section's time left)")
-    elif run["rc"] != 0:
-        problems.append(f"train.py exited with status {run['rc']}")
-    if figs["steps_logged"] != p["steps"]:
-        problems.append(f"{figs['steps_logged']} of {p['steps']} steps in metrics.jsonl")
+    problems = _run_problems(run, figs, p["steps"])
     losses = [r.get("loss") for r in rows if "tokens_per_s" in r]
     if not all(_finite(x) for x in losses):
         problems.append("non-finite loss in metrics.jsonl")
@@ -1177,13 +1183,7 @@ def section_grpo(ctx: Context, deadline: Deadline) -> dict:
     peak, peak_note = peak_bf16_tflops(ctx.device_name)
     figs = grpo_figures(rows, a["config"], p["prompts_per_step"], p["group_size"], a["prompt_len_mean"], p["beta"], peak)
     _finish_run(ctx, run_dir)
-    problems = []
-    if run["timed_out"]:
-        problems.append(f"train.py timed out after {run['timeout_s']} s (the section's time left)")
-    elif run["rc"] != 0:
-        problems.append(f"train.py exited with status {run['rc']}")
-    if figs["steps_logged"] != p["steps"]:
-        problems.append(f"{figs['steps_logged']} of {p['steps']} steps in metrics.jsonl")
+    problems = _run_problems(run, figs, p["steps"])
     bad = [s["step"] for s in figs["per_step"] if not (_finite(s["loss"]) and _finite(s["grad_norm"]))]
     if bad:
         problems.append(f"non-finite loss or grad_norm at steps {bad}")

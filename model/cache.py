@@ -45,21 +45,12 @@ class KVCache:
         self.config = config
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         self.dtype, self.device = dtype, torch.device(device)
-        N, L = max_batch_size, max_seq_len
-        self.layers: list[tuple[torch.Tensor, ...]] = []
-        for _ in range(config.num_hidden_layers):
-            if config.is_mla:
-                width = config.kv_lora_rank + config.qk_rope_head_dim
-                self.layers.append((torch.zeros(N, L, width, dtype=dtype, device=device),))
-            else:
-                shape = (N, L, config.num_key_value_heads, config.head_dim)
-                self.layers.append((torch.zeros(shape, dtype=dtype, device=device),
-                                    torch.zeros(shape, dtype=dtype, device=device)))
+        self.layers = layer_buffers(config, (max_batch_size, max_seq_len), dtype, device)
 
     @property
     def bytes_per_token(self) -> int:
         """Bytes one position of one slot takes, summed over layers."""
-        return sum(t[0, 0].numel() * t.element_size() for layer in self.layers for t in layer)
+        return bytes_per_token(self.layers)
 
     @property
     def nbytes(self) -> int:
@@ -89,6 +80,22 @@ class KVCache:
             return CacheStep(self, torch.arange(B, device=position_ids.device), position_ids, attn_len, visible,
                              slice(0, B))
         return CacheStep(self, slots, position_ids, attn_len, visible, _consecutive(slots))
+
+
+def layer_buffers(config: ModelConfig, lead: tuple[int, int], dtype: torch.dtype,
+                  device: torch.device | str) -> list[tuple[torch.Tensor, ...]]:
+    """Zeroed per-layer cache buffers whose first two dims are `lead` ([N, L] slots x positions, or
+    [M, P] pages x positions): (k, v) [*lead, Hkv, Dh] for GQA, (kv,) [*lead, C + R] for MLA."""
+    if config.is_mla:
+        shapes = [(*lead, config.kv_lora_rank + config.qk_rope_head_dim)]
+    else:
+        shapes = [(*lead, config.num_key_value_heads, config.head_dim)] * 2
+    return [tuple(torch.zeros(s, dtype=dtype, device=device) for s in shapes) for _ in range(config.num_hidden_layers)]
+
+
+def bytes_per_token(layers: list[tuple[torch.Tensor, ...]]) -> int:
+    """Bytes one position takes in buffers laid out as layer_buffers makes them, summed over layers."""
+    return sum(t[0, 0].numel() * t.element_size() for layer in layers for t in layer)
 
 
 def _consecutive(slots: torch.Tensor) -> slice | None:

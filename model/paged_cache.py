@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
+from model.cache import bytes_per_token, layer_buffers
 from model.config import ModelConfig
 
 
@@ -118,19 +119,11 @@ class PagedKVCache:
         self.pool = PagePool(num_pages, page_size)
         self.page_size, self.max_seq_len, self.max_batch_size = page_size, max_seq_len, max_batch_size
         self.dtype, self.device = dtype, torch.device(device)
-        self.layers: list[tuple[torch.Tensor, ...]] = []
-        for _ in range(config.num_hidden_layers):
-            if config.is_mla:
-                width = config.kv_lora_rank + config.qk_rope_head_dim
-                self.layers.append((torch.zeros(num_pages, page_size, width, dtype=dtype, device=device),))
-            else:
-                shape = (num_pages, page_size, config.num_key_value_heads, config.head_dim)
-                self.layers.append((torch.zeros(shape, dtype=dtype, device=device),
-                                    torch.zeros(shape, dtype=dtype, device=device)))
+        self.layers = layer_buffers(config, (num_pages, page_size), dtype, device)
 
     @property
     def bytes_per_token(self) -> int:
-        return sum(t[0, 0].numel() * t.element_size() for layer in self.layers for t in layer)
+        return bytes_per_token(self.layers)
 
     @property
     def nbytes(self) -> int:
