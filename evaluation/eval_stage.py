@@ -247,13 +247,14 @@ def parse_ks(text: str | None, n: int) -> list[int]:
 def sample_and_score(rows: list[dict], tok, pool, *, n: int, sampler=None, model=None, max_batch_size: int = 64,
                      temperature: float = 0.6, top_p: float = 0.95, max_new_tokens: int = 4096,
                      template: str | None = None, seed: int = 0, indices: list[int] | None = None,
-                     where: str = "eval set") -> list[dict]:
+                     where: str = "eval set", engine: dict | None = None) -> list[dict]:
     """Per-sample records of rows: score_samples' fields + num_tokens, finish_reason.
 
     sampler: anything with generate(prompt_ids, [SamplingParams]) -> [[Completion]] (a scripted
     stand-in in tests); None builds a Sampler for `model` sized to these prompts and frees its
     cache afterwards. pool: a verify.pool.RewardPool. indices: the rows' positions in their set
-    (default 0..len-1; they pick the seeds). `where` names the set in errors.
+    (default 0..len-1; they pick the seeds). `where` names the set in errors. engine: more Sampler
+    keyword arguments (sampling.engine_options of the flags: the cache budget, the read interval).
     """
     if not rows:   # a rank whose share of a small set is empty
         return []
@@ -262,7 +263,7 @@ def sample_and_score(rows: list[dict], tok, pool, *, n: int, sampler=None, model
     if own:
         from sampling.sampler import Sampler
         sampler = Sampler(model, max_batch_size=max_batch_size, max_seq_len=max(map(len, prompts)) + max_new_tokens,
-                          tokenizer=tok, verbose=False)
+                          tokenizer=tok, verbose=False, **(engine or {}))
     try:
         outs = sample_completions(sampler, prompts, n=n, temperature=temperature, top_p=top_p,
                                   max_new_tokens=max_new_tokens, seed=seed,
@@ -336,6 +337,8 @@ def check_sampling_flags(args, prefix: str) -> None:
         raise ValueError(f"{flag}-n and {flag}-max-new-tokens must be >= 1, got {n} and {max_new}")
     if temperature < 0 or not 0 < top_p <= 1:
         raise ValueError(f"{flag}-temperature must be >= 0 and {flag}-top-p in (0, 1], got {temperature} and {top_p}")
+    from sampling.sampler import engine_options
+    engine_options(args)
     if args.reward_workers < 1 or not args.reward_timeout_s > 0:
         raise ValueError(f"--reward-workers must be >= 1 and --reward-timeout-s > 0, got {args.reward_workers} "
                          f"and {args.reward_timeout_s}")
@@ -379,6 +382,7 @@ def run_eval(args, run, info) -> int:
         rows = load_eval_set(name)
         sets[label] = rows[:args.eval_limit] if args.eval_limit else rows
 
+    from sampling.sampler import engine_options
     model, tok = load_model_and_tokenizer(args, info.device)
     template = template_source(args.chat_template)
     results, summary = {}, {}
@@ -390,7 +394,8 @@ def run_eval(args, run, info) -> int:
             records = sample_and_score([rows[i] for i in indices], tok, pool, n=args.eval_n, model=model,
                                        max_batch_size=args.sampler_batch_size, temperature=args.eval_temperature,
                                        top_p=args.eval_top_p, max_new_tokens=args.eval_max_new_tokens,
-                                       template=template, seed=args.seed, indices=indices, where=label)
+                                       template=template, seed=args.seed, indices=indices, where=label,
+                                       engine=engine_options(args))
             records = _gather(records, info)
             if info.rank != 0:
                 continue

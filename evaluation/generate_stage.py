@@ -323,7 +323,7 @@ def run_generate(args, run, info) -> int:
     from runtime.distributed import print0
     from runtime.metrics import MetricsWriter, Progress
     from runtime.rundir import write_json_atomic
-    from sampling.sampler import Sampler
+    from sampling.sampler import Sampler, engine_options
     from verify.pool import RewardPool
 
     check_flags(args, info.world_size)
@@ -350,7 +350,8 @@ def run_generate(args, run, info) -> int:
         model, tok = load_model_and_tokenizer(args, info.device)
         prompts = render_prompts(tok, conversations, template_source(args.chat_template))
         sampler = Sampler(model, max_batch_size=args.sampler_batch_size,
-                          max_seq_len=max(map(len, prompts)) + cfg.max_new_tokens, tokenizer=tok)
+                          max_seq_len=max(map(len, prompts)) + cfg.max_new_tokens, tokenizer=tok,
+                          **engine_options(args))
         metrics = MetricsWriter(run.path / "metrics.jsonl", resume_step=start if run.resumed else None)
         progress = Progress(len(rows), desc="generate", every_s=args.log_every_s, start=start, unit="prompt")
         t0 = time.perf_counter()

@@ -16,6 +16,11 @@ flash_attention, which runs its SDPA path there):
                     logp=None, ref_logp=None, kl_estimator="k3", is_weight=None)
         -> GRPOTokenLoss(loss, clipped_low, clipped_high, clipped_dual, kl), per token  kernels/grpo_loss.py
     rms_norm(x[..., D], weight[D], eps=1e-6) -> y[..., D]                         kernels/norm.py
+    paged_decode_attention(q[B, H, Dqk], k_pages[M, P, Hkv, Dqk], v_pages[M, P, Hkv, Dv] | None,
+                           block_tables[B, W], seq_lens[B], softmax_scale=None, v_dim=None)
+        -> o[B, H, Dv]: one query per row over its KV-cache pages read in place, split over long
+        contexts (v_pages None: MLA's latent pages, values their first v_dim channels)
+                                                                         kernels/paged_attention.py
 
 Each module holds, in order: jit kernels, launch configurations (kernels.tuning: a short autotune
 list per kernel for Hopper, used on CUDA; the first of it under the interpreter), host launchers,
@@ -33,5 +38,6 @@ from kernels.attention import flash_attention
 from kernels.grpo_loss import GRPOTokenLoss, grpo_token_loss
 from kernels.logprobs import token_logprobs
 from kernels.norm import rms_norm
+from kernels.paged_attention import paged_decode_attention
 
-__all__ = ["token_logprobs", "flash_attention", "grpo_token_loss", "GRPOTokenLoss", "rms_norm"]
+__all__ = ["token_logprobs", "flash_attention", "grpo_token_loss", "GRPOTokenLoss", "rms_norm", "paged_decode_attention"]

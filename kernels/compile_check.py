@@ -31,9 +31,9 @@ MAX_SHARED = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
 
 
 def all_specs() -> list[CompileSpec]:
-    from kernels import attention, grpo_loss, logprobs, norm
+    from kernels import attention, grpo_loss, logprobs, norm, paged_attention
     specs = []
-    for module in (norm, logprobs, grpo_loss, attention):
+    for module in (norm, logprobs, grpo_loss, attention, paged_attention):
         specs.extend(module.compile_specs())
     return specs
 

@@ -116,6 +116,9 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if step is None:
             o = causal_attention(q, k, v, self.scale, cu_seqlens, max_seqlen)  # [B, T, H, Dh]
+        elif step.decode_kernel:  # paged decode: attend over the pages in place
+            step.write(self.layer_idx, k, v)
+            o = step.attend(self.layer_idx, q, self.scale)
         else:
             k_all, v_all = step.update(self.layer_idx, k, v)              # [B, S, K, Dh] each
             o = masked_attention(q, k_all, v_all, step.visible, self.scale)
@@ -198,16 +201,20 @@ class MLA(nn.Module):
             return causal_attention(q, k, v, self.scale, cu_seqlens, max_seqlen)   # [B, T, H, Dv]
         return masked_attention(q, k, v, visible, self.scale)
 
-    def attend_absorbed(self, q_nope, q_pe, kv, visible) -> torch.Tensor:
+    def attend_absorbed(self, q_nope, q_pe, kv, visible, step=None) -> torch.Tensor:
         """Attention in latent space over cached keys kv [B, S, C + R] ([c_kv; k_pe]) with
-        visible [B, T, S] -> o [B, T, H, Dv]."""
+        visible [B, T, S] -> o [B, T, H, Dv]; or, given a paged decode `step` (kv and visible
+        None), over the latent pages in place (kernels.paged_decode_attention)."""
         H, C = self.n_heads, self.kv_lora_rank
         w = self.kv_b_proj.weight.view(H, self.nope_dim + self.v_dim, C)
         w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim:]                  # [H, Dn, C], [H, Dv, C]
         q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)                       # [B, T, H, C]
         q = torch.cat([q_lat, q_pe], dim=-1)                                       # [B, T, H, C + R]
-        kv = kv[:, :, None, :]                                                     # [B, S, 1, C + R]
-        o_lat = masked_attention(q, kv, kv[..., :C], visible, self.scale)          # [B, T, H, C]
+        if step is not None:
+            o_lat = step.attend(self.layer_idx, q, self.scale, v_dim=C)            # [B, 1, H, C]
+        else:
+            kv = kv[:, :, None, :]                                                 # [B, S, 1, C + R]
+            o_lat = masked_attention(q, kv, kv[..., :C], visible, self.scale)      # [B, T, H, C]
         return torch.einsum("bthc,hvc->bthv", o_lat, w_uv)                         # [B, T, H, Dv]
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -217,6 +224,9 @@ class MLA(nn.Module):
         q_nope, q_pe, c_kv, k_pe = self.project(x, cos, sin)
         if step is None:
             o = self.attend_naive(q_nope, q_pe, c_kv, k_pe, cu_seqlens, max_seqlen=max_seqlen)
+        elif step.decode_kernel:  # paged decode: absorbed attention over the latent pages in place
+            step.write(self.layer_idx, torch.cat([c_kv, k_pe], dim=-1))
+            o = self.attend_absorbed(q_nope, q_pe, None, None, step=step)
         else:
             (kv,) = step.update(self.layer_idx, torch.cat([c_kv, k_pe], dim=-1))  # [B, S, C + R]
             if T == 1:  # decode

@@ -124,6 +124,7 @@ class CacheStep:
     attn_len: int
     visible: torch.Tensor
     run: slice | None = None
+    decode_kernel: bool = False   # the slot cache always gathers or views (see PagedCacheStep)
 
     def update(self, layer_idx: int, *new: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Write this call's entries (each [B, T, ...]) into layer `layer_idx` and return that

@@ -26,9 +26,10 @@ from model.counts import block_params, count_params
 # ---- the planner ----------------------------------------------------------------------------
 
 GiB = 1 << 30
-# sampling.sampler.PREFILL_TOKENS: padded prompt tokens per batched prefill call. model/ sits below
+# sampling.engine.PREFILL_TOKENS: padded prompt tokens per batched prefill call. model/ sits below
 # sampling/ and cannot import it; tests/model/test_stats.py holds the two equal.
 PREFILL_TOKENS = 8192
+PAGE_SIZE = 16   # sampling.engine.PAGE_SIZE, held equal by the same test
 # "The rest" on a GPU: an allowance, not a computation (the planner's stated assumptions).
 GPU_OVERHEAD_GIB = 1.5   # CUDA context (~0.5 GiB), NCCL communicator buffers, cuBLAS/Triton workspaces
 GPU_MARGIN = 0.10        # caching-allocator fragmentation and stream-held blocks, share of the computed peak
@@ -341,8 +342,9 @@ def plan_memory(config: ModelConfig, s: PlanSettings) -> MemoryPlan:
             unsharded gradients and the fp32 reduce-scatter buffers).
     step    the gradients and AdamW's temporaries (foreach on GPU: one fp32 copy of the shards).
     rollout the whole model gathered in the compute dtype on every rank (model.parallel.gathered;
-            1/K of it with the --rollout-tp K what-if), the sampler's KV cache: rollout_batch slots x
-            (prompt + max_new_tokens + 1) positions (sampling/sampler.py, model/cache.py), and the
+            1/K of it with the --rollout-tp K what-if), the rollout engine's KV cache at its default
+            budget, rollout_batch x (prompt + max_new_tokens) positions in pages and a scratch page
+            (sampling/engine.py, model/paged_cache.py), and the
             prefill/decode working set; the cache is released before training, so this phase and
             the train phase never overlap, and gradients do not exist (set to None after each step).
     ref_pass (beta > 0) the reference gathered for its no-grad log-prob pass, with that pass's tensors.
@@ -440,10 +442,13 @@ def plan_memory(config: ModelConfig, s: PlanSettings) -> MemoryPlan:
                           f"gathered rollout weights: whole model {'bf16' if b == 2 else 'fp32'}{what_if}"
                           if fsdp else "gathered rollout weights: none (one unsharded process)"))
         kv_split = 1 if c.is_mla else min(K, c.num_key_value_heads)
-        positions = s.prompt_len + s.max_new_tokens + 1
+        # the rollout engine's default budget: rollout_batch x (prompt + max_new_tokens) positions in
+        # pages of PAGE_SIZE, and one scratch page (sampling/engine.py)
+        positions = (s.rollout_batch * (s.prompt_len + s.max_new_tokens) // PAGE_SIZE + 1) * PAGE_SIZE
         per_pos = kv_cache_bytes_per_token(c, b)
-        parts.append(Part("kv_cache", ("rollout",), s.rollout_batch * positions * per_pos // kv_split,
-                          f"KV cache: {s.rollout_batch} slots x {positions} positions x {per_pos / 1024:.1f} KiB"
+        parts.append(Part("kv_cache", ("rollout",), positions * per_pos // kv_split,
+                          f"KV cache: {s.rollout_batch} rows x {s.prompt_len + s.max_new_tokens} positions in pages "
+                          f"of {PAGE_SIZE} x {per_pos / 1024:.1f} KiB"
                           + (f" / {kv_split} (kv heads split)" if kv_split > 1 else "")))
         groups = -(-s.rollout_batch // s.group_size)     # a group's samples share one prefilled prompt
         Tp = max(s.prompt_len, min(PREFILL_TOKENS, groups * s.prompt_len))

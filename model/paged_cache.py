@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels.backend import use_triton
+from kernels.paged_attention import paged_decode_attention
 from model.cache import bytes_per_token, layer_buffers
 from model.config import ModelConfig
 
@@ -153,9 +155,9 @@ class PagedKVCache:
                              f"{None if slots is None else tuple(slots.shape)}")
         if B > self.max_batch_size:
             raise ValueError(f"batch {B} exceeds the cache's max_batch_size {self.max_batch_size}")
-        if max_position >= min(self.max_seq_len, slots.shape[1] * self.page_size):
+        if max_position >= slots.shape[1] * self.page_size:
             raise ValueError(f"position {max_position} does not fit the block tables ({slots.shape[1]} pages of "
-                             f"{self.page_size}) or max_seq_len {self.max_seq_len}")
+                             f"{self.page_size})")
         lo, hi = torch.stack([slots.min(), slots.max()]).tolist()
         if lo < 0 or hi >= self.pool.num_pages:
             raise ValueError(f"block tables span pages {lo}..{hi}; the pool has {self.pool.num_pages}")
@@ -168,7 +170,15 @@ class PagedKVCache:
             raise ValueError(f"attn_len {attn_len} is outside 1..{W * self.page_size} (the block tables' positions)")
         key_pos = torch.arange(attn_len, device=position_ids.device)
         visible = key_pos[None, None, :] <= position_ids[:, :, None]  # [B, T, S]
-        return PagedCacheStep(self, slots, position_ids, attn_len, visible)
+        kernel = position_ids.shape[1] == 1 and use_decode_kernel(position_ids)
+        return PagedCacheStep(self, slots, position_ids, attn_len, visible, kernel)
+
+
+def use_decode_kernel(position_ids: torch.Tensor) -> bool:
+    """Whether a decode step (one query per row) attends with kernels.paged_decode_attention, which
+    reads the pages in place, instead of gathering them (the torch path): where kernels.backend
+    picks Triton (CUDA tensors by default)."""
+    return use_triton(position_ids)
 
 
 @dataclass
@@ -181,19 +191,35 @@ class PagedCacheStep:
     position_ids: torch.Tensor
     attn_len: int
     visible: torch.Tensor
+    decode_kernel: bool = False   # attend with kernels.paged_decode_attention (write, then attend)
+
+    def write(self, layer_idx: int, *new: torch.Tensor) -> None:
+        """Write this call's entries (each [B, T, ...]) into their pages of layer `layer_idx`."""
+        P = self.cache.page_size
+        pages = self.tables.gather(1, self.position_ids // P)      # [B, T]
+        offsets = self.position_ids % P
+        for buf, x in zip(self.cache.layers[layer_idx], new):
+            buf[pages, offsets] = x.to(buf.dtype)
+
+    def attend(self, layer_idx: int, q: torch.Tensor, scale: float, v_dim: int | None = None) -> torch.Tensor:
+        """Decode attention over the pages in place (after `write`): q [B, 1, H, Dqk] -> [B, 1, H, Dv].
+        GQA layers read (k, v) pages; an MLA layer reads its one latent buffer [M, P, C + R] as keys
+        and its first v_dim = C channels as values."""
+        buffers = self.cache.layers[layer_idx]
+        k, v = (buffers[0], buffers[1]) if len(buffers) == 2 else (buffers[0], None)
+        o = paged_decode_attention(q[:, 0], k, v, self.tables, self.position_ids[:, 0] + 1, scale, v_dim)
+        return o[:, None]
 
     def update(self, layer_idx: int, *new: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Write this call's entries (each [B, T, ...]) into their pages of layer `layer_idx` and
         return each row's positions 0..attn_len-1 gathered from its pages, [B, S, ...] each."""
         buffers = self.cache.layers[layer_idx]
         assert len(new) == len(buffers), f"layer {layer_idx}: {len(new)} tensors for {len(buffers)} buffers"
-        P = self.cache.page_size
-        pages = self.tables.gather(1, self.position_ids // P)      # [B, T]
-        offsets = self.position_ids % P                            # [B, T]
+        self.write(layer_idx, *new)
         B, W = self.tables.shape
+        P = self.cache.page_size
         out = []
-        for buf, x in zip(buffers, new):
-            buf[pages, offsets] = x.to(buf.dtype)                  # scatter [B, T, ...]
+        for buf in buffers:
             rows = buf[self.tables]                                # [B, W, P, ...]
             out.append(rows.reshape(B, W * P, *buf.shape[2:])[:, : self.attn_len])
         return tuple(out)

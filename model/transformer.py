@@ -124,8 +124,13 @@ class Transformer(nn.Module):
                 cu_seqlens: torch.Tensor | None = None, cache: KVCache | None = None,
                 slots: torch.Tensor | None = None, attn_len: int | None = None,
                 return_hidden: bool = False, with_mtp_loss: bool = False,
-                target_mask: torch.Tensor | None = None, max_seqlen: int | None = None):
+                target_mask: torch.Tensor | None = None, max_seqlen: int | None = None,
+                check_inputs: bool = True):
         """input_ids [B, T] -> logits [B, T, V] in the model's dtype; arguments as forward_hidden.
+
+        check_inputs=False skips the input checks and their device sync (ids, positions and block
+        tables read on the host): for callers that built the inputs themselves, like the sampler's
+        decode loop, which must not wait on the device every step.
 
         return_hidden=True returns forward_hidden's h [B, T, D] instead (no [B, T, V] logits).
         with_mtp_loss=True returns (logits or h, (mtp_loss, metrics)) with the weighted MTP loss
@@ -133,7 +138,7 @@ class Transformer(nn.Module):
         whose root all-gathers its parameters (embedding, final norm, head, which the MTP modules
         share) around `forward` only, so a separate mtp_loss call may find them sharded.
         """
-        h = self._hidden(input_ids, position_ids, cu_seqlens, cache, slots, attn_len, max_seqlen)
+        h = self._hidden(input_ids, position_ids, cu_seqlens, cache, slots, attn_len, max_seqlen, check_inputs)
         out = h if return_hidden else self.lm_head(h)
         if not with_mtp_loss:
             return out
@@ -169,7 +174,8 @@ class Transformer(nn.Module):
         return self(input_ids, position_ids, cu_seqlens, cache, slots, attn_len, return_hidden=True,
                     max_seqlen=max_seqlen)
 
-    def _hidden(self, input_ids, position_ids, cu_seqlens, cache, slots, attn_len, max_seqlen=None) -> torch.Tensor:
+    def _hidden(self, input_ids, position_ids, cu_seqlens, cache, slots, attn_len, max_seqlen=None,
+                check_inputs=True) -> torch.Tensor:
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
         B, T = input_ids.shape
@@ -185,7 +191,7 @@ class Transformer(nn.Module):
             position_ids = self._default_positions(B, T, cu_seqlens, device)
         if position_ids.shape != input_ids.shape:
             raise ValueError(f"position_ids shape {tuple(position_ids.shape)} != input_ids shape {tuple(input_ids.shape)}")
-        if not torch.compiler.is_compiling():
+        if check_inputs and not torch.compiler.is_compiling():
             self._check_inputs(input_ids, position_ids, cache, slots)
 
         cos, sin = self.rope(position_ids)  # [B, T, R/2] each, fp32
@@ -254,6 +260,14 @@ class Transformer(nn.Module):
         self.rope.ensure(pmax + 1, input_ids.device)
 
     # ---- KV cache ---------------------------------------------------------------------------------
+    def make_paged_cache(self, num_pages: int, page_size: int, max_seq_len: int, max_batch_size: int,
+                         dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> PagedKVCache:
+        """A paged KV cache for this model (dtype/device default to the embedding's); see model/paged_cache.py."""
+        w = self.model.embed_tokens.weight
+        dtype, device = dtype or w.dtype, device or w.device
+        self.rope.ensure(max_seq_len, device)
+        return PagedKVCache(self.config, num_pages, page_size, max_seq_len, max_batch_size, dtype, device)
+
     def make_cache(self, max_batch_size: int, max_seq_len: int, dtype: torch.dtype | None = None,
                    device: torch.device | str | None = None) -> KVCache:
         """A static KV cache for this model (dtype/device default to the embedding's); see model/cache.py."""

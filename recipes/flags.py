@@ -213,7 +213,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "reward of --reward: accuracy, format, think_format, task, arithmetic, countdown, code)")
     g.add_argument("--max-per-prompt", type=int, default=0, help="keep at most this many completions per prompt "
                    "(0: no cap); a prompt's identical completions are kept at most once")
-    g.add_argument("--sampler-batch-size", type=int, default=64, help="sequences decoded at once (KV cache slots)")
+    g.add_argument("--sampler-batch-size", type=int, default=64, help="sequences decoded at once (rows of a decode step)")
+    g.add_argument("--sampler-cache-tokens", type=int, default=None,
+                   help="KV cache budget of the rollout engine in tokens (pages of 16 positions); a sequence holds "
+                   "pages only for what it has written and a prompt's samples share its pages (default: "
+                   "--sampler-batch-size x the longest prompt + max new tokens)")
+    g.add_argument("--sampler-cache-gib", type=float, default=None,
+                   help="the KV cache budget in GiB instead of tokens")
+    g.add_argument("--sampler-sync-every", type=int, default=None,
+                   help="decode steps the device runs between host reads of the sampled tokens "
+                   "(default: 4 on CPU, 8 on CUDA)")
     g.add_argument("--reward-workers", type=int, default=2, help="reward scoring processes")
     g.add_argument("--reward-timeout-s", type=float, default=30.0,
                    help="seconds one scoring item may take before it counts as wrong (a code sandbox run needs "

@@ -48,7 +48,7 @@ from runtime.metrics import MetricsWriter, Progress
 from runtime.optim import build_optimizer, check_training_flags, lr_schedule
 from runtime.rundir import check_rank_multiple, update_run_config, write_json_atomic
 from runtime.train_step import NonFiniteGuard, optimizer_step
-from sampling.sampler import Sampler, SamplingParams
+from sampling.sampler import Sampler, SamplingParams, engine_options
 
 
 # ---- log-probs of completions -----------------------------------------------------------------------
@@ -179,6 +179,7 @@ def check_flags(args, world_size: int) -> list[str]:
          f"holds per step (--prompts-per-step / ranks x --group-size)")
     need(args.micro_batch_tokens >= 1, f"--micro-batch-tokens {args.micro_batch_tokens}: expected >= 1")
     need(args.sampler_batch_size >= 1, f"--sampler-batch-size {args.sampler_batch_size}: expected >= 1")
+    engine_options(args)
     need(args.max_sampling_tries >= 1, f"--max-sampling-tries {args.max_sampling_tries}: expected >= 1")
     need(args.ref_refresh_every >= 0, f"--ref-refresh-every {args.ref_refresh_every}: expected >= 0 (0: never)")
     need(args.reward_workers >= 0 and args.reward_timeout_s > 0,
@@ -298,7 +299,7 @@ def train_grpo(args, run, info) -> int:
                 longest_prompt = max(longest_prompt, need)
                 sampler = Sampler(model, max_batch_size=args.sampler_batch_size,
                                   max_seq_len=longest_prompt + args.max_new_tokens, tokenizer=tok,
-                                  verbose=info.rank == 0 and sampler is None)
+                                  verbose=info.rank == 0 and sampler is None, **engine_options(args))
             tg = time.perf_counter()
             with gathered(model):
                 part = generate_rollouts(sampler, tok, chunk, group_size=args.group_size, params=params,

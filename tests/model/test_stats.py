@@ -328,8 +328,11 @@ def test_bad_flags_are_named(tmp_path, capsys):
 
 
 def test_prefill_budget_is_the_samplers():
-    from sampling.sampler import PREFILL_TOKENS as sampler_budget   # model/ cannot import sampling/
+    from model.memory_plan import PAGE_SIZE
+    from sampling.engine import PAGE_SIZE as engine_page_size
+    from sampling.engine import PREFILL_TOKENS as sampler_budget   # model/ cannot import sampling/
     assert PREFILL_TOKENS == sampler_budget
+    assert PAGE_SIZE == engine_page_size
 
 
 README = Path(__file__).resolve().parents[2] / "README.md"

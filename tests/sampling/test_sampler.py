@@ -105,17 +105,16 @@ class FixedLogitsModel(torch.nn.Module):
         self.lm_head = torch.nn.Linear(1, len(logits), bias=False)
         self.lm_head.weight.data.copy_(logits[:, None])
         self.lm_head.requires_grad_(False)
+        self.config = type("Config", (), {"vocab_size": len(logits), "eos_token_ids": []})()
 
-    class _Cache:
-        bytes_per_token = 4
+    def make_paged_cache(self, num_pages, page_size, max_seq_len, max_batch_size, dtype=None, device=None):
+        from model.paged_cache import PagePool
+        cache = type("Cache", (), {"bytes_per_token": 4, "apply_copies": lambda self: None})()
+        cache.pool = PagePool(num_pages, page_size)
+        return cache
 
-        def copy_slots(self, src, dst, length):
-            pass
-
-    def make_cache(self, max_batch_size, max_seq_len, dtype=None, device=None):
-        return self._Cache()
-
-    def forward(self, ids, position_ids=None, cache=None, slots=None, attn_len=None, return_hidden=False):
+    def forward(self, ids, position_ids=None, cache=None, slots=None, attn_len=None, return_hidden=False,
+                check_inputs=True):
         h = torch.ones(ids.shape[0], ids.shape[1], 1)
         return h if return_hidden else self.lm_head(h)
 
@@ -180,13 +179,13 @@ def test_shared_prefill_counts_each_prompt_once(pair):
 def test_batched_prefill_equals_one_prompt_at_a_time(pair, monkeypatch):
     """Prompts of lengths 1-13 prefilled as right-padded rows of one forward give the same greedy
     tokens and logprobs as prefilling each prompt alone (calls of one row: PREFILL_TOKENS = 1)."""
-    import sampling.sampler as sampler_mod
+    import sampling.engine as engine_mod
     name, _, ours = pair
     params = SamplingParams(temperature=0, max_new_tokens=12, stop_token_ids=[])
     s = Sampler(ours, max_batch_size=8, max_seq_len=64, verbose=False)
     batched = s.generate(PROMPTS, params)
     assert s.stats.prefill_calls == 1
-    monkeypatch.setattr(sampler_mod, "PREFILL_TOKENS", 1)
+    monkeypatch.setattr(engine_mod, "PREFILL_TOKENS", 1)
     s = Sampler(ours, max_batch_size=8, max_seq_len=64, verbose=False)
     alone = s.generate(PROMPTS, params)
     assert s.stats.prefill_calls == len(PROMPTS)
@@ -224,7 +223,8 @@ def test_stop_tokens_kept_and_finish_reason(pair):
 def test_cache_memory_reported_and_released(pair, capsys):
     _, _, ours = pair
     s = Sampler(ours, max_batch_size=3, max_seq_len=40)
-    assert s.cache_bytes == 3 * 41 * s.bytes_per_token
+    # 3 x 40 tokens in pages of 16 (7 pages), and the scratch page
+    assert s.cache_bytes == (3 * 40 // 16 + 1) * 16 * s.bytes_per_token
     assert f"{s.cache_bytes / 2**20:.1f} MiB" in capsys.readouterr().out
     s.generate([[1, 2]], SamplingParams(max_new_tokens=2, seed=0))
     assert s.cache is not None
