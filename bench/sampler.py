@@ -168,21 +168,23 @@ def section_steps(ours, hf, prompt, args) -> dict:
     floors = {B: GemmFloor(ours, B) for B in batches}
     fwds = {B: cached_forward(ours, B, args.steps) for B in batches}
     samplers = {B: Sampler(ours, max_batch_size=B, max_seq_len=max_len, verbose=False) for B in batches}
-    compiled = {}
-    if args.compile:
-        for B in batches:
-            s = Sampler(ours, max_batch_size=B, max_seq_len=max_len, compile=True, verbose=False)
-            t0 = time.perf_counter()
-            ours_generate(s, prompt, B, 2, seed=0)  # compiles
-            print(f"compile B={B}: {time.perf_counter() - t0:.1f} s", flush=True)
-            compiled[B] = s
+    eager = {B: Sampler(ours, max_batch_size=B, max_seq_len=max_len, compile=False, verbose=False) for B in batches}
+    eager1 = {B: Sampler(ours, max_batch_size=B, max_seq_len=max_len, compile=False, sync_every=1, verbose=False)
+              for B in batches}
+    for B in batches:
+        t0 = time.perf_counter()
+        ours_generate(samplers[B], prompt, B, args.steps, seed=0)  # compiles, when the default compiles
+        print(f"warm-up B={B} (default configuration, compile={samplers[B].engine.compile}): "
+              f"{time.perf_counter() - t0:.1f} s", flush=True)
     # warm-up: every variant once
     for B in batches:
         floors[B].step()
         fwds[B]()
-        ours_generate(samplers[B], prompt, B, 2, seed=0)
+        ours_generate(eager[B], prompt, B, 2, seed=0)
+        ours_generate(eager1[B], prompt, B, 2, seed=0)
         hf_generate(hf, prompt, B, 2)
-    rec = {B: {k: [] for k in ("floor", "forward", "ours", "compiled", "prefill", "e2e", "hf")} for B in batches}
+    rec = {B: {k: [] for k in ("floor", "forward", "ours", "eager", "eager1", "prefill", "e2e", "hf")}
+           for B in batches}
     for r in range(args.rounds):
         for B in batches:
             x = rec[B]
@@ -192,8 +194,8 @@ def section_steps(ours, hf, prompt, args) -> dict:
             x["ours"].append(o["step_s"])
             x["prefill"].append(o["prefill_tok_s"])
             x["e2e"].append(o["e2e_tok_s"])
-            if B in compiled:
-                x["compiled"].append(ours_generate(compiled[B], prompt, B, args.steps, seed=r)["step_s"])
+            x["eager"].append(ours_generate(eager[B], prompt, B, args.steps, seed=r)["step_s"])
+            x["eager1"].append(ours_generate(eager1[B], prompt, B, args.steps, seed=r)["step_s"])
             x["hf"].append(B * args.steps / hf_generate(hf, prompt, B, args.steps))
         print(f"round {r + 1}/{args.rounds} done, load {os.getloadavg()[0]:.1f}", flush=True)
     med = {B: {k: statistics.median(v) for k, v in x.items() if v} for B, x in rec.items()}
@@ -226,6 +228,9 @@ def section_grpo(ours, hf, args) -> dict:
         assert out.shape == (64, PROMPT_LEN + longest)
         return time.perf_counter() - t0
 
+    t0 = time.perf_counter()
+    run_ours(99)   # warm-up: compiles the batch buckets the workload passes through (default configuration)
+    print(f"grpo warm-up: {time.perf_counter() - t0:.1f} s", flush=True)
     times = {"ours": [], "hf": []}
     for r in range(args.grpo_rounds):
         times["ours"].append(run_ours(r))
@@ -238,13 +243,52 @@ def section_grpo(ours, hf, args) -> dict:
             "ours_tok_s": 8 * sum(lengths) / ours_s, "decode_steps": sampler.stats.decode_steps}
 
 
+def section_capacity(ours) -> dict:
+    """Section 5: 64 prompts x 8 samples, max_new_tokens per prompt uniform in 8..128, at one cache
+    budget: what slots of max_seq_len would hold for 32 rows (32 x 192 = 6144 positions). The slot
+    cache decodes at most 32 rows at once; the engine admits rows as long as pages remain (rows cap
+    512), shares each prompt's pages among its samples and preempts when the pages run out."""
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, CONFIG["vocab_size"], (PROMPT_LEN,), generator=g).tolist() for _ in range(64)]
+    lengths = torch.randint(8, 129, (64,), generator=g).tolist()
+    max_len, slots = PROMPT_LEN + 128, 32
+    budget = slots * max_len
+    sampler = Sampler(ours, max_batch_size=512, max_seq_len=max_len, cache_tokens=budget, compile=False,
+                      verbose=False)
+    params = [SamplingParams(n=8, temperature=1.0, max_new_tokens=L, stop_token_ids=[], seed=i)
+              for i, L in enumerate(lengths)]
+    t0 = time.perf_counter()
+    outs = sampler.generate(prompts, params)
+    wall = time.perf_counter() - t0
+    assert [len(c.token_ids) for o in outs for c in o] == [L for L in lengths for _ in range(8)]
+    st = sampler.stats
+    # the slot cache at the same budget: 32 rows, continuous batching; its mean rows in flight
+    # follow from the same lengths (rows refill as samples finish, FIFO)
+    queue = [L for L in lengths for _ in range(8)]
+    running, steps, row_steps = [], 0, 0
+    while queue or running:
+        while queue and len(running) < slots:
+            running.append(queue.pop(0) - 1)   # the first token comes from the prefill
+        running = [r for r in running if r > 0]
+        if running:
+            steps += 1
+            row_steps += len(running)
+            running = [r - 1 for r in running]
+    return {"budget_tokens": budget, "slot_rows": slots, "slot_mean_rows": row_steps / steps,
+            "peak_rows": st.peak_rows, "mean_rows": st.mean_rows, "peak_pages": st.peak_pages,
+            "pages": sampler.engine.num_pages, "prefill_tokens": st.prefill_tokens,
+            "prompt_tokens": 64 * PROMPT_LEN, "preemptions": st.preemptions, "decode_steps": st.decode_steps,
+            "shared_pages": st.shared_pages, "wall_s": wall, "sampled_tokens": st.generated_tokens,
+            "rows_ratio": st.mean_rows / (row_steps / steps)}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=32, help="decode steps per timed generate")
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--grpo-rounds", type=int, default=2, help="0 skips section 4")
-    ap.add_argument("--compile", action="store_true", help="also time Sampler(compile=True)")
+    ap.add_argument("--capacity", type=int, default=1, help="0 skips section 5")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -262,13 +306,13 @@ def main():
 
     med = section_steps(ours, hf, prompt, args)
     grpo = section_grpo(ours, hf, args) if args.grpo_rounds > 0 else None
+    cap = section_capacity(ours) if args.capacity else None
     load_after = os.getloadavg()
 
     print(f"\n1-3. decode step (median of {args.rounds} rounds x {args.steps} steps; positions {PROMPT_LEN}.."
           f"{PROMPT_LEN + args.steps}); tokens/s end to end include the prefill")
-    head = f"{'B':>3} {'floor ms':>9} {'forward ms':>10} {'ours ms':>8} {'ours/floor':>10}"
-    if args.compile:
-        head += f" {'compiled ms':>11}"
+    head = (f"{'B':>3} {'floor ms':>9} {'forward ms':>10} {'ours ms':>8} {'ours/floor':>10} {'eager/floor':>11} "
+            f"{'sync1/floor':>11}")
     head += f" {'decode tok/s':>12} {'prefill tok/s':>13} {'ours e2e tok/s':>14} {'HF tok/s':>9} {'ours/HF':>7}"
     print(head)
     result = {"bench": "sampler", "params_m": round(n_params / 1e6, 2), "threads": torch.get_num_threads(),
@@ -276,18 +320,16 @@ def main():
               "load_before": round(load_before[0], 2), "logits_max_diff": diff, "batches": {}}
     for B, m in med.items():
         row = (f"{B:>3} {m['floor'] * 1e3:>9.1f} {m['forward'] * 1e3:>10.1f} {m['ours'] * 1e3:>8.1f} "
-               f"{m['ours'] / m['floor']:>10.2f}")
-        if args.compile:
-            row += f" {m['compiled'] * 1e3:>11.1f}"
+               f"{m['ours'] / m['floor']:>10.2f} {m['eager'] / m['floor']:>11.2f} {m['eager1'] / m['floor']:>11.2f}")
         row += (f" {B / m['ours']:>12.1f} {m['prefill']:>13.0f} {m['e2e']:>14.1f} {m['hf']:>9.1f} "
                 f"{m['e2e'] / m['hf']:>7.2f}")
         print(row)
         entry = {"floor_ms": m["floor"] * 1e3, "forward_ms": m["forward"] * 1e3, "ours_ms": m["ours"] * 1e3,
                  "ratio_to_floor": m["ours"] / m["floor"], "decode_tok_s": B / m["ours"],
                  "prefill_tok_s": m["prefill"], "ours_e2e_tok_s": m["e2e"], "hf_tok_s": m["hf"],
-                 "ours_over_hf": m["e2e"] / m["hf"]}
-        if args.compile:
-            entry["compiled_ms"] = m["compiled"] * 1e3
+                 "ours_over_hf": m["e2e"] / m["hf"], "eager_ms": m["eager"] * 1e3,
+                 "eager_ratio_to_floor": m["eager"] / m["floor"], "eager_sync1_ms": m["eager1"] * 1e3,
+                 "eager_sync1_ratio_to_floor": m["eager1"] / m["floor"]}
         result["batches"][B] = {k: round(v, 3) for k, v in entry.items()}
     if grpo is not None:
         print(f"\n4. GRPO shape: 8 prompts x 8 samples, max_new_tokens per prompt {grpo['lengths']}")
@@ -295,8 +337,18 @@ def main():
               f"{grpo['ours_s']:.2f} s ({grpo['ours_tok_s']:.1f} tok/s)")
         print(f"   transformers (TRL-style, 64 padded rows to {max(grpo['lengths'])} tokens, {grpo['hf_tokens']} "
               f"tokens): {grpo['hf_s']:.2f} s")
-        print(f"   speedup {grpo['speedup']:.2f}x (goal >= 2)")
+        print(f"   speedup {grpo['speedup']:.2f}x (goal >= 2.5)")
         result["grpo"] = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in grpo.items()}
+    if cap is not None:
+        print(f"\n5. capacity: 64 prompts x 8 samples, max_new_tokens U[8, 128], cache budget {cap['budget_tokens']} "
+              f"tokens ({cap['pages']} pages of 16; slots of {PROMPT_LEN + 128} would hold {cap['slot_rows']} rows)")
+        print(f"   rows in flight: engine mean {cap['mean_rows']:.1f}, peak {cap['peak_rows']}; slot cache mean "
+              f"{cap['slot_mean_rows']:.1f}, at most {cap['slot_rows']}: {cap['rows_ratio']:.2f}x (goal >= 2)")
+        print(f"   pages used at peak {cap['peak_pages']} of {cap['pages']}; pages shared by forks {cap['shared_pages']}; "
+              f"prefill tokens {cap['prefill_tokens']} (prompts {cap['prompt_tokens']}; the rest recompute "
+              f"preempted sequences: {cap['preemptions']} preemptions); {cap['decode_steps']} decode steps, "
+              f"{cap['sampled_tokens']} tokens in {cap['wall_s']:.1f} s")
+        result["capacity"] = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in cap.items()}
     result["load_after"] = round(load_after[0], 2)
     result["wall_s"] = round(time.perf_counter() - t_start, 1)
     print(f"\nload average after: {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}; "

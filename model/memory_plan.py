@@ -444,7 +444,7 @@ def plan_memory(config: ModelConfig, s: PlanSettings) -> MemoryPlan:
         kv_split = 1 if c.is_mla else min(K, c.num_key_value_heads)
         # the rollout engine's default budget: rollout_batch x (prompt + max_new_tokens) positions in
         # pages of PAGE_SIZE, and one scratch page (sampling/engine.py)
-        positions = (s.rollout_batch * (s.prompt_len + s.max_new_tokens) // PAGE_SIZE + 1) * PAGE_SIZE
+        positions = (-(-s.rollout_batch * (s.prompt_len + s.max_new_tokens) // PAGE_SIZE) + 1) * PAGE_SIZE
         per_pos = kv_cache_bytes_per_token(c, b)
         parts.append(Part("kv_cache", ("rollout",), positions * per_pos // kv_split,
                           f"KV cache: {s.rollout_batch} rows x {s.prompt_len + s.max_new_tokens} positions in pages "

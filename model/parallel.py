@@ -137,22 +137,27 @@ def apply_compile(model: nn.Module) -> nn.Module:
     return model
 
 
-def decode_view(model: nn.Module) -> nn.Module:
+def decode_view(model: nn.Module, reuse: nn.Module | None = None) -> nn.Module:
     """The model as plain modules over its current parameters: for an FSDP2 model inside
     `gathered(model)`, a module tree of the model's own class (built on the meta device, so it
     allocates nothing) whose parameters and buffers are the gathered, unsharded tensors, with no
     FSDP hooks and no compile or checkpoint wrappers on its blocks: the sampler's decode step runs
     thousands of small forwards, each of which would otherwise pass every module's hooks. Use it
     only inside the context (the tensors are freed when it exits). A model that is not sharded is
-    returned as it is."""
+    returned as it is. `reuse`, a view made before, gets the current tensors instead of a new tree
+    being built: the same module object every rollout, so a compiled decode step keyed on it
+    (sampling/engine.py) is not traced again."""
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
 
     if not _fsdp_modules(model):
         return model
     cls = next(c for c in type(model).__mro__ if issubclass(c, nn.Module) and not issubclass(c, FSDPModule))
-    with torch.device("meta"):
-        view = cls(model.config)
+    if reuse is not None and type(reuse) is cls and reuse is not model:
+        view = reuse
+    else:
+        with torch.device("meta"):
+            view = cls(model.config)
     for name, module in view.named_modules():
         src = model.get_submodule(name)
         for kind in ("_parameters", "_buffers"):

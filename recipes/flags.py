@@ -223,6 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sampler-sync-every", type=int, default=None,
                    help="decode steps the device runs between host reads of the sampled tokens "
                    "(default: 4 on CPU, 8 on CUDA)")
+    g.add_argument("--sampler-compile", choices=("auto", "on", "off"), default="auto",
+                   help="torch.compile the rollout engine's decode step, one graph per batch and table-width "
+                   "bucket; auto: on the CPU for models at least 512 wide (measured to win there), off on CUDA "
+                   "until the GPU check has measured it")
     g.add_argument("--reward-workers", type=int, default=2, help="reward scoring processes")
     g.add_argument("--reward-timeout-s", type=float, default=30.0,
                    help="seconds one scoring item may take before it counts as wrong (a code sandbox run needs "

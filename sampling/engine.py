@@ -41,7 +41,8 @@ back: the sequence's position returns to the stop, and the stale cache entries p
 visible, since a query sees positions up to its own), and turns them into events. The pages of a
 window are allocated before it starts, so a window never allocates.
 
-Compiled decode (`compile=True`): the step (forward + draw + stop detection) is torch.compile'd
+Compiled decode (`compile=True`; the default None compiles where compile_by_default says it was
+measured to win): the step (forward + draw + stop detection) is torch.compile'd
 with fixed shapes per bucket: the batch padded to a power of two with scratch rows, the block tables
 to a power-of-two width, attention over the whole width (positions beyond a row's own are masked),
 so a run compiles one graph per (batch bucket, width bucket).
@@ -120,7 +121,7 @@ class _Seq:
 class Engine:
     def __init__(self, model, max_batch_size: int, max_seq_len: int, tokenizer=None, dtype=None,
                  cache_tokens: int | None = None, page_size: int = PAGE_SIZE, sync_every: int | None = None,
-                 static: bool = False, compile: bool = False, cache_gib: float | None = None):
+                 static: bool = False, compile: bool | None = None, cache_gib: float | None = None):
         if max_batch_size < 1 or max_seq_len < 1:
             raise ValueError(f"Engine: max_batch_size and max_seq_len must be >= 1, got {max_batch_size}, "
                              f"{max_seq_len}")
@@ -145,12 +146,14 @@ class Engine:
         if self.cache_tokens < page_size:
             raise ValueError(f"Engine: the cache budget of {self.cache_tokens} tokens is less than one page "
                              f"({page_size} positions)")
-        self.num_pages = self.cache_tokens // page_size           # usable pages; +1 scratch page
+        self.num_pages = -(-self.cache_tokens // page_size)       # usable pages (rounded up); +1 scratch page
         self.cache_bytes = (self.num_pages + 1) * page_size * self.bytes_per_token
         eos = getattr(model.config, "eos_token_ids", []) or []
         if not eos and tokenizer is not None and getattr(tokenizer, "eos_id", None) is not None:
             eos = [tokenizer.eos_id]
         self.default_stop_ids = list(eos)
+        if compile is None:
+            compile = compile_by_default(model.config, self.device)
         self.compile, self.static = compile, static or compile
         # the MoE dispatch reads its per-expert counts on the host (model/moe.py): a graph break there
         fullgraph = not getattr(model.config, "n_routed_experts", 0)
@@ -379,7 +382,10 @@ class Engine:
             else:
                 need = pool.pages_for(s.length + self.sync_every) - len(pool.tables.get(s.id, ()))
                 src = None
-            if need > free and (admitted or self.running):
+            # headroom: one free page for every row in flight after this one, for the pages their
+            # decode windows will ask for (otherwise admission runs ahead and preemption recomputes)
+            rows = len(self.running) + len(admitted)
+            if need + rows > free and rows:
                 break   # wait for pages to be freed (the first sequence is always let in: it fits alone)
             self.waiting.popleft()
             free -= need
@@ -607,6 +613,14 @@ class Engine:
         ids = torch.where(live, tok, ids)
         pos = pos + live.long()
         return ids, pos, counter, done | (live & hit), tok, lp
+
+
+def compile_by_default(config, device: torch.device) -> bool:
+    """compile=None (auto): the compiled decode step on the CPU for models at least 512 wide, where
+    bench/sampler.py measured it to win (a 100M Qwen2, 768 wide: about 0.75-0.85x the eager step
+    at batch 1, 8 and 32, for a warm-up of about 30 s per batch bucket from a cold cache; tiny
+    models would pay the warm-up for nothing). Off on CUDA until bench/gpu_check.sh measures it."""
+    return device.type == "cpu" and getattr(config, "hidden_size", 0) >= 512
 
 
 _PAD_PARAMS = SamplingParams(temperature=0.0)   # the rows padding a compiled step's batch

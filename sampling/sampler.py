@@ -41,9 +41,11 @@ __all__ = ["Sampler", "SamplingParams", "Completion", "SamplerStats", "engine_op
 
 
 def engine_options(args) -> dict:
-    """Sampler keyword arguments from the --sampler-cache-tokens, --sampler-cache-gib and
-    --sampler-sync-every flags (unset: the engine's defaults), checked: ValueError naming the flag."""
-    tokens, gib, sync = (getattr(args, f"sampler_{k}", None) for k in ("cache_tokens", "cache_gib", "sync_every"))
+    """Sampler keyword arguments from the --sampler-cache-tokens, --sampler-cache-gib,
+    --sampler-sync-every and --sampler-compile flags (unset: the engine's defaults), checked:
+    ValueError naming the flag."""
+    tokens, gib, sync, comp = (getattr(args, f"sampler_{k}", None)
+                               for k in ("cache_tokens", "cache_gib", "sync_every", "compile"))
     if tokens is not None and gib is not None:
         raise ValueError("give the KV cache budget as --sampler-cache-tokens or --sampler-cache-gib, not both")
     if tokens is not None and tokens < PAGE_SIZE:
@@ -52,12 +54,15 @@ def engine_options(args) -> dict:
         raise ValueError(f"--sampler-cache-gib {gib}: expected > 0")
     if sync is not None and sync < 1:
         raise ValueError(f"--sampler-sync-every {sync}: expected >= 1")
-    return dict(cache_tokens=tokens, cache_gib=gib, sync_every=sync)
+    if comp not in (None, "auto", "on", "off"):
+        raise ValueError(f"--sampler-compile {comp!r}: expected auto, on or off")
+    return dict(cache_tokens=tokens, cache_gib=gib, sync_every=sync,
+                compile={"on": True, "off": False}.get(comp))
 
 
 class Sampler:
     def __init__(self, model, max_batch_size: int, max_seq_len: int, tokenizer=None, dtype=None,
-                 static: bool = False, compile: bool = False, verbose: bool = True,
+                 static: bool = False, compile: bool | None = None, verbose: bool = True,
                  cache_tokens: int | None = None, page_size: int = PAGE_SIZE, sync_every: int | None = None,
                  cache_gib: float | None = None):
         self.model = model
@@ -66,6 +71,7 @@ class Sampler:
                              cache_tokens=cache_tokens, page_size=page_size, sync_every=sync_every,
                              static=static, compile=compile, cache_gib=cache_gib)
         self.bytes_per_token, self.cache_bytes = self.engine.bytes_per_token, self.engine.cache_bytes
+        self._view = None
         if verbose:
             e = self.engine
             print(f"sampler: KV cache {e.num_pages} pages x {page_size} positions ({e.cache_tokens} tokens, rows of "
@@ -104,7 +110,7 @@ class Sampler:
         was_training = self.model.training
         self.model.eval()
         engine = self.engine
-        engine.forward_model = decode_view(self.model)
+        self._view = engine.forward_model = decode_view(self.model, self._view)
         try:
             seqs = [engine.add(p, sp) for p, sp in zip(prompts, params)]
             where = {s: (i, j) for i, ids in enumerate(seqs) for j, s in enumerate(ids)}

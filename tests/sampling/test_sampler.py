@@ -223,8 +223,8 @@ def test_stop_tokens_kept_and_finish_reason(pair):
 def test_cache_memory_reported_and_released(pair, capsys):
     _, _, ours = pair
     s = Sampler(ours, max_batch_size=3, max_seq_len=40)
-    # 3 x 40 tokens in pages of 16 (7 pages), and the scratch page
-    assert s.cache_bytes == (3 * 40 // 16 + 1) * 16 * s.bytes_per_token
+    # 3 x 40 tokens in pages of 16 (8 pages, rounded up), and the scratch page
+    assert s.cache_bytes == (8 + 1) * 16 * s.bytes_per_token
     assert f"{s.cache_bytes / 2**20:.1f} MiB" in capsys.readouterr().out
     s.generate([[1, 2]], SamplingParams(max_new_tokens=2, seed=0))
     assert s.cache is not None
