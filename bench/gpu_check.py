@@ -45,6 +45,10 @@ started by its deadline is listed as skipped and fails the section. A watchdog e
    rel_l2 = ||a - r|| / ||r||; a case passes when every output is finite with rel_l2 and max_rel
    within TOLERANCES[dtype] (bf16 looser than fp16: 8 against 11 mantissa bits), and the clip
    indicators agree on all but INDICATOR_MISMATCH_FRACTION of the tokens.
+   paged_decode_attention (the rollout engine's decode attention over KV-cache pages, split-K):
+   GQA d128 (32 query / 8 kv heads, pages of 16, rows of 1..8192 positions) and MLA's latent pages
+   (576 wide, values its first 512, pages of 64, rows up to 4096), block tables shuffled with rows
+   sharing their first pages: o.
 2. kernel_speed (30 s): forward and forward + backward, CUDA-event timing, median of 10 runs after
    3 warm-up runs, bf16 (grpo_token_loss fp32, as the RL loop feeds it): ours (Triton) beside
    flash-attn (FA3's flash_attn_interface if importable, else FA2's flash_attn; imported lazily),
@@ -167,6 +171,7 @@ class Profile:
     attn_cases: tuple
     norm_cases: tuple         # (name, shape)
     grpo_cases: tuple         # (name, [B, T], every option on)
+    paged_cases: tuple        # (name, dict(B, H, Hkv, D, Dv, P, max_len)); Dv None: MLA latent pages, values C wide
     speed_dtype: str
     speed_attn: tuple
     speed_logprobs: tuple     # (N, D, V)
@@ -200,6 +205,8 @@ GPU = Profile(
                 ("bottom_right_gqa_d128", dict(B=2, T=128, S=2048, H=16, Hkv=2, dqk=128, dv=128))),
     norm_cases=(("hidden_3584", (4, 1024, 3584)),),
     grpo_cases=(("all_options", (256, 2048), True), ("plain", (64, 1024), False)),
+    paged_cases=(("gqa_d128", dict(B=16, H=32, Hkv=8, D=128, Dv=128, P=16, max_len=8192)),
+                 ("mla_576_512", dict(B=8, H=16, Hkv=1, D=576, Dv=None, C=512, P=64, max_len=4096))),
     speed_dtype="bfloat16",
     speed_attn=(("gqa_d128", dict(B=4, T=4096, S=4096, H=32, Hkv=8, dqk=128, dv=128)),
                 ("mla_d192_128", dict(B=2, T=4096, S=4096, H=32, Hkv=32, dqk=192, dv=128)),
@@ -222,6 +229,8 @@ SMOKE = Profile(
                 ("bottom_right", dict(B=1, T=9, S=40, H=2, Hkv=1, dqk=32, dv=32))),
     norm_cases=(("tiny", (33, 96)), ("tiny_3d", (2, 5, 64))),
     grpo_cases=(("all_options", (8, 50), True), ("plain", (4, 30), False)),
+    paged_cases=(("gqa", dict(B=3, H=4, Hkv=2, D=32, Dv=32, P=4, max_len=40)),
+                 ("mla", dict(B=2, H=4, Hkv=1, D=40, Dv=None, C=32, P=8, max_len=30))),
     speed_dtype="float32",
     speed_attn=(("gqa", dict(B=1, T=64, S=64, H=4, Hkv=2, dqk=32, dv=32)),
                 ("varlen_gqa", dict(docs=(20, 44), H=4, Hkv=2, dqk=32, dv=32))),
@@ -488,6 +497,59 @@ def _ref_grpo(lr, adv, mask, w, logp, ref, eps_low, eps_high, dual_clip, beta):
     return mask * pg, (low & live), (high & live), (dual & live), torch.where(live, kl, torch.zeros_like(kl))
 
 
+def _ref_paged_decode(q, k_pages, v_pages, tables, lens, scale, v_dim):
+    """float64, row by row: row b's positions 0..lens[b]-1 read from its pages (page tables[b, p // P],
+    offset p % P); GQA by repeating each kv head; MLA (v_pages None): one kv head, values its first
+    v_dim channels. q [B, H, D] -> [B, H, Dv]."""
+    import torch
+
+    P = k_pages.shape[1]
+    out = []
+    for b in range(q.shape[0]):
+        pos = torch.arange(int(lens[b]), device=q.device)
+        pages, off = tables[b, pos // P], pos % P
+        k = k_pages[pages, off].double()
+        k = k[:, None] if k.dim() == 2 else k                               # [n, Hkv, D]
+        v = k[..., :v_dim] if v_pages is None else v_pages[pages, off].double()
+        g = q.shape[1] // k.shape[1]
+        s = torch.einsum("hd,shd->hs", q[b].double(), k.repeat_interleave(g, 1)) * scale
+        out.append(torch.einsum("hs,shd->hd", torch.softmax(s, -1), v.repeat_interleave(g, 1)))
+    return torch.stack(out)
+
+
+def _paged_inputs(ctx, dtype_name, spec, seed=5):
+    """Random pages, shuffled block tables (rows sharing their first pages, as forked samples do) and
+    lengths from 1 to max_len, on the device."""
+    import torch
+
+    dt, dev = getattr(torch, dtype_name), ctx.device
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    B, H, Hkv, D, Dv, P, L = (spec[k] for k in ("B", "H", "Hkv", "D", "Dv", "P", "max_len"))
+    W = -(-L // P)
+    M = B * W + 1
+    lens = torch.randint(1, L + 1, (B,), generator=g)
+    lens[0] = L
+    tables = torch.randperm(M, generator=g)[: B * W].view(B, W)
+    tables[1:, : W // 2] = tables[0, : W // 2]                                # shared prompt pages
+    q = torch.randn(B, H, D, generator=g)
+    k = torch.randn(M, P, D, generator=g) if Dv is None else torch.randn(M, P, Hkv, D, generator=g)
+    v = None if Dv is None else torch.randn(M, P, Hkv, Dv, generator=g)
+    put = lambda t: None if t is None else t.to(device=dev, dtype=dt)        # noqa: E731
+    return put(q), put(k), put(v), tables.to(dev), lens.to(dev), spec.get("C")
+
+
+def _accuracy_paged_decode(ctx, dtype_name, case):
+    from kernels.paged_attention import paged_decode_attention
+
+    name, spec = case
+    q, k, v, tables, lens, v_dim = _paged_inputs(ctx, dtype_name, spec)
+    scale = spec["D"] ** -0.5
+    o = paged_decode_attention(q, k, v, tables, lens, scale, v_dim)
+    ref = _ref_paged_decode(q, k, v, tables, lens, scale, v_dim)
+    return _case("paged_decode", name, dtype_name, f"q={list(q.shape)} pages={list(k.shape)} P={spec['P']}",
+                 {"o": error_stats(o, ref)})
+
+
 def _case(kernel, name, dtype, shape, outputs, extra=None):
     ok = all(within_tolerance(s, dtype) for s in outputs.values())
     row = {"kernel": kernel, "case": name, "dtype": dtype, "shape": shape, "tolerance": TOLERANCES[dtype],
@@ -639,7 +701,8 @@ def section_kernels(ctx: Context, deadline: Deadline) -> dict:
     p = ctx.profile
     jobs = [(fn, dt, case) for dt in p.dtypes for fn, cases in
             ((_accuracy_logprobs, p.logprob_cases), (_accuracy_attention, p.attn_cases),
-             (_accuracy_rms_norm, p.norm_cases), (_accuracy_grpo, p.grpo_cases)) for case in cases]
+             (_accuracy_rms_norm, p.norm_cases), (_accuracy_grpo, p.grpo_cases),
+             (_accuracy_paged_decode, p.paged_cases)) for case in cases]
     cases, not_run = [], []
     with env_var("KERNELS_BACKEND", "triton"):
         probe = torch.zeros(1, device=ctx.device)

@@ -1,7 +1,7 @@
 """Decode speed of sampling.Sampler on CPU: our step against its bare matrix multiplies, prefill and
 decode tokens/s, transformers' `generate` on the same weights, and a GRPO-shaped workload.
 
-    python bench/sampler.py [--rounds 5] [--steps 32] [--batches 1,8,32] [--grpo-rounds 2] [--compile]
+    python bench/sampler.py [--rounds 5] [--steps 32] [--batches 1,8,32] [--grpo-rounds 2] [--capacity 0|1]
 
 Model: a 100M-parameter Qwen2 (hidden D = 768, N = 12 layers, H = 12 heads, K = 2 KV heads of
 Dh = 64, intermediate I = 2048, vocab V = 32000, tied embeddings, q/k/v biases), random weights
@@ -22,9 +22,12 @@ What one decode step costs (batch B, S attended positions):
 Sections (each interleaved over `--rounds` rounds, so the machine's drifts hit every variant alike;
 the figures are medians over rounds):
 1. step vs floor, B = 1, 8, 32. `ours`: one Sampler.generate of B samples of one prompt (shared
-   prefill), temperature 1, `--steps` decode steps; the step time is stats.decode_s / decode_steps
-   (model forward over the cache, the draw, the per-row bookkeeping). `forward`: the model's cached
-   forward alone at the same batch and positions. `floor`: the GEMMs of the same step and nothing
+   prefill), temperature 1, `--steps` decode steps, in the default configuration (for this model
+   on the CPU: the compiled decode step, bucketed shapes, a host read every 4 steps); the step
+   time is stats.decode_s / decode_steps (the forward over the paged cache, the draw, stop
+   detection, the host's share of each window's bookkeeping). `eager`: the same with compile=False;
+   `sync1`: eager with a host read after every step. `forward`: the model's cached forward alone
+   at the same batch and positions (the slot cache, model/cache.py). `floor`: the GEMMs of the same step and nothing
    else, `torch.mm(x, W.t(), out=y)` with the model's own weight matrices and preallocated inputs
    and outputs (per layer q, k, v, o, gate, up, down; then the head [B, D]·[D, V]), averaged over
    `--steps` steps like ours. Goal: ours ≤ 1.15 × floor.
@@ -36,8 +39,14 @@ the figures are medians over rounds):
    seed; the stand-in for completions that reach EOS at different times). Ours: one generate call
    (max_batch_size 64). transformers as TRL's GRPOTrainer calls it: the 64 rows (each prompt
    repeated 8 times) in one padded call, do_sample, max_new_tokens = the largest draw, every row
-   running to the end. Goal: ours ≥ 2 × faster.
-`--compile` adds the static compiled step (Sampler(compile=True), all slots every step) to section 1.
+   running to the end. One untimed run of ours first (it compiles the buckets it passes through).
+   Goal: ours ≥ 2.5 × faster.
+5. capacity: 64 prompts × 8 samples, max_new_tokens per prompt uniform in 8..128, at the cache
+   budget that slots of 192 positions would give 32 rows (6144 tokens). The engine's counters: rows
+   in flight (mean and peak), pages at the peak, pages shared by forks, prefill tokens (prompts
+   once, plus the recompute of preempted sequences), preemptions; beside the slot cache's rows in
+   flight for the same lengths (32 slots refilled as samples finish). Eager (the counters do not
+   depend on it). Goal: at least 2 × the rows in flight.
 
 These CPUs are shared with other processes: the load average (os.getloadavg) is printed before and
 after. Prints a table per section, then one JSON line with every figure.

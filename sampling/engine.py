@@ -157,8 +157,13 @@ class Engine:
         self.compile, self.static = compile, static or compile
         # the MoE dispatch reads its per-expert counts on the host (model/moe.py): a graph break there
         fullgraph = not getattr(model.config, "n_routed_experts", 0)
+        # one graph per (batch, table width) bucket, powers of two: measured faster on the CPU than
+        # one dynamic-shape graph (0.98 / 1.20 / 0.98 x the GEMM floor at batch 1 / 8 / 32 against
+        # 1.05 / 1.19 / 1.30); dynamo's recompile limit is raised to the number of buckets
         self._step_fn = (torch.compile(self._decode_one, fullgraph=fullgraph, dynamic=False) if compile
                          else self._decode_one)
+        pages = -(-max_seq_len // page_size)
+        self._buckets = (_pow2(max_batch_size).bit_length()) * (_pow2(pages).bit_length()) + 1
         self.forward_model = model    # what decode and prefill call; Sampler may swap in a hook-free view
         self.stats = SamplerStats()
         self.cache = None
@@ -574,11 +579,12 @@ class Engine:
         tables, stops = tables.to(dev), stops.to(dev)
         attn_len = Wp * self.page_size if self.static else min(W * self.page_size, max(s.length for s in rows) - 1 + k)
         out_tok, out_lp = [], []
-        for _ in range(k):
-            ids, pos, counter, done, tok, lp = self._step_fn(ids, pos, counter, done, limit, stops, tables, rp,
-                                                             attn_len)
-            out_tok.append(tok)
-            out_lp.append(lp)
+        with torch._dynamo.config.patch(recompile_limit=max(8, self._buckets)):
+            for _ in range(k):
+                ids, pos, counter, done, tok, lp = self._step_fn(ids, pos, counter, done, limit, stops, tables, rp,
+                                                                 attn_len)
+                out_tok.append(tok)
+                out_lp.append(lp)
         got = torch.cat([torch.stack(out_tok, 1).double(), torch.stack(out_lp, 1).double()], 1)[:B].tolist()
         self.stats.decode_steps += k
         self.stats.row_steps += k * B

@@ -217,6 +217,19 @@ def test_rms_norm_and_grpo_references_equal_the_twins():
     assert bool(mine[3].any()) and bool(mine[1].any()) and bool(mine[2].any())   # every branch exercised
 
 
+def test_paged_decode_reference_equals_the_twin_for_gqa_and_mla(tmp_path):
+    from kernels.paged_attention import paged_decode_attention_torch
+
+    ctx = smoke_context(tmp_path)
+    for name, spec in gc.SMOKE.paged_cases:
+        q, k, v, tables, lens, v_dim = gc._paged_inputs(ctx, "float32", spec)
+        scale = spec["D"] ** -0.5
+        twin = paged_decode_attention_torch(q, k, v, tables, lens, scale, v_dim)
+        assert gc.error_stats(twin, gc._ref_paged_decode(q, k, v, tables, lens, scale, v_dim))["rel_l2"] < 1e-6, name
+        row = gc._accuracy_paged_decode(ctx, "float32", (name, spec))   # the twin on the CPU (auto backend)
+        assert row["pass"] and row["kernel"] == "paged_decode", row
+
+
 # ---------------------------------------------------------------- the accuracy gate and the budget
 
 def smoke_context(tmp_path) -> gc.Context:
@@ -253,7 +266,8 @@ def test_kernels_section_past_its_deadline_runs_nothing_and_fails(tmp_path):
     ctx = smoke_context(tmp_path)
     result = gc.section_kernels(ctx, gc.Deadline(at=0.0, budget_s=1))
     p = gc.SMOKE
-    n = len(p.dtypes) * (len(p.logprob_cases) + len(p.attn_cases) + len(p.norm_cases) + len(p.grpo_cases))
+    n = len(p.dtypes) * (len(p.logprob_cases) + len(p.attn_cases) + len(p.norm_cases) + len(p.grpo_cases)
+                             + len(p.paged_cases))
     assert result["status"] == "failed" and result["cases"] == [] and len(result["not_run"]) == n
     assert "budget spent" in result["reason"]
 
