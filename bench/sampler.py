@@ -221,6 +221,7 @@ def section_grpo(ours, hf, args) -> dict:
     longest = max(lengths)
 
     def run_ours(seed):
+        sampler.stats = SamplerStats()
         params = [SamplingParams(n=8, temperature=1.0, max_new_tokens=L, stop_token_ids=[], seed=seed * 8 + i)
                   for i, L in enumerate(lengths)]
         t0 = time.perf_counter()
