@@ -203,11 +203,7 @@ class Engine:
         """Refuse a request that can never run here, naming what is wrong (nothing is allocated)."""
         if not isinstance(params, SamplingParams):
             raise TypeError(f"{where}: params must be SamplingParams, got {type(params).__name__}")
-        if not prompt:
-            raise ValueError(f"{where}: the prompt is empty")
-        lo, hi = min(prompt), max(prompt)
-        if lo < 0 or hi >= self.vocab_size:
-            raise ValueError(f"{where}: prompt token ids span {lo}..{hi} but the vocabulary has {self.vocab_size} ids")
+        self._check_ids(prompt, f"{where}: prompt", "the prompt is empty")
         need = len(prompt) + params.max_new_tokens
         if need > self.max_seq_len:
             raise ValueError(f"{where} has {len(prompt)} tokens; with max_new_tokens="
@@ -224,6 +220,13 @@ class Engine:
         stops = params.stop_token_ids or []
         if any(not 0 <= t < self.vocab_size for t in stops):
             raise ValueError(f"{where}: stop_token_ids {stops} are outside the vocabulary (0..{self.vocab_size - 1})")
+
+    def _check_ids(self, ids: list[int], what: str, empty: str) -> None:
+        if not ids:
+            raise ValueError(f"{what.split(':')[0]}: {empty}")
+        lo, hi = min(ids), max(ids)
+        if lo < 0 or hi >= self.vocab_size:
+            raise ValueError(f"{what} token ids span {lo}..{hi} but the vocabulary has {self.vocab_size} ids")
 
     def add(self, prompt: list[int], params: SamplingParams, pause: bool = False) -> list[int]:
         """Queue a request's n samples; returns their sequence ids. pause=True: at a stop token or
@@ -258,11 +261,7 @@ class Engine:
         s = self._get(seq, "extend")
         if s.state != "paused":
             raise ValueError(f"extend: sequence {seq} is {s.state}; only a paused sequence can be extended")
-        if not token_ids:
-            raise ValueError(f"extend: no token ids for sequence {seq}")
-        lo, hi = min(token_ids), max(token_ids)
-        if lo < 0 or hi >= self.vocab_size:
-            raise ValueError(f"extend: token ids span {lo}..{hi} but the vocabulary has {self.vocab_size} ids")
+        self._check_ids(token_ids, "extend:", f"no token ids for sequence {seq}")
         if s.length + len(token_ids) + 1 > self.max_seq_len:
             raise ValueError(f"extend: sequence {seq} has {s.length} tokens; {len(token_ids)} more leave no room to "
                              f"sample within max_seq_len {self.max_seq_len}")

@@ -4,31 +4,9 @@ sampling unchanged by batch mates, read interval and preemption, shared prompt p
 import pytest
 import torch
 
-from model.checkpoint import load_pretrained
-from model.config import ModelConfig
 from sampling import Sampler, SamplingParams
 from sampling.engine import Engine
-from tests.sampling.test_sampler import CONFIGS, PROMPTS
-
-
-@pytest.fixture(scope="module", params=sorted(CONFIGS))
-def pair(request, tmp_path_factory):
-    """(name, transformers model, our model) with the same random weights (std 0.3)."""
-    import transformers
-    cfg = ModelConfig(**CONFIGS[request.param])
-    d = cfg.to_hf_config()
-    cls = getattr(transformers, d["architectures"][0])
-    conf_cls = getattr(transformers, cls.__name__.replace("ForCausalLM", "Config"))
-    d = {k: v for k, v in d.items() if k not in ("architectures", "model_type")}
-    torch.manual_seed(0)
-    hf = cls(conf_cls(**d))
-    with torch.no_grad():
-        for p in hf.parameters():
-            if p.dim() >= 2:
-                p.normal_(0, 0.3)
-    path = tmp_path_factory.mktemp(request.param)
-    hf.save_pretrained(path)
-    return request.param, hf.eval(), load_pretrained(path).eval()
+from tests.sampling.test_sampler import PROMPTS, pair  # noqa: F401  (pair: the transformers / ours fixture)
 
 
 def _hf_greedy(hf, prompt, n):
