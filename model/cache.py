@@ -54,7 +54,7 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for layer in self.layers for t in layer)
+        return buffer_bytes(self.layers)
 
     def copy_slots(self, src: int, dst: torch.Tensor | list[int], length: int) -> None:
         """Copy positions 0..length-1 of slot `src` into every slot of `dst` (e.g. a GRPO group's
@@ -96,6 +96,11 @@ def layer_buffers(config: ModelConfig, lead: tuple[int, int], dtype: torch.dtype
 def bytes_per_token(layers: list[tuple[torch.Tensor, ...]]) -> int:
     """Bytes one position takes in buffers laid out as layer_buffers makes them, summed over layers."""
     return sum(t[0, 0].numel() * t.element_size() for layer in layers for t in layer)
+
+
+def buffer_bytes(layers: list[tuple[torch.Tensor, ...]]) -> int:
+    """Bytes of all the buffers."""
+    return sum(t.numel() * t.element_size() for layer in layers for t in layer)
 
 
 def _consecutive(slots: torch.Tensor) -> slice | None:

@@ -29,7 +29,7 @@ import torch
 
 from kernels.backend import use_triton
 from kernels.paged_attention import paged_decode_attention
-from model.cache import bytes_per_token, layer_buffers
+from model.cache import buffer_bytes, bytes_per_token, layer_buffers
 from model.config import ModelConfig
 
 
@@ -129,7 +129,7 @@ class PagedKVCache:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for layer in self.layers for t in layer)
+        return buffer_bytes(self.layers)
 
     def apply_copies(self) -> None:
         """Carry out the pool's pending page copies (forks' partly filled last pages)."""

@@ -290,7 +290,7 @@ class Engine:
             self.running.remove(seq)
         self._free(s)
         del self.seqs[seq]
-        self._drop_prefix_if_done(s.request)
+        self._drop_prefix_if_done([s.request])
 
     def pop(self, seq: int) -> None:
         """Forget a finished sequence (its completion was delivered)."""
@@ -316,13 +316,18 @@ class Engine:
             self.cache.pool.free(s.id)
         s.cached = 0
 
-    def _drop_prefix_if_done(self, request: int) -> None:
-        """Free a request's prefix holder once none of its samples waits for it any more."""
-        if request in self._prefix and not any(
-                self.seqs[i].request == request and self._fresh(self.seqs[i]) for i in self.waiting):
-            del self._prefix[request]
-            if self.cache is not None:
-                self.cache.pool.free(("prefix", request))
+    def _waiting_fresh(self) -> set[int]:
+        """The requests that have samples waiting for their first row (one pass over the queue)."""
+        return {self.seqs[i].request for i in self.waiting if self._fresh(self.seqs[i])}
+
+    def _drop_prefix_if_done(self, requests, waiting: set[int] | None = None) -> None:
+        """Free the prefix holders of `requests` none of whose samples waits for them any more."""
+        waiting = self._waiting_fresh() if waiting is None else waiting
+        for r in set(requests) & set(self._prefix):
+            if r not in waiting:
+                del self._prefix[r]
+                if self.cache is not None:
+                    self.cache.pool.free(("prefix", r))
 
     @staticmethod
     def _fresh(s: _Seq) -> bool:
@@ -427,16 +432,16 @@ class Engine:
             logits[s.id] = logits[src] if not isinstance(src, tuple) else self._prefix[s.request]
         self.cache.apply_copies()
         # prefix holders for requests whose samples still wait for a row
+        waiting = self._waiting_fresh()
         for r, lead in leaders.items():
-            if any(self.seqs[i].request == r and self._fresh(self.seqs[i]) for i in self.waiting):
+            if r in waiting:
                 try:
                     self.cache.pool.fork(lead.id, ("prefix", r), len(lead.prompt))
                     self.cache.apply_copies()
                     self._prefix[r] = logits[lead.id]
                 except OutOfPages:
                     pass  # they will prefill the prompt again
-        for s in admitted:
-            self._drop_prefix_if_done(s.request)
+        self._drop_prefix_if_done({s.request for s in admitted}, waiting)
         # the first token of every admitted sequence, in one draw
         rp = RowParams.build([s.params for s in admitted], [s.key for s in admitted], self.vocab_size, self.device)
         counter = torch.tensor([s.n_sampled for s in admitted], device=self.device)

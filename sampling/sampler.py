@@ -111,8 +111,10 @@ class Sampler:
         self.model.eval()
         engine = self.engine
         self._view = engine.forward_model = decode_view(self.model, self._view)
+        seqs: list[list[int]] = []
         try:
-            seqs = [engine.add(p, sp) for p, sp in zip(prompts, params)]
+            for p, sp in zip(prompts, params):
+                seqs.append(engine.add(p, sp))
             where = {s: (i, j) for i, ids in enumerate(seqs) for j, s in enumerate(ids)}
             results: list[list[Completion | None]] = [[None] * sp.n for sp in params]
             while engine.has_work():
@@ -123,7 +125,7 @@ class Sampler:
                         engine.pop(ev.seq)
             return results
         except BaseException:
-            for s in [s for ids in locals().get("seqs", []) for s in ids]:
+            for s in [s for ids in seqs for s in ids]:
                 if s in engine.seqs:
                     engine.abort(s)
             raise
