@@ -75,15 +75,22 @@ def template_source(value: str | None) -> str | None:
 
 def load_model_and_tokenizer(args, device):
     """The tokenizer (--tokenizer, else the --model folder's) and the model (--model or --preset) in
-    eval mode: bf16 on GPU, fp32 on CPU."""
+    eval mode: bf16 on GPU, fp32 on CPU. With --rollout-tp N, this rank's tensor-parallel share of
+    it (model/tensor_parallel.py; only that share is read from the checkpoint), which samples
+    together with the other ranks of its group."""
     import torch
 
     from data.tokenizer import load_tokenizer
-    from model.build import build_model
+    from model.build import build_model, build_tensor_parallel_model
 
     tok = load_tokenizer(args.tokenizer, args.model)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = build_model(args, tok, device=device, dtype=dtype)
+    tp_size = getattr(args, "rollout_tp", 1)
+    if tp_size > 1:
+        from runtime.distributed import subgroup
+        model = build_tensor_parallel_model(args, tok, subgroup(tp_size), device=device, dtype=dtype)
+    else:
+        model = build_model(args, tok, device=device, dtype=dtype)
     return model.eval(), tok
 
 
@@ -256,13 +263,15 @@ def sample_and_score(rows: list[dict], tok, pool, *, n: int, sampler=None, model
     (default 0..len-1; they pick the seeds). `where` names the set in errors. engine: more Sampler
     keyword arguments (sampling.engine_options of the flags: the cache budget, the read interval).
     """
-    if not rows:   # a rank whose share of a small set is empty
-        return []
+    group = getattr(sampler, "group", None) if sampler is not None else getattr(model, "tp", None)
+    if not rows and (group is None or group.size == 1):   # a rank whose share of a small set is empty
+        return []                                          # (a tensor-parallel rank samples with its group)
     prompts = eval_prompts(tok, rows, template)
     own = sampler is None
     if own:
         from sampling.sampler import Sampler
-        sampler = Sampler(model, max_batch_size=max_batch_size, max_seq_len=max(map(len, prompts)) + max_new_tokens,
+        sampler = Sampler(model, max_batch_size=max_batch_size,
+                          max_seq_len=max(map(len, prompts), default=1) + max_new_tokens,
                           tokenizer=tok, verbose=False, **(engine or {}))
     try:
         outs = sample_completions(sampler, prompts, n=n, temperature=temperature, top_p=top_p,
@@ -273,7 +282,8 @@ def sample_and_score(rows: list[dict], tok, pool, *, n: int, sampler=None, model
             sampler.release()
     records = score_samples(pool, rows, [[completion_text(tok, c) for c in comps] for comps in outs], where)
     for r, c in zip(records, [c for comps in outs for c in comps]):
-        r.update(num_tokens=len(c.token_ids), finish_reason=c.finish_reason)
+        r.update(num_tokens=len(c.token_ids), finish_reason=c.finish_reason, token_ids=list(c.token_ids),
+                 logprobs=list(c.logprobs))
     return records
 
 
@@ -344,6 +354,14 @@ def check_sampling_flags(args, prefix: str) -> None:
                          f"and {args.reward_timeout_s}")
 
 
+def check_rollout_tp(args, world_size: int) -> None:
+    """--rollout-tp N: at least 1, and a divisor of the world size (W / N groups sample side by side)."""
+    n = getattr(args, "rollout_tp", 1)
+    if n < 1 or world_size % n:
+        raise ValueError(f"--rollout-tp {n}: expected a divisor of the {world_size} rank(s) of this run "
+                         f"(torchrun --nproc_per_node)")
+
+
 def set_names(text: str) -> list[str]:
     """--eval-sets "math500,mine.jsonl" -> its names, each a benchmark name or an existing file."""
     from data.datasets import EVAL_SETS
@@ -359,6 +377,7 @@ def set_names(text: str) -> list[str]:
 def check_flags(args, world_size: int) -> None:
     """The eval stage's flags, checked before anything is written (ValueError naming the flag)."""
     check_sampling_flags(args, "eval")
+    check_rollout_tp(args, world_size)
     if args.eval_limit < 0:
         raise ValueError(f"--eval-limit must be >= 0 (0: every problem), got {args.eval_limit}")
     parse_ks(args.eval_k, args.eval_n)
@@ -382,8 +401,10 @@ def run_eval(args, run, info) -> int:
         rows = load_eval_set(name)
         sets[label] = rows[:args.eval_limit] if args.eval_limit else rows
 
+    from model.tensor_parallel import weight_bytes
     from sampling.sampler import engine_options
     model, tok = load_model_and_tokenizer(args, info.device)
+    held = weight_bytes(model)   # the weights this rank holds while it samples
     template = template_source(args.chat_template)
     results, summary = {}, {}
     with RewardPool(num_workers=args.reward_workers, timeout_s=args.reward_timeout_s) as pool:
@@ -402,10 +423,12 @@ def run_eval(args, run, info) -> int:
             entry = summarise(records, args.eval_n, ks)
             entry["scoring_timeouts"] = pool.stats.timeouts + pool.stats.crashes - failed  # rank 0's
             entry["wall_s"] = time.perf_counter() - t0
+            entry["rollout_tp"] = args.rollout_tp
+            entry["weight_bytes_per_rank"] = held
             results[label] = entry
-            _write_jsonl(run.path / f"samples-{label}.jsonl",
-                         [{k: r[k] for k in ("id", "sample", "completion", "answer", "score", "correct",
-                                             "num_tokens", "finish_reason")} for r in records])
+            keys = ("id", "sample", "completion", "answer", "score", "correct", "num_tokens", "finish_reason") + \
+                (("token_ids", "logprobs") if args.eval_save_logprobs else ())
+            _write_jsonl(run.path / f"samples-{label}.jsonl", [{k: r[k] for k in keys} for r in records])
             write_json_atomic(run.path / "eval.json", results)
             summary.update({f"{label}/{k}": v for k, v in entry.items() if isinstance(v, (int, float))})
             summary.update({f"{label}/pass@{k}": v for k, v in entry["pass@k"].items()})

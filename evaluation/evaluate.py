@@ -169,7 +169,7 @@ def evaluate(model, tok, problems: list[dict], kind: str, *, reward=None, n: int
                              seed=seed * 1_000_003 + i) for i in range(len(prompts))]
     own = sampler is None
     if own:
-        max_len = max(len(p) for p in prompts) + max_new_tokens
+        max_len = max((len(p) for p in prompts), default=1) + max_new_tokens
         sampler = Sampler(model, max_batch_size=max_batch_size, max_seq_len=max_len, tokenizer=tok, verbose=False)
     try:
         outs = sampler.generate(prompts, params)
@@ -199,19 +199,21 @@ def evaluate(model, tok, problems: list[dict], kind: str, *, reward=None, n: int
 
 
 def evaluate_sharded(model, tok, problems: list[dict], kind: str, rank: int = 0, world_size: int = 1,
-                     **kwargs) -> EvalResult:
+                     rollout=None, **kwargs) -> EvalResult:
     """evaluate() split across ranks (rank r takes problems r, r + W, ...), totals all-reduced.
 
     Under FSDP every rank must take part: the weights are gathered once for the whole generation
     (model.parallel.gathered), and each rank samples its own share. Every rank returns the same
-    totals; `samples` holds this rank's share only.
+    totals; `samples` holds this rank's share only. rollout: a model.tensor_parallel
+    TensorParallelRollout of `model`, whose weights() the generation samples with instead (each
+    tensor-parallel group samples its ranks' shares together).
     """
     from model.parallel import gathered
     from runtime.distributed import all_reduce_floats
 
     mine = problems[rank::world_size]
-    with gathered(model):
-        r = evaluate(model, tok, mine, kind, **kwargs)
+    with (rollout.weights() if rollout is not None else gathered(model)) as policy:
+        r = evaluate(policy, tok, mine, kind, **kwargs)
     if world_size == 1:
         return r
     k = len(r.samples)

@@ -185,6 +185,25 @@ def build_model(args, tok, device="cpu", dtype=torch.float32, seed: int | None =
     return model
 
 
+def build_tensor_parallel_model(args, tok, tp, device="cpu", dtype=torch.float32):
+    """This rank's tensor-parallel share (model/tensor_parallel.py) of the model build_model would
+    give, for sampling alone (evaluation, generation): a --model folder is read tensor by tensor,
+    keeping only this rank's slices; a --preset is built whole on the CPU (seeded the same on every
+    rank), cut, and dropped."""
+    from model.tensor_parallel import load_tensor_parallel, share_of
+
+    model_dir = getattr(args, "model", None)
+    if model_dir is None:
+        return share_of(build_model(args, tok, device="cpu", dtype=torch.float32), tp, dtype, device)
+    from model.checkpoint import read_config
+    overrides = config_overrides(args)
+    config, _ = read_config(model_dir, overrides)
+    if tok is not None and tok.vocab_size > config.vocab_size:
+        raise ValueError(f"{model_dir}: the tokenizer has {tok.vocab_size} tokens but the model's vocab_size is "
+                         f"{config.vocab_size}; they do not belong together")
+    return load_tensor_parallel(model_dir, tp, dtype, device, overrides)
+
+
 # --compile auto: the widths and run lengths where compiling was measured to pay for itself
 COMPILE_MIN_HIDDEN_CPU = 512
 COMPILE_MIN_STEPS = 20

@@ -148,6 +148,23 @@ def load_into(model, plan: "_LoadPlan") -> None:
     _finish(model)
 
 
+def read_tensor(plan: "_LoadPlan", file: SafetensorsFile, name: str, dtype: torch.dtype) -> torch.Tensor:
+    """Checkpoint tensor `name` of `file` (one the plan reads) whole, as a new CPU tensor in `dtype`
+    (an FP8 weight dequantised): for loaders that keep only a slice of each tensor
+    (model/tensor_parallel.py), one whole tensor at a time."""
+    dest = torch.empty(file.shape(name), dtype=dtype)
+    staging = Staging(torch.device("cpu"))
+    with open(file.path, "rb") as f:
+        if name in plan.fp8_scales:
+            scale_file, scale_name = plan.fp8_scales[name]
+            with open(scale_file.path, "rb") as sf:
+                scale = scale_file.read(sf, scale_name)
+            read_fp8_rows(file, f, name, scale, plan.block, dest, staging)
+        elif dest.numel():
+            read_rows(file, f, name, dest, staging)
+    return dest
+
+
 def _local_rows(name: str, t: torch.Tensor, shape: tuple) -> tuple[torch.Tensor, int]:
     """(the memory this rank fills, its first row of the stored tensor) for state-dict tensor `t`:
     the whole tensor, or for an FSDP2 DTensor sharded on dim 0 its local shard. FSDP2 splits dim 0

@@ -198,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-max-new-tokens", type=int, default=4096,
                    help="longest completion in tokens (DeepSeek-R1 evaluated with 32768)")
     g.add_argument("--eval-limit", type=int, default=0, help="only the first N problems of each set (0: all)")
+    g.add_argument("--eval-save-logprobs", action="store_true",
+                   help="write each sample's token ids and token log-probs into samples-<set>.jsonl")
     g.add_argument("--gen-n", type=int, default=4, help="completions sampled per prompt")
     g.add_argument("--gen-temperature", type=float, default=0.6, help="sampling temperature of generation")
     g.add_argument("--gen-top-p", type=float, default=0.95, help="nucleus sampling mass of generation")
@@ -223,6 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sampler-sync-every", type=int, default=None,
                    help="decode steps the device runs between host reads of the sampled tokens "
                    "(default: 4 on CPU, 8 on CUDA)")
+    g.add_argument("--rollout-tp", type=int, default=1,
+                   help="sample (GRPO rollouts, held-out evaluation, the eval and generate stages) with the model split "
+                   "over this many ranks by tensor parallelism: attention heads, MLP rows, MoE experts and the "
+                   "vocabulary divided, each rank holding 1/N of the weights and of a GQA model's KV cache; the "
+                   "world size / N groups sample different prompts. Must divide the world size and the head, kv-head, "
+                   "intermediate and expert counts (default 1: every rank samples with the whole model)")
     g.add_argument("--sampler-compile", choices=("auto", "on", "off"), default="auto",
                    help="torch.compile the rollout engine's decode step, one graph per batch and table-width "
                    "bucket; auto: on the CPU for models at least 512 wide (measured to win there), off on CUDA "

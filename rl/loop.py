@@ -4,8 +4,9 @@
         --reward task,format --group-size 8 --prompts-per-step 16 --lr 1e-4
 
 One step:
- 1. rollout: this rank's prompts -> sampler (the policy's own weights, gathered once under FSDP;
-    n = group size, shared prefill) -> rewards (verify/, in-process or a worker pool) ->
+ 1. rollout: this rank's prompts -> sampler (the policy's own weights, gathered once under FSDP, or
+    with --rollout-tp N split over each group of N ranks by tensor parallelism, the group sampling
+    its ranks' prompts as one batch: model/tensor_parallel.py; n = group size, shared prefill) -> rewards (verify/, in-process or a worker pool) ->
     group advantages. With --dynamic-sampling, groups whose rewards are all equal (zero advantage,
     no gradient) are dropped and more prompts are sampled until the batch is full (DAPO). The
     sampler's KV cache is released before training.
@@ -32,18 +33,21 @@ import torch
 
 from data.datasets import ShardedBatchSampler, fit_global_batch, load_prompts, read_jsonl
 from data.tokenizer import load_tokenizer
+from evaluation.eval_stage import check_rollout_tp
 from evaluation.evaluate import check_heldout_flags, evaluate_sharded, heldout_task
 from kernels import token_logprobs
 from model.build import (build_model, build_trained_model, check_length, check_model_flags, export_dtype_of,
                          model_config, save_model_fn)
 from model.moe import moe_aux_loss, moe_load_stats, update_moe_biases
 from model.parallel import gathered
+from model.tensor_parallel import TensorParallelRollout
 from rl.advantage import group_advantages, group_reward_stats
 from rl.loss import VARIANTS, all_reduce_metrics, combine_metrics, policy_loss
 from rl.rollout import (RewardScorer, RolloutBatch, encode_prompt, generate_rollouts,
                         select_for_dynamic_sampling)
 from runtime.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from runtime.distributed import all_reduce_floats, print0
+from runtime.distributed import all_reduce_floats, print0, subgroup
+from runtime.memory import peak_bytes, reset_peak
 from runtime.metrics import MetricsWriter, Progress
 from runtime.optim import build_optimizer, check_training_flags, lr_schedule
 from runtime.rundir import check_rank_multiple, update_run_config, write_json_atomic
@@ -180,6 +184,7 @@ def check_flags(args, world_size: int) -> list[str]:
     need(args.micro_batch_tokens >= 1, f"--micro-batch-tokens {args.micro_batch_tokens}: expected >= 1")
     need(args.sampler_batch_size >= 1, f"--sampler-batch-size {args.sampler_batch_size}: expected >= 1")
     engine_options(args)
+    check_rollout_tp(args, world_size)
     need(args.max_sampling_tries >= 1, f"--max-sampling-tries {args.max_sampling_tries}: expected >= 1")
     need(args.ref_refresh_every >= 0, f"--ref-refresh-every {args.ref_refresh_every}: expected >= 0 (0: never)")
     need(args.reward_workers >= 0 and args.reward_timeout_s > 0,
@@ -200,6 +205,9 @@ def train_grpo(args, run, info) -> int:
     # ranks or a lower compute precision, activation checkpointing wrapped in first. The reference: the
     # same checkpoint (or seed) built the same way, stored in the compute dtype, never trained.
     model, info, param_dtype, fsdp, compiled = build_trained_model(args, tok, info, device)
+    # what rollouts sample with: the gathered model, or each rank's tensor-parallel share (refused
+    # here, naming the count, when the heads or experts do not split over --rollout-tp)
+    rollout = TensorParallelRollout(model, subgroup(args.rollout_tp), dtype=param_dtype)
     loss_opts, adv_opts = loss_options(args)
     beta = loss_opts.get("beta", 0.0)
     ref_model = None
@@ -253,6 +261,7 @@ def train_grpo(args, run, info) -> int:
             if n <= 0:
                 continue
             r = evaluate_sharded(model, tok, eval_rows, eval_task, info.rank, info.world_size, n=n,
+                                 rollout=rollout if args.rollout_tp > 1 else None,
                                  temperature=temp, max_new_tokens=args.eval_max_new_tokens,
                                  template=args.chat_template, max_batch_size=args.eval_batch_size, seed=at_step)
             out.update({f"eval/{name}_accuracy": r.accuracy, f"eval/{name}_lenient_accuracy": r.lenient_accuracy,
@@ -279,34 +288,38 @@ def train_grpo(args, run, info) -> int:
         t0 = time.perf_counter()
         # ---- 1. rollout ----------------------------------------------------------------------------
         # Rounds until every rank holds per_rank groups. Every rank runs every round, because
-        # gathered() all-gathers the sharded weights (a collective): a rank that is already full
-        # (dynamic sampling refills the others) joins the gather, skips its prompts and samples nothing.
+        # gathering the sharded weights is a collective: a rank that is already full (dynamic sampling
+        # refills the others) joins the gather, skips its prompts and samples nothing (under
+        # --rollout-tp it still decodes its group's batch, with no prompts of its own).
         batches, kept, tries, dropped, rounds = [], 0, 0, 0, 0
         t_gen = t_rew = 0.0
+        reset_peak(device)
         while all_reduce_floats([per_rank - kept], "max")[0] > 0:
             rounds += 1
             if kept >= per_rank:
                 next(prompt_sampler)  # prompt positions stay equal on all ranks (the checkpoint holds rank 0's)
-                with gathered(model):
-                    pass
+                with rollout.weights():
+                    if args.rollout_tp > 1:
+                        sampler.generate([], [])
+                        sampler.release()
                 continue
             chunk = [rows[i] for i in next(prompt_sampler)]
             chunk_ids = [encode_prompt(tok, r, args.chat_template) for r in chunk]
             need = max(len(p) for p in chunk_ids)
-            if sampler is None or need + args.max_new_tokens > sampler.max_seq_len:
-                check_length(config, need + args.max_new_tokens, f"a prompt of {need} tokens with --max-new-tokens "
-                             f"{args.max_new_tokens}", args.model or f"preset {args.preset}")
-                longest_prompt = max(longest_prompt, need)
-                sampler = Sampler(model, max_batch_size=args.sampler_batch_size,
-                                  max_seq_len=longest_prompt + args.max_new_tokens, tokenizer=tok,
-                                  verbose=info.rank == 0 and sampler is None, **engine_options(args))
             tg = time.perf_counter()
-            with gathered(model):
+            with rollout.weights() as policy:
+                if sampler is None or need + args.max_new_tokens > sampler.max_seq_len:
+                    check_length(config, need + args.max_new_tokens, f"a prompt of {need} tokens with "
+                                 f"--max-new-tokens {args.max_new_tokens}", args.model or f"preset {args.preset}")
+                    longest_prompt = max(longest_prompt, need)
+                    sampler = Sampler(policy, max_batch_size=args.sampler_batch_size,
+                                      max_seq_len=longest_prompt + args.max_new_tokens, tokenizer=tok,
+                                      verbose=info.rank == 0 and sampler is None, **engine_options(args))
                 part = generate_rollouts(sampler, tok, chunk, group_size=args.group_size, params=params,
                                          template=args.chat_template,
                                          seed=rollout_seed(args.seed, step, tries, info.rank),
                                          prompt_ids=chunk_ids)
-            sampler.release()
+                sampler.release()
             t_gen += time.perf_counter() - tg
             tr = time.perf_counter()
             scorer.score(part)
@@ -318,6 +331,7 @@ def train_grpo(args, run, info) -> int:
                 dropped += n_dropped
             batches.append(part)
             kept += part.num_groups
+        rollout_peak = peak_bytes(device)
         batch = RolloutBatch.concat(batches)
         batch.advantages = group_advantages(batch.rewards, args.group_size, **adv_opts)
 
@@ -407,6 +421,11 @@ def train_grpo(args, run, info) -> int:
                    skipped=skipped, **{f"time/{k}": v for k, v in (("rollout", t_gen), ("reward", t_rew),
                                                                     ("logprobs", t_logp), ("train", t_train))},
                    step_s=time.perf_counter() - t0, **moe_load_stats(model))
+        # per rank: the weights the rollout sampled with (whole, or this rank's tensor-parallel share), and
+        # the rollout phase's memory high-water mark (runtime/memory.py), each the largest over the ranks
+        row["memory/rollout_weight_gib"] = all_reduce_floats([rollout.weight_bytes / 2**30], "max")[0]
+        if rollout_peak is not None:
+            row["memory/rollout_peak_gib"] = all_reduce_floats([rollout_peak / 2**30], "max")[0]
         row["tokens_per_s"] = row["tokens"] / row["step_s"] if "tokens" in row else 0.0
         if args.ref_refresh_every and ref_model is not None and step % args.ref_refresh_every == 0:
             ref_model.load_state_dict(model.state_dict())  # R1 refreshed its reference model periodically

@@ -131,6 +131,7 @@ def teardown() -> None:
     """Leave the process group (a no-op without one). Call it in a `finally` at the top level."""
     global _side_group
     _side_group = None
+    _subgroups.clear()
     if dist.is_available() and dist.is_initialized():
         # Free FSDP's DTensors and pending work objects first: destroying the group while they are
         # still alive lets gloo abort the process at exit now and then (SIGABRT after a clean run).
@@ -207,13 +208,15 @@ def any_rank(flag: bool, group=None) -> bool:
     return all_reduce_floats([1.0 if flag else 0.0], "max", group)[0] > 0
 
 
-def all_gather_object(obj) -> list:
+def all_gather_object(obj, group: "Subgroup | None" = None) -> list:
     """Every rank's picklable `obj`, in rank order, on every rank ([obj] without a process group).
-    Runs on the gloo side group: objects are pickled on the CPU, whatever the main backend."""
-    if not _initialized():
+    Runs on the gloo side group: objects are pickled on the CPU, whatever the main backend.
+    group: a Subgroup (the ranks of one block only, on its own gloo group)."""
+    if not _initialized() or (group is not None and group.size == 1):
         return [obj]
-    out: list = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj, group=side_group())
+    side = side_group() if group is None else group.side
+    out: list = [None] * dist.get_world_size(side)
+    dist.all_gather_object(out, obj, group=side)
     return out
 
 
@@ -233,3 +236,73 @@ def broadcast_object(obj, src: int = 0):
     box = [obj if dist.get_rank() == src else None]
     dist.broadcast_object_list(box, src=src, group=side_group())
     return box[0]
+
+
+# ---- subgroups: contiguous blocks of ranks (tensor-parallel groups) -----------------------------
+
+@dataclass(frozen=True)
+class Subgroup:
+    """One block of `size` consecutive ranks: this rank's tensor-parallel group, say, with W / size
+    such blocks side by side (data parallel around them). `rank` is this rank's place in the block,
+    `index` the block's place among the blocks; `group` runs tensor collectives (the main backend),
+    `side` object collectives (gloo). A block of one rank has no groups (None): its collectives are
+    the identity."""
+
+    ranks: tuple[int, ...]
+    rank: int
+    index: int
+    group: object = None
+    side: object = None
+
+    @property
+    def size(self) -> int:
+        return len(self.ranks)
+
+
+_subgroups: dict[int, Subgroup] = {}
+
+
+def subgroup(size: int) -> Subgroup:
+    """This rank's block of `size` consecutive ranks (block g holds ranks g·size .. g·size + size - 1).
+    Every rank must call it with the same size (creating the groups is a collective of all ranks);
+    later calls return the same object. ValueError when `size` does not divide the world size."""
+    world, rank = get_world_size(), get_rank()
+    if size < 1 or world % size:
+        raise ValueError(f"a group of {size} ranks does not divide the {world} ranks of this run")
+    if size in _subgroups:
+        return _subgroups[size]
+    index = rank // size
+    if size == 1:
+        sub = Subgroup((rank,), 0, index)
+    else:
+        mine = None
+        for g in range(world // size):   # every rank creates every group, in the same order
+            ranks = list(range(g * size, (g + 1) * size))
+            main = dist.new_group(ranks)
+            side = dist.new_group(ranks, backend="gloo")
+            if g == index:
+                mine = Subgroup(tuple(ranks), rank - g * size, g, main, side)
+        sub = mine
+    _subgroups[size] = sub
+    return sub
+
+
+def group_all_reduce(tensor: torch.Tensor, group) -> torch.Tensor:
+    """The sum of `tensor` over `group`'s ranks, as a new tensor (the identity for group None).
+    Functional (torch.distributed._functional_collectives), so it also traces under torch.compile;
+    the tensor must be on the group's device (the model's, in a forward)."""
+    if group is None:
+        return tensor
+    import torch.distributed._functional_collectives as funcol
+    return funcol.wait_tensor(funcol.all_reduce(tensor, "sum", group))
+
+
+def group_all_gather(tensor: torch.Tensor, group) -> torch.Tensor:
+    """Every rank's `tensor` [n, ...] of `group`, stacked in rank order: [size, n, ...] (a new
+    dim 0 of 1 for group None). Functional, like group_all_reduce."""
+    if group is None:
+        return tensor[None]
+    import torch.distributed._functional_collectives as funcol
+    size = dist.get_world_size(group)
+    out = funcol.wait_tensor(funcol.all_gather_single(tensor.contiguous(), 0, group))
+    return out.view(size, *tensor.shape)

@@ -27,7 +27,10 @@ sequence when the pages run out. What that means for the results:
   printed at construction; `release()` frees it between rollouts.
 
 The decode forward runs on `decode_view(model)`: for an FSDP2 model inside model.parallel.gathered,
-a plain module tree over the gathered weights, so the per-step forward runs no FSDP hooks.
+a plain module tree over the gathered weights, so the per-step forward runs no FSDP hooks. A
+tensor-parallel share of a model (model/tensor_parallel.py, which sets `model.tp`) samples with the
+other ranks of its group: each rank passes its own prompts and gets its own completions, and the
+group decodes the union of their requests as one batch (sampling/group.py).
 """
 from __future__ import annotations
 
@@ -35,6 +38,7 @@ import torch
 
 from model.parallel import decode_view
 from sampling.engine import PAGE_SIZE, Engine
+from sampling.group import generate_as_group
 from sampling.types import Completion, SamplerStats, SamplingParams
 
 __all__ = ["Sampler", "SamplingParams", "Completion", "SamplerStats", "engine_options"]
@@ -67,15 +71,28 @@ class Sampler:
                  cache_gib: float | None = None):
         self.model = model
         self.max_batch_size, self.max_seq_len, self.tokenizer = max_batch_size, max_seq_len, tokenizer
-        self.engine = Engine(model, max_batch_size, max_seq_len, tokenizer=tokenizer, dtype=dtype,
-                             cache_tokens=cache_tokens, page_size=page_size, sync_every=sync_every,
-                             static=static, compile=compile, cache_gib=cache_gib)
+        self._engine_options = dict(tokenizer=tokenizer, dtype=dtype, cache_tokens=cache_tokens, page_size=page_size,
+                                    sync_every=sync_every, static=static, compile=compile, cache_gib=cache_gib)
+        self.engine = Engine(model, max_batch_size, max_seq_len, **self._engine_options)
         self.bytes_per_token, self.cache_bytes = self.engine.bytes_per_token, self.engine.cache_bytes
+        self.group = getattr(model, "tp", None)   # a tensor-parallel share samples with its group
         self._view = None
         if verbose:
             e = self.engine
             print(f"sampler: KV cache {e.num_pages} pages x {page_size} positions ({e.cache_tokens} tokens, rows of "
                   f"up to {max_seq_len}) x {self.bytes_per_token} B/token = {self.cache_bytes / 2**20:.1f} MiB")
+
+    def resize(self, max_seq_len: int) -> None:
+        """Take sequences of up to max_seq_len positions from now on: the engine is rebuilt (its
+        cache is allocated at the next generate; the counters carry over). Between generate calls."""
+        if self.engine.seqs:
+            raise RuntimeError("Sampler.resize: the engine still holds sequences")
+        stats = self.engine.stats
+        self.engine.release()
+        self.max_seq_len = max_seq_len
+        self.engine = Engine(self.model, self.max_batch_size, max_seq_len, **self._engine_options)
+        self.engine.stats = stats
+        self.bytes_per_token, self.cache_bytes = self.engine.bytes_per_token, self.engine.cache_bytes
 
     @property
     def stats(self) -> SamplerStats:
@@ -105,8 +122,16 @@ class Sampler:
             params = [params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(params)} SamplingParams")
+        if self.group is not None and self.group.size > 1:
+            return generate_as_group(self, prompts, params, self.group)
         for i, (p, sp) in enumerate(zip(prompts, params)):   # every request checked before any is queued
             self.engine.check(p, sp, where=f"prompt {i}")
+        return self.generate_local(prompts, params)
+
+    @torch.no_grad()
+    def generate_local(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[list[Completion]]:
+        """generate on this rank's engine alone, requests already checked (a group's union, for
+        sampling/group.py)."""
         was_training = self.model.training
         self.model.eval()
         engine = self.engine

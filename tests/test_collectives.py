@@ -16,7 +16,7 @@ PACKAGE = ("train.py", "recipes", "rl", "sft", "evaluation", "serve", "sampling"
 DIST_MODULES = ("torch.distributed", "torch.distributed.distributed_c10d", "torch.distributed._functional_collectives")
 COLLECTIVES = {
     "all_reduce", "all_reduce_coalesced", "all_gather", "all_gather_into_tensor", "all_gather_tensor",
-    "all_gather_object", "all_gather_coalesced", "reduce_scatter", "reduce_scatter_tensor", "broadcast",
+    "all_gather_object", "all_gather_coalesced", "all_gather_single", "reduce_scatter", "reduce_scatter_tensor", "broadcast",
     "broadcast_object_list", "barrier", "monitored_barrier", "reduce", "gather", "gather_object", "scatter",
     "scatter_object_list", "all_to_all", "all_to_all_single", "send", "recv", "isend", "irecv",
     "batch_isend_irecv", "send_object_list", "recv_object_list", "new_group", "new_subgroups",

@@ -232,7 +232,8 @@ def test_tiny_model_on_math500_subset_end_to_end(shared_data_dir, tmp_path):
     assert sorted(report) == ["math500", "mine"]
     m = report["math500"]
     assert sorted(m) == sorted(["num_problems", "n", "kinds", "pass@1", "pass@k", "maj@k", "mean_length",
-                                "truncated", "scoring_timeouts", "wall_s"])
+                                "truncated", "scoring_timeouts", "wall_s", "rollout_tp", "weight_bytes_per_rank"])
+    assert m["rollout_tp"] == 1 and m["weight_bytes_per_rank"] > 0
     assert m["num_problems"] == 20 and m["n"] == 4 and sorted(m["pass@k"]) == sorted(m["maj@k"]) == ["1", "2", "4"]
     assert 0 < m["mean_length"] <= 16 and report["mine"]["num_problems"] == 3
     samples = _samples(run, "math500")

@@ -1,0 +1,47 @@
+"""The peak memory of a phase of a run (a rollout, say), per rank: reset, run the phase, read.
+
+    reset_peak(device); ...; peak = peak_bytes(device)
+
+On CUDA it is the caching allocator's high-water mark of allocated tensor bytes
+(torch.cuda.max_memory_allocated, reset by reset_peak_memory_stats). On the CPU it is the process's
+resident high-water mark, VmHWM in /proc/self/status, reset to the current resident size by writing
+5 to /proc/self/clear_refs (Linux): it counts everything the process holds (the interpreter, the
+sharded weights and optimizer state, what the allocator keeps of freed memory), so compare two runs
+of the same job side by side rather than reading it as the phase's own tensors. None where neither
+is available.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _status_kib(key: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def reset_peak(device: torch.device) -> None:
+    """Start a new high-water mark for `device` (see the module docstring)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def peak_bytes(device: torch.device) -> int | None:
+    """The high-water mark since the last reset_peak: CUDA tensor bytes, or the CPU process's
+    resident bytes; None where it cannot be read."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    kib = _status_kib("VmHWM")
+    return None if kib is None else kib * 1024
