@@ -44,8 +44,10 @@ Also written: metrics.jsonl, one line per batch (step = prompts done): samples, 
 filtered, capped, reward/<spec> (the mean over samples that got a value), response_length/mean,
 tokens_per_s; summary.json at the end with the run's totals (prompts, rows, samples, keep_rate,
 kept, duplicate, filtered, capped, failed/<spec>, tokens: completion tokens of all samples).
-Generation runs in one process; to use several GPUs, split the prompts file and run one process
-per part.
+Generation runs in one process, or, with --rollout-tp N, in one tensor-parallel group of N ranks
+(torchrun --nproc_per_node N): the model is split over them (model/tensor_parallel.py, each rank
+reading only its share of the checkpoint), rank 0 does everything above and the other ranks decode
+its batches with it. To use more GPUs than one group, split the prompts file and run one job per part.
 """
 from __future__ import annotations
 
@@ -295,10 +297,12 @@ def default_keep_if(rewards: list[str]) -> str:
 def check_flags(args, world_size: int) -> list[str]:
     """The generate stage's flags, checked before anything is written (ValueError naming the flag).
     An unset --keep-if becomes default_keep_if of --reward; returns the console line saying so."""
-    from evaluation.eval_stage import check_sampling_flags
-    if world_size > 1:
-        raise ValueError(f"--stage generate runs in one process (it got WORLD_SIZE={world_size}); split --data "
-                         f"and run one process per part")
+    from evaluation.eval_stage import check_rollout_tp, check_sampling_flags
+    check_rollout_tp(args, world_size)
+    if world_size > 1 and args.rollout_tp != world_size:
+        raise ValueError(f"--stage generate runs in one process, or in one tensor-parallel group of --rollout-tp "
+                         f"ranks (it got WORLD_SIZE={world_size} and --rollout-tp {args.rollout_tp}); split --data "
+                         f"and run one job per part")
     if args.data is None or not Path(args.data).is_file():
         raise ValueError(f"--stage generate needs --data, a prompts JSONL/Parquet file; got {args.data!r}")
     check_sampling_flags(args, "gen")
@@ -316,6 +320,27 @@ def check_flags(args, world_size: int) -> list[str]:
     return notes
 
 
+def _decode_with_group(args, info) -> int:
+    """A rank > 0 of the generate stage's tensor-parallel group: it holds its share of the model and
+    takes part in every batch rank 0 samples (passing no prompts of its own: sampling/group.py);
+    rank 0 alone reads the prompts, scores, and writes."""
+    from evaluation.eval_stage import load_model_and_tokenizer
+    from runtime.distributed import broadcast_object
+    from sampling.sampler import Sampler, engine_options
+
+    start, total = broadcast_object(None)
+    model, tok = load_model_and_tokenizer(args, info.device)
+    longest = broadcast_object(None)
+    sampler = Sampler(model, max_batch_size=args.sampler_batch_size, max_seq_len=longest + args.gen_max_new_tokens,
+                      tokenizer=tok, verbose=False, **engine_options(args))
+    try:
+        for _ in range(start, total, args.gen_batch_prompts):
+            sampler.generate([], [])
+    finally:
+        sampler.release()
+    return 0
+
+
 def run_generate(args, run, info) -> int:
     """--stage generate: rejection sampling over --data into <run>/generated.jsonl (module docstring)."""
     from data.datasets import load_prompts
@@ -327,6 +352,8 @@ def run_generate(args, run, info) -> int:
     from verify.pool import RewardPool
 
     check_flags(args, info.world_size)
+    if info.rank != 0:
+        return _decode_with_group(args, info)
     rewards = parse_rewards(args.reward)
     cfg = GenerateConfig(n=args.gen_n, temperature=args.gen_temperature, top_p=args.gen_top_p,
                          max_new_tokens=args.gen_max_new_tokens, seed=args.seed, rewards=tuple(rewards),
@@ -342,6 +369,9 @@ def run_generate(args, run, info) -> int:
     if out.dropped_bytes:
         print0(f"generate: dropped {out.dropped_bytes} bytes written after the last recorded batch of {out.path}")
     start = out.prompts_done
+    if info.world_size > 1:   # the other ranks of the group decode as many batches (_decode_with_group)
+        from runtime.distributed import broadcast_object
+        broadcast_object((start, len(rows)))
     if start:
         print0(f"generate: resuming at prompt {start}/{len(rows)} ({out.state['rows']} rows kept so far)")
 
@@ -349,6 +379,9 @@ def run_generate(args, run, info) -> int:
     try:
         model, tok = load_model_and_tokenizer(args, info.device)
         prompts = render_prompts(tok, conversations, template_source(args.chat_template))
+        if info.world_size > 1:
+            from runtime.distributed import broadcast_object
+            broadcast_object(max(map(len, prompts)))
         sampler = Sampler(model, max_batch_size=args.sampler_batch_size,
                           max_seq_len=max(map(len, prompts)) + cfg.max_new_tokens, tokenizer=tok,
                           **engine_options(args))

@@ -68,8 +68,11 @@ def test_flag_errors_name_the_flag(tmp_path):
                                                 "--data", str(data), *extra])
 
     check_flags(flags("--reward", "accuracy,language", "--keep-if", "language>=0.9"), 1)
-    with pytest.raises(ValueError, match="runs in one process \\(it got WORLD_SIZE=2\\)"):
+    with pytest.raises(ValueError, match="group of --rollout-tp ranks \\(it got WORLD_SIZE=2 and --rollout-tp 1\\)"):
         check_flags(flags(), 2)
+    check_flags(flags("--rollout-tp", "2"), 2)   # one tensor-parallel group of 2 ranks
+    with pytest.raises(ValueError, match="--rollout-tp 3: expected a divisor of the 2 rank"):
+        check_flags(flags("--rollout-tp", "3"), 2)
     for extra, message in [(("--keep-if", "language>=0.9"), "names 'language', which --reward does not score"),
                            (("--reward", "acuracy"), "unknown reward 'acuracy'"),
                            (("--data", str(tmp_path / "none.jsonl")), "needs --data, a prompts JSONL/Parquet file"),
@@ -214,3 +217,29 @@ def test_kill_9_mid_run_then_resume_equals_an_uninterrupted_run(tmp_path):
     assert progress["prompts_done"] == 16 and progress["rows"] == 48
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(2, 17, 2))       # one metrics line per batch, none twice
+
+
+@pytest.mark.distributed
+def test_tensor_parallel_group_of_two_writes_what_one_process_writes(tmp_path):
+    """--rollout-tp 2 under torchrun: rank 0 reads, scores and writes, the pair decodes its batches with
+    the model split between them; generated.jsonl equals the one-process run's."""
+    tok = Tokenizer.train([f"What is {i} + {i + 1}? <think>{2 * i + 1}</think>" for i in range(50)], vocab_size=300)
+    tok.save(tmp_path / "tok")
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"What is {i} + {i + 1}?", "answer": str(2 * i + 1)}) + "\n"
+                            for i in range(6)))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    flags = ["--stage", "generate", "--preset", "tiny", "--tokenizer", str(tmp_path / "tok"), "--chat-template",
+             "r1-zero", "--data", str(data), "--gen-n", "2", "--gen-batch-prompts", "4", "--gen-max-new-tokens",
+             "12", "--gen-temperature", "1.0", "--reward", "format,accuracy", "--keep-if", "none",
+             "--reward-workers", "1", "--seed", "3"]
+    one = subprocess.run([sys.executable, str(ROOT / "train.py"), *flags, "--out", str(tmp_path / "one")],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stdout + one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(ROOT / "train.py"), *flags, "--rollout-tp", "2", "--out", str(tmp_path / "two")],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-5000:]
+    want, got = _rows(tmp_path / "one"), _rows(tmp_path / "two")
+    assert len(want) == 12 and got == want
+    assert json.loads((tmp_path / "two" / "progress.json").read_text())["prompts_done"] == 6

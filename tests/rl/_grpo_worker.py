@@ -12,6 +12,8 @@ Under torchrun (gloo) the worker
  2. runs train.py's GRPO stage for 2 steps on both ranks into OUT/grpo (FSDP, the reference model,
     dynamic sampling over prompts where rank 1's first ones have a constant reward, so the ranks need
     different numbers of sampling rounds), whose metrics.jsonl and summary.json the test reads.
+With --rollout-tp-run, step 1 samples with the model split over the two ranks by tensor parallelism
+(OUT/rollouts_tp.json) and step 2 runs the GRPO stage with --rollout-tp 2 (OUT/grpo_tp).
 
 A random model rarely earns the task rewards, so every advantage would be 0 and training would not
 move. `token_parity` gives a reward that varies within a group (1 when the completion's token ids sum
@@ -136,8 +138,9 @@ def main() -> int:
     from data.tokenizer import load_tokenizer
     from model.checkpoint import load_pretrained
     from model.parallel import apply_fsdp, gathered
+    from model.tensor_parallel import TensorParallelRollout
     from rl.rollout import generate_rollouts
-    from runtime.distributed import all_gather_object, barrier, init_distributed
+    from runtime.distributed import all_gather_object, barrier, init_distributed, subgroup
     from sampling.sampler import Sampler
 
     p = argparse.ArgumentParser()
@@ -146,6 +149,9 @@ def main() -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--activation-checkpointing-run", action="store_true",
                    help="only the GRPO run again, with --activation-checkpointing, into OUT/grpo_ac")
+    p.add_argument("--rollout-tp-run", action="store_true",
+                   help="the rollouts of step 1 with the model split over the 2 ranks (OUT/rollouts_tp.json), "
+                   "then the GRPO run again with --rollout-tp 2, into OUT/grpo_tp")
     args = p.parse_args()
     out = Path(args.out)
     common = ("--dynamic-sampling", "--reward", f"{FIXED_REWARD},format,task", "--eval-data", args.prompts,
@@ -160,17 +166,27 @@ def main() -> int:
     model = load_pretrained(args.model)
     apply_fsdp(model)
     rows = read_jsonl(args.prompts)[info.rank::info.world_size]
-    sampler = Sampler(model, max_batch_size=8, max_seq_len=256, tokenizer=tok, verbose=False)
-    with gathered(model):
-        batch = generate_rollouts(sampler, tok, rows, group_size=GROUP_SIZE, params=rollout_params(),
-                                  template="r1-zero", seed=ROLLOUT_SEED + info.rank)
+    if args.rollout_tp_run:   # each rank passes its own prompts; the pair samples them as one batch
+        rollout = TensorParallelRollout(model, subgroup(2))
+        with rollout.weights() as policy:
+            sampler = Sampler(policy, max_batch_size=8, max_seq_len=256, tokenizer=tok, verbose=False)
+            batch = generate_rollouts(sampler, tok, rows, group_size=GROUP_SIZE, params=rollout_params(),
+                                      template="r1-zero", seed=ROLLOUT_SEED + info.rank)
+    else:
+        sampler = Sampler(model, max_batch_size=8, max_seq_len=256, tokenizer=tok, verbose=False)
+        with gathered(model):
+            batch = generate_rollouts(sampler, tok, rows, group_size=GROUP_SIZE, params=rollout_params(),
+                                      template="r1-zero", seed=ROLLOUT_SEED + info.rank)
     mine = {"completion_ids": batch.completion_ids, "rollout_logp": batch.rollout_logp,
             "finish_reasons": batch.finish_reasons}
     every = all_gather_object(mine)
     if info.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "rollouts.json").write_text(json.dumps(every))
+        (out / ("rollouts_tp.json" if args.rollout_tp_run else "rollouts.json")).write_text(json.dumps(every))
     barrier()
+    if args.rollout_tp_run:
+        return train.main(grpo_argv(args.model, out / "grpo_prompts.jsonl", out / "grpo_tp", *common,
+                                    "--rollout-tp", 2))
 
     # The GRPO stage on both ranks (train.main joins the same group and leaves it at the end), with
     # dynamic sampling over prompts where rank 1's first two are fixed-reward ones: rank 1 needs more

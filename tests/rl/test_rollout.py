@@ -241,3 +241,36 @@ def test_two_rank_grpo_with_activation_checkpointing_computes_the_same(tiny, two
             a, b = plain[step][key], ac[step][key]
             assert abs(a - b) <= 1e-5 * max(abs(a), 1e-8), (step, key, a, b)
     assert json.loads((two_ranks / "grpo_ac" / "config.json").read_text())["activation_checkpointing"] is True
+
+
+@pytest.mark.distributed
+def test_two_rank_tensor_parallel_rollouts_and_grpo_equal_the_unsharded(tiny, two_ranks):
+    """--rollout-tp 2: the pair samples both ranks' prompts as one batch with the model split between them;
+    each rank's rollouts equal one process's with the whole model (tokens identical, log-probs within
+    1e-5), and the GRPO run trains as the run with whole-model rollouts does, each rank holding about
+    half the weights while it samples."""
+    _, model, tok, rows = tiny
+    _run_worker(tiny[0], two_ranks, "--rollout-tp-run")
+    split = json.loads((two_ranks / "rollouts_tp.json").read_text())
+    for rank, got in enumerate(split):
+        ref = generate_rollouts(sampler_for(model, tok), tok, rows[rank::2], group_size=GROUP_SIZE,
+                                params=rollout_params(), template="r1-zero", seed=ROLLOUT_SEED + rank)
+        assert got["completion_ids"] == ref.completion_ids
+        assert got["finish_reasons"] == ref.finish_reasons
+        for a, b in zip(got["rollout_logp"], ref.rollout_logp):
+            assert a == pytest.approx(b, abs=1e-5)
+
+    def by_step(run):
+        return {r["step"]: r for r in map(json.loads, (two_ranks / run / "metrics.jsonl").read_text().splitlines())
+                if r["step"] > 0}
+    whole, tp = by_step("grpo"), by_step("grpo_tp")
+    assert sorted(whole) == sorted(tp) == [1, 2]
+    for step in whole:
+        for key in ("loss", "reward/mean", "kl", "grad_norm", "response_length/mean", "eval/greedy_accuracy"):
+            if key in whole[step]:
+                a, b = whole[step][key], tp[step][key]
+                assert abs(a - b) <= 1e-5 * max(abs(a), 1.0), (step, key, a, b)
+        ratio = tp[step]["memory/rollout_weight_gib"] / whole[step]["memory/rollout_weight_gib"]
+        assert 0.45 < ratio < 0.55, ratio
+        assert tp[step]["memory/rollout_peak_gib"] > 0 and whole[step]["memory/rollout_peak_gib"] > 0
+    assert json.loads((two_ranks / "grpo_tp" / "config.json").read_text())["rollout_tp"] == 2
