@@ -141,7 +141,7 @@ def main() -> None:
     prefix_err = 0.0   # log-prob differences over the positions before two samples first differ
     for ta, tb, la, lb in pairs:
         n = next((i for i, (x, y) in enumerate(zip(ta, tb)) if x != y), len(ta))
-        prefix_err = max([prefix_err] + [abs(x - y) for x, y in zip(la[:n + 1], lb[:n + 1])])
+        prefix_err = max([prefix_err] + [abs(x - y) for x, y in zip(la[:n], lb[:n])])
     mib = lambda b: f"{b / 2**20:8.1f}"  # noqa: E731
     print(f"model: qwen2 '{args.size}', {params / 1e6:.0f}M parameters (fp32 {params * 4 / 2**20:.0f} MiB), FSDP2 "
           f"over 2 ranks; per rank {args.prompts} prompts x {args.samples} samples x {args.new_tokens} tokens")

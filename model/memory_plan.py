@@ -47,7 +47,8 @@ class PlanSettings:
     micro_batch_tokens: tokens of one forward/backward (grpo: --micro-batch-tokens, sequences packed
     whole, a longer one alone; sft: --micro-batch-size x --seq-len). rollout_batch is train.py's
     --sampler-batch-size (sequences decoded at once, the KV cache's slots); prompt_len the longest
-    prompt in tokens. rollout_tp is a what-if (tensor-parallel rollouts are not built). device "cpu"
+    prompt in tokens. rollout_tp is train.py's --rollout-tp (rollouts with the model split over groups of
+    that many ranks, model/tensor_parallel.py). device "cpu"
     models the CPU run: the kernels' torch twins, no CUDA allowance.
     """
     stage: str
@@ -179,6 +180,44 @@ def _layout(c: ModelConfig) -> _Layout:
     largest = max(c.vocab_size * D, c.intermediate_size * D, c.moe_intermediate_size * D,
                   c.num_attention_heads * max(c.head_dim or 0, c.qk_head_dim, c.v_head_dim) * D)
     return _Layout(blocks, root, mtp, sum(r for _, r in blocks) + mtp_routers, buffers, largest)
+
+
+def tp_share_elements(c: ModelConfig, k: int) -> tuple[int, int]:
+    """(elements in the compute dtype, fp32 elements) of one rank's tensor-parallel share of the model
+    over k ranks, following model/tensor_parallel.py's plan: heads (q/k/v, MLA's q_b_proj or q_proj
+    and kv_b_proj, o_proj), MLP rows and the vocabulary (embedding and head, ceil(V / k) rows) split,
+    routed experts divided, norms, MLA's latent projections and the routers (fp32) whole, no MTP
+    modules. tests/model/test_stats.py holds it equal to the share's module tree."""
+    D, L = c.hidden_size, c.num_hidden_layers
+    rows = -(-c.vocab_size // k)
+    low = rows * D * (1 if c.tie_word_embeddings else 2) + D      # embedding, head, final norm
+    fp32 = 0
+    for i in range(L):
+        low += 2 * D                                               # the block's two norms
+        H = c.num_attention_heads
+        if c.is_mla:
+            Dqk, C, R = c.qk_head_dim, c.kv_lora_rank, c.qk_rope_head_dim
+            bias = 1 if c.attention_bias else 0
+            if c.q_lora_rank is None:
+                low += D * H * Dqk // k
+            else:
+                Cq = c.q_lora_rank
+                low += D * Cq + bias * Cq + Cq + Cq * H * Dqk // k
+            low += D * (C + R) + bias * (C + R) + C + C * H * (c.qk_nope_head_dim + c.v_head_dim) // k
+            low += H * c.v_head_dim * D // k + bias * D
+        else:
+            Dh, Kv = c.head_dim, c.num_key_value_heads
+            qkv = (H + 2 * Kv) * Dh
+            low += qkv * D // k + (qkv // k if c.attention_bias else 0) + H * Dh * D // k + (D if c.o_bias else 0)
+            low += 2 * Dh if c.qk_norm else 0
+        if c.is_moe_layer(i):
+            E, Im = c.n_routed_experts, c.moe_intermediate_size
+            low += E // k * 3 * D * Im + 3 * D * Im * c.n_shared_experts // k
+            fp32 += E * D + E                                      # router weight and balancing bias
+        else:
+            I = c.intermediate_size
+            low += 3 * D * I // k + (2 * I // k + D if c.mlp_bias else 0)
+    return low, fp32
 
 
 # -- bytes per token ---------------------------------------------------------------------------------
@@ -317,6 +356,7 @@ def _check(s: PlanSettings) -> None:
                         ("--prompt-len", s.prompt_len), ("--max-new-tokens", s.max_new_tokens),
                         ("--rollout-tp", s.rollout_tp)):
         need(value >= 1, f"{flag} {value}: expected >= 1")
+    need(s.gpus % s.rollout_tp == 0, f"--rollout-tp {s.rollout_tp}: expected a divisor of --gpus {s.gpus}")
     need(s.beta >= 0, f"--beta {s.beta}: expected >= 0")
     need(s.overhead_gib is None or s.overhead_gib >= 0, f"--overhead-gib {s.overhead_gib}: expected >= 0")
     need(s.margin is None or s.margin >= 0, f"--margin {s.margin}: expected >= 0")
@@ -342,7 +382,8 @@ def plan_memory(config: ModelConfig, s: PlanSettings) -> MemoryPlan:
             unsharded gradients and the fp32 reduce-scatter buffers).
     step    the gradients and AdamW's temporaries (foreach on GPU: one fp32 copy of the shards).
     rollout the whole model gathered in the compute dtype on every rank (model.parallel.gathered;
-            1/K of it with the --rollout-tp K what-if), the rollout engine's KV cache at its default
+            with --rollout-tp K this rank's tensor-parallel share instead, tp_share_elements, plus the
+            one whole tensor being cut at a time, the largest), the rollout engine's KV cache at its default
             budget, rollout_batch x (prompt + max_new_tokens) positions in pages and a scratch page
             (sampling/engine.py, model/paged_cache.py), and the
             prefill/decode working set; the cache is released before training, so this phase and
@@ -436,12 +477,18 @@ def plan_memory(config: ModelConfig, s: PlanSettings) -> MemoryPlan:
 
     if grpo:
         K = s.rollout_tp
-        gathered = -(-lay.copy_bytes(b) // K) if fsdp else 0
-        what_if = f", 1/{K}: tensor-parallel what-if (issue 18, not built)" if K > 1 else ""
-        parts.append(Part("rollout_weights", ("rollout",), gathered,
-                          f"gathered rollout weights: whole model {'bf16' if b == 2 else 'fp32'}{what_if}"
-                          if fsdp else "gathered rollout weights: none (one unsharded process)"))
-        kv_split = 1 if c.is_mla else min(K, c.num_key_value_heads)
+        if K > 1:
+            from model.tensor_parallel import check_tensor_parallel
+            check_tensor_parallel(c, K)          # a head or expert count that does not split: named
+            low, fp32 = tp_share_elements(c, K)
+            parts.append(Part("rollout_weights", ("rollout",), b * low + 4 * fp32 + b * lay.largest,
+                              f"rollout weights: tensor-parallel share /{K} {'bf16' if b == 2 else 'fp32'} "
+                              f"+ the one whole tensor being cut"))
+        else:
+            parts.append(Part("rollout_weights", ("rollout",), lay.copy_bytes(b) if fsdp else 0,
+                              f"gathered rollout weights: whole model {'bf16' if b == 2 else 'fp32'}"
+                              if fsdp else "gathered rollout weights: none (one unsharded process)"))
+        kv_split = 1 if c.is_mla else K   # GQA: kv heads split over the group; MLA: every rank keeps the latent
         # the rollout engine's default budget: rollout_batch x (prompt + max_new_tokens) positions in
         # pages of PAGE_SIZE, and one scratch page (sampling/engine.py)
         positions = (-(-s.rollout_batch * (s.prompt_len + s.max_new_tokens) // PAGE_SIZE) + 1) * PAGE_SIZE
@@ -462,9 +509,6 @@ def plan_memory(config: ModelConfig, s: PlanSettings) -> MemoryPlan:
             work = T * (_nograd_layer_bytes(c, b, cpu) + D * b) + n_targets * D * b \
                 + _logprob_forward_bytes(n_targets, c, b, cpu)
             parts.append(Part("ref_working", ("ref_pass",), work, f"reference pass working set: {T} tokens"))
-        if K > 1:
-            notes.append(f"--rollout-tp {K} is a planning what-if for tensor-parallel rollouts (issue 18, not "
-                         f"built): train.py gathers the whole model on every rank")
         notes.append(f"--rollout-batch {s.rollout_batch} is train.py's --sampler-batch-size; "
                      f"--prompt-len {s.prompt_len} is the longest prompt (an assumption when not given)")
     notes.append("activations are counted for eager blocks; torch.compile'd blocks (--compile) usually keep less")
@@ -527,9 +571,12 @@ def advice(plan: MemoryPlan) -> list[str]:
             out.append(f"smaller micro-batches do not fit: {what} {gib(floor)}")
     if grpo and plan.peak_phase == "rollout":
         for k in (2, 4, 8):
-            if k > s.rollout_tp and total(rollout_tp=k) <= limit:
-                out.append(f"--rollout-tp {k} (a what-if: tensor-parallel rollouts are issue 18, not built) gives "
-                           f"{gib(total(rollout_tp=k))}")
+            try:
+                fits_with_k = k > s.rollout_tp and total(rollout_tp=k) <= limit
+            except ValueError:   # k does not divide the GPUs or the model's heads / experts
+                continue
+            if fits_with_k:
+                out.append(f"tensor-parallel rollouts: --rollout-tp {k} gives {gib(total(rollout_tp=k))}")
                 fitting = True
                 break
         r = s.rollout_batch

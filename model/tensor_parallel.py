@@ -31,9 +31,10 @@ so a compiled decode step traces them). The local model's parameter names are th
 with the same layout, so `plan` maps each to the tensor and slice it comes from.
 
 Weights by redistribution (`TensorParallelRollout.weights()`): for each tensor of the FSDP model in
-turn, its DTensor shards are redistributed to Replicate (one all-gather of that tensor only), this
-rank keeps its slice, and the whole tensor is freed before the next: no rank ever holds more than
-its share of the model plus one whole weight tensor. The local tensors are freed when the context
+turn, its DTensor shards (cast to the compute dtype first, as FSDP2's mixed precision gathers them)
+are redistributed to Replicate (one all-gather of that tensor only), this rank keeps its slice,
+and the whole tensor is freed before the next: no rank ever holds more than its share of the model
+plus one whole weight tensor. The local tensors are freed when the context
 exits, before training resumes. `load_tensor_parallel(path, ...)` builds the same local model
 straight from a checkpoint folder for evaluation alone (no FSDP), reading each tensor once.
 """
@@ -368,6 +369,8 @@ class TensorParallelRollout:
 
     @contextlib.contextmanager
     def weights(self):
+        from torch.distributed.tensor import DTensor
+
         from model.parallel import gathered
 
         if self.local is None:
@@ -382,7 +385,16 @@ class TensorParallelRollout:
 
         def read(name, needed):
             t = sources[name]
-            return t.full_tensor() if hasattr(t, "full_tensor") else (t if needed else None)
+            if not hasattr(t, "full_tensor"):
+                return t if needed else None
+            # gathered in the dtype it computes in (as FSDP2's mixed precision gathers it): the shard is
+            # cast first, so the whole tensor in flight is half the fp32 master's size under bf16
+            want = torch.float32 if _keeps_fp32(name) else dtype
+            local = t.to_local()
+            if local.is_floating_point() and local.dtype != want:
+                t = DTensor.from_local(local.to(want), t.device_mesh, t.placements, run_check=False,
+                                       shape=t.shape, stride=t.stride())
+            return t.full_tensor()
 
         order = [n for n in sources if not _is_mtp(n, self.model.config)]
         try:

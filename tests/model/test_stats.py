@@ -18,7 +18,7 @@ from kernels import token_logprobs
 from model.cache import KVCache
 from model.config import ModelConfig
 from model.memory_plan import (PREFILL_TOKENS, GiB, PlanSettings, _layout, head_activation_bytes,
-                               kv_cache_bytes_per_token, layer_activation_bytes, plan_memory)
+                               kv_cache_bytes_per_token, layer_activation_bytes, plan_memory, tp_share_elements)
 from model.stats import count_params, flops_per_token, main
 from model.transformer import Transformer
 from tests.model.conftest import TINY, tiny_config
@@ -248,14 +248,50 @@ def test_moe_router_stays_fp32_in_every_copy():
     assert lay.copy_bytes(2) == 2 * (lay.total - lay.routers) + 4 * lay.routers
 
 
-def test_rollout_tp_is_a_what_if_that_splits_the_gathered_weights():
+def test_rollout_tp_plans_the_tensor_parallel_share():
     c = published("Qwen2.5-32B")
-    base, tp = plan_memory(c, grpo(gpus=128)), plan_memory(c, grpo(gpus=128, rollout_tp=4))
-    assert tp.part("rollout_weights") == -(-base.part("rollout_weights") // 4)
-    assert tp.part("kv_cache") == base.part("kv_cache") // 4            # kv heads split over the TP group
-    assert any("issue 18" in n and "not built" in n for n in tp.notes)
+    base, tp = plan_memory(c, grpo(gpus=128)), plan_memory(c, grpo(gpus=128, rollout_tp=8))
+    low, fp32 = tp_share_elements(c, 8)
+    assert tp.part("rollout_weights") == 2 * low + 4 * fp32 + 2 * _layout(c).largest
+    # 1/8, plus the norms (whole on every rank) and the embedding gathered whole in bf16 while it is cut
+    assert 0.14 < tp.part("rollout_weights") / base.part("rollout_weights") < 0.16
+    assert tp.part("kv_cache") == base.part("kv_cache") // 8            # kv heads split over the TP group
+    assert not any("not built" in n for n in tp.notes)
     v3 = plan_memory(published("DeepSeek-V3"), grpo(gpus=256, rollout_tp=8))
     assert v3.part("kv_cache") == plan_memory(published("DeepSeek-V3"), grpo(gpus=256)).part("kv_cache")  # MLA latent
+    with pytest.raises(ValueError, match="num_attention_heads = 40, num_key_value_heads = 8 are not divisible by 16"):
+        plan_memory(c, grpo(gpus=128, rollout_tp=16))
+    with pytest.raises(ValueError, match="--rollout-tp 3: expected a divisor of --gpus 128"):
+        plan_memory(c, grpo(gpus=128, rollout_tp=3))
+
+
+def test_tp_share_elements_equal_the_share_module_tree():
+    from model.tensor_parallel import _keeps_fp32, build_local_model, check_tensor_parallel
+    from runtime.distributed import Subgroup
+
+    checked = 0
+    cases = [(tiny_config(kind), k) for kind in TINY for k in (2, 3)]
+    cases += [(ModelConfig.from_preset("tiny-moe"), 2), (ModelConfig.from_preset("tiny"), 2),
+              (published("Qwen2.5-32B").replace(num_hidden_layers=2), 8)]
+    for c, k in cases:
+        try:
+            check_tensor_parallel(c, k)
+        except ValueError:
+            continue
+        for rank in range(k):
+            local = build_local_model(c, Subgroup(tuple(range(k)), rank, 0))
+            seen, low, fp32 = set(), 0, 0
+            for name, t in [*local.named_parameters(), *local.named_buffers()]:
+                if id(t) in seen:
+                    continue
+                seen.add(id(t))
+                if _keeps_fp32(name):
+                    fp32 += t.numel()
+                else:
+                    low += t.numel()
+            assert tp_share_elements(c, k) == (low, fp32), (c.model_type, k, rank)
+        checked += 1
+    assert checked >= 6
 
 
 def test_a_plan_that_does_not_fit_says_what_to_change(tmp_path, capsys):
@@ -265,7 +301,7 @@ def test_a_plan_that_does_not_fit_says_what_to_change(tmp_path, capsys):
                                   "--activation-checkpointing"], capsys)
     assert code == 1 and line["fits"] is False and line["peak_phase"] == "rollout"
     assert "does NOT fit" in table and "to make it fit:" in table
-    assert any("--rollout-tp" in a and "issue 18" in a for a in line["advice"])
+    assert any(a.startswith("tensor-parallel rollouts: --rollout-tp 8 gives") for a in line["advice"])
     assert any("--rollout-batch" in a and "--sampler-batch-size" in a for a in line["advice"])
     assert any(a.startswith("more GPUs alone do not fit") for a in line["advice"])   # the gathered model is whole
     for a in line["advice"]:
@@ -344,7 +380,7 @@ def test_readme_planner_figures_are_the_planners(tmp_path, capsys):
     text = README.read_text()
     section = text[text.index("## Real-scale recipes"):text.index("## Tests")]
     found = re.findall(r"`python -m model\.stats plan ([^`]+)`:\s+([\d.]+) GiB per GPU,\s+(fits|does not fit)", section)
-    assert len(found) == 5   # one per recipe, and recipe 3 on H200
+    assert len(found) == 5   # one per recipe, and recipe 3 without --rollout-tp
     for flags, gib, verdict in found:
         argv = flags.split()
         name = argv[argv.index("--model") + 1]
