@@ -26,8 +26,10 @@ place so parameter names do not change (checkpoints stay in Hugging Face layout)
 context: generation runs hundreds of forwards per rollout batch, and without it each decode step
 would all-gather every layer again.
 
-Expert and tensor parallelism for 671B-class models are later work: MoE dispatch is kept in one
-place (model/moe.py) where an all-to-all can slot in.
+Tensor parallelism for sampling (each rank of a group holding a share of the model, cut from
+these FSDP shards for the duration of a rollout) is model/tensor_parallel.py. Expert parallelism
+for training 671B-class models is later work: MoE dispatch is kept in one place (model/moe.py)
+where an all-to-all can slot in.
 """
 from __future__ import annotations
 

@@ -300,16 +300,21 @@ def fill(local: nn.Module, pieces: list[Piece], read, order: list[str], dtype: t
     nbytes = 0
     for source in order:
         full = read(source, bool(by_source.get(source)))
-        if full is None:
-            continue
-        for p in by_source.get(source, []):
-            block = cut(full, p)
-            t = torch.empty(block.shape, dtype=torch.float32 if _keeps_fp32(p.name) else dtype, device=device)
-            t.copy_(block)
-            _assign(local, p.name, t)
-            nbytes += t.numel() * t.element_size()
-        del full
+        if full is not None:
+            nbytes += _keep_pieces(local, full, by_source.get(source, []), dtype, device)
+        del full   # no view of it outlives this step: the next whole tensor is read only once this one is gone
     _tie(local)
+    return nbytes
+
+
+def _keep_pieces(local: nn.Module, full: torch.Tensor, pieces: list[Piece], dtype, device) -> int:
+    """Copy each piece's block of `full` into a tensor of its own in `local`; the bytes allocated."""
+    nbytes = 0
+    for p in pieces:
+        t = torch.empty(cut(full, p).shape, dtype=torch.float32 if _keeps_fp32(p.name) else dtype, device=device)
+        t.copy_(cut(full, p))
+        _assign(local, p.name, t)
+        nbytes += t.numel() * t.element_size()
     return nbytes
 
 

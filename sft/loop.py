@@ -91,6 +91,9 @@ def check_flags(args, world_size: int) -> list[str]:
         if not ok:
             raise ValueError(message)
 
+    need(getattr(args, "rollout_tp", 1) == 1, f"--rollout-tp {getattr(args, 'rollout_tp', 1)}: tensor-parallel "
+         f"sampling applies to the grpo, eval and generate stages; --stage {args.stage} samples only for its "
+         f"held-out evaluation, with the whole model")
     need(args.data is not None, f"--stage {args.stage} needs --data (a JSONL/Parquet file)")
     need(Path(args.data).is_file(), f"--data {args.data}: no such file")
     check_model_flags(args)

@@ -151,3 +151,35 @@ def test_local_config_and_cut():
         check_tensor_parallel(c, 4)
     with pytest.raises(ValueError, match="--rollout-tp 0: expected >= 1"):
         check_tensor_parallel(c, 0)
+
+
+def test_fill_holds_one_whole_tensor_at_a_time_and_only_its_share():
+    """fill() reads each source tensor whole, keeps this rank's blocks, and lets the whole tensor go
+    before it reads the next (no view of it survives); what it allocates is the share alone."""
+    import weakref
+
+    from model.tensor_parallel import _tensors, build_local_model, fill, plan
+    from model.transformer import Transformer
+    from runtime.distributed import Subgroup
+
+    c = ModelConfig(**CONFIGS["deepseek_v3"])
+    torch.manual_seed(0)
+    full = Transformer(c)
+    sources = dict(_tensors(full))
+    for rank in (0, 1):
+        local = build_local_model(c, Subgroup((0, 1), rank, 0))
+        alive, worst = [], 0
+
+        def read(name, needed):
+            alive[:] = [r for r in alive if r() is not None]
+            nonlocal worst
+            worst = max(worst, len(alive))
+            t = sources[name].detach().clone()   # a fresh whole tensor, as a gather or a file read gives
+            alive.append(weakref.ref(t))
+            return t
+
+        held = fill(local, plan(local, Subgroup((0, 1), rank, 0)), read, list(sources), torch.float32,
+                    torch.device("cpu"))
+        assert worst == 0, "a whole tensor was still alive when the next one was read"
+        share = sum(t.numel() * t.element_size() for _, t in _tensors(local))
+        assert held == share and 0.3 < share / sum(t.numel() * 4 for t in sources.values()) < 0.6

@@ -226,6 +226,7 @@ def test_overlong_error_policy_names_the_document(sft_files, tmp_path):
     (["--max-nonfinite", "0"], "--max-nonfinite 0"),
     (["--lr", "-1"], "--lr -1"),
     (["--eval-data", "no/such/file.jsonl"], "--eval-data no/such/file.jsonl: no such file"),
+    (["--rollout-tp", "2"], "--rollout-tp 2: tensor-parallel sampling applies to the grpo, eval and generate"),
 ])
 def test_bad_flags_are_refused_before_anything_is_written(sft_files, tmp_path, capsys, extra, message):
     out = tmp_path / "run"
