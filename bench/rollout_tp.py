@@ -46,14 +46,6 @@ SIZES = {
 }
 
 
-def _status_kib(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {key} (Linux only)")
-
-
 def child(args) -> None:
     sys.path.insert(0, str(ROOT))
     import torch
@@ -62,6 +54,9 @@ def child(args) -> None:
     from model.parallel import apply_fsdp
     from model.tensor_parallel import TensorParallelRollout
     from runtime.distributed import all_gather_object, init_distributed, subgroup, teardown
+    from runtime.memory import peak_bytes, reset_peak, resident_bytes
+    if resident_bytes() is None:
+        sys.exit("bench/rollout_tp.py reads /proc/self/status (Linux only)")
     from sampling import Sampler, SamplingParams
 
     info = init_distributed()
@@ -85,9 +80,9 @@ def child(args) -> None:
             [prompts[0][:4]], SamplingParams(max_new_tokens=2, stop_token_ids=[], seed=0))
     import gc
     gc.collect()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = _status_kib("VmRSS") * 1024
+    cpu = torch.device("cpu")
+    reset_peak(cpu)
+    before = resident_bytes()
     t0 = time.perf_counter()
     with rollout.weights() as policy:
         sampler = Sampler(policy, max_batch_size=64, max_seq_len=args.prompt_len + args.new_tokens, verbose=False)
@@ -95,7 +90,7 @@ def child(args) -> None:
         cache = sampler.cache_bytes
         sampler.release()
     wall = time.perf_counter() - t0
-    peak = _status_kib("VmHWM") * 1024
+    peak = peak_bytes(cpu)
     mine = dict(rank=info.rank, weights=rollout.weight_bytes, cache=cache, before=before, peak_above=peak - before,
                 wall_s=wall, tokens=[c.token_ids for o in outs for c in o], logprobs=[c.logprobs for o in outs for c in o])
     reports = all_gather_object(mine)

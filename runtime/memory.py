@@ -45,3 +45,9 @@ def peak_bytes(device: torch.device) -> int | None:
         return torch.cuda.max_memory_allocated(device)
     kib = _status_kib("VmHWM")
     return None if kib is None else kib * 1024
+
+
+def resident_bytes() -> int | None:
+    """The process's resident memory now (VmRSS), None where /proc cannot be read."""
+    kib = _status_kib("VmRSS")
+    return None if kib is None else kib * 1024

@@ -191,17 +191,22 @@ def two_ranks(tiny):
 def test_two_rank_fsdp_rollouts_equal_one_process(tiny, two_ranks):
     """Each rank samples its share of the prompts (rank r: rows[r::2], seed ROLLOUT_SEED + r) from the
     FSDP-sharded model inside gathered(); one process with the whole model draws the same tokens."""
-    _, model, tok, rows = tiny
     sharded = json.loads((two_ranks / "rollouts.json").read_text())
-    assert len(sharded) == 2
-    for rank, got in enumerate(sharded):
+    _assert_equal_one_process(sharded, *tiny[1:])
+    assert sharded[0]["completion_ids"] != sharded[1]["completion_ids"]
+
+
+def _assert_equal_one_process(per_rank: list[dict], model, tok, rows) -> None:
+    """Rank r's rollouts (rows[r::2], seed ROLLOUT_SEED + r) equal one process's with the whole model:
+    the same tokens and finish reasons, log-probs within 1e-5."""
+    assert len(per_rank) == 2
+    for rank, got in enumerate(per_rank):
         ref = generate_rollouts(sampler_for(model, tok), tok, rows[rank::2], group_size=GROUP_SIZE,
                                 params=rollout_params(), template="r1-zero", seed=ROLLOUT_SEED + rank)
         assert got["completion_ids"] == ref.completion_ids
         assert got["finish_reasons"] == ref.finish_reasons
         for a, b in zip(got["rollout_logp"], ref.rollout_logp):
             assert a == pytest.approx(b, abs=1e-5)
-    assert sharded[0]["completion_ids"] != sharded[1]["completion_ids"]
 
 
 @pytest.mark.distributed
@@ -249,16 +254,8 @@ def test_two_rank_tensor_parallel_rollouts_and_grpo_equal_the_unsharded(tiny, tw
     each rank's rollouts equal one process's with the whole model (tokens identical, log-probs within
     1e-5), and the GRPO run trains as the run with whole-model rollouts does, each rank holding about
     half the weights while it samples."""
-    _, model, tok, rows = tiny
     _run_worker(tiny[0], two_ranks, "--rollout-tp-run")
-    split = json.loads((two_ranks / "rollouts_tp.json").read_text())
-    for rank, got in enumerate(split):
-        ref = generate_rollouts(sampler_for(model, tok), tok, rows[rank::2], group_size=GROUP_SIZE,
-                                params=rollout_params(), template="r1-zero", seed=ROLLOUT_SEED + rank)
-        assert got["completion_ids"] == ref.completion_ids
-        assert got["finish_reasons"] == ref.finish_reasons
-        for a, b in zip(got["rollout_logp"], ref.rollout_logp):
-            assert a == pytest.approx(b, abs=1e-5)
+    _assert_equal_one_process(json.loads((two_ranks / "rollouts_tp.json").read_text()), *tiny[1:])
 
     def by_step(run):
         return {r["step"]: r for r in map(json.loads, (two_ranks / run / "metrics.jsonl").read_text().splitlines())
