@@ -24,7 +24,9 @@ from tests.rl._grpo_worker import (FIXED_REWARD, GROUP_SIZE, MAX_NEW_TOKENS, PAR
 
 STEP_KEYS = step_metric_keys([PARITY_REWARD, "format", "task"])
 # what differs between two runs that compute the same thing
-TIMING_KEYS = ("time/rollout", "time/reward", "time/logprobs", "time/train", "step_s", "tokens_per_s")
+# measured, not computed: times and the rollout's resident-memory high-water mark
+TIMING_KEYS = ("time/rollout", "time/reward", "time/logprobs", "time/train", "step_s", "tokens_per_s",
+               "memory/rollout_peak_gib")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/rl/conftest.py
