@@ -86,6 +86,18 @@ class Event:
     completion: Completion | None = None
 
 
+@dataclass(frozen=True)
+class SeqInfo:
+    """Engine.info: tokens after the prompt (sampled and extended), how many were sampled, room for
+    more tokens of any kind (max_seq_len and the max_total budget), tokens it may still sample, and
+    whether it stopped at a stop token it sampled (an end of sequence, not a stop string)."""
+    tokens: int
+    sampled: int
+    room: int
+    can_sample: int
+    at_stop_token: bool
+
+
 @dataclass
 class _Seq:
     id: int
@@ -105,6 +117,7 @@ class _Seq:
     cached: int = 0               # positions whose keys are in its pages
     state: str = "waiting"        # waiting | running | paused | finished
     finish: str | None = None
+    max_total: int | None = None  # tokens after the prompt, sampled and extended together (None: no bound)
 
     @property
     def length(self) -> int:
@@ -114,8 +127,10 @@ class _Seq:
         return self.prompt + self.tokens
 
     def remaining(self, max_seq_len: int) -> int:
-        """Tokens it may still sample: its max_new_tokens budget and the room left in max_seq_len."""
-        return min(self.params.max_new_tokens - self.n_sampled, max_seq_len - self.length)
+        """Tokens it may still sample: its max_new_tokens budget, the room left in max_seq_len and
+        in its max_total budget."""
+        left = min(self.params.max_new_tokens - self.n_sampled, max_seq_len - self.length)
+        return left if self.max_total is None else min(left, self.max_total - len(self.tokens))
 
 
 class Engine:
@@ -228,17 +243,23 @@ class Engine:
         if lo < 0 or hi >= self.vocab_size:
             raise ValueError(f"{what} token ids span {lo}..{hi} but the vocabulary has {self.vocab_size} ids")
 
-    def add(self, prompt: list[int], params: SamplingParams, pause: bool = False) -> list[int]:
+    def add(self, prompt: list[int], params: SamplingParams, pause: bool = False,
+            max_total: int | None = None) -> list[int]:
         """Queue a request's n samples; returns their sequence ids. pause=True: at a stop token or
-        stop string a sample pauses (keeping its pages) instead of finishing."""
+        stop string a sample pauses (keeping its pages) instead of finishing. max_total bounds the
+        tokens after the prompt, sampled and extended together (a multi-turn rollout's budget; its
+        max_new_tokens still counts sampled tokens only): a sample reaching it finishes "length"."""
         self.check(prompt, params)
+        if max_total is not None and max_total < 1:
+            raise ValueError(f"Engine.add: max_total must be >= 1, got {max_total}")
         request = self._next_request
         self._next_request += 1
         seed = params.seed if params.seed is not None else int(torch.randint(0, 2**40, (1,)).item())
         stop = list(params.stop_token_ids if params.stop_token_ids is not None else self.default_stop_ids)
         ids = []
         for j in range(params.n):
-            s = _Seq(self._next_seq, request, j, list(prompt), params, sample_key(seed, j), stop, pause, order=-1)
+            s = _Seq(self._next_seq, request, j, list(prompt), params, sample_key(seed, j), stop, pause, order=-1,
+                     max_total=max_total)
             self._next_seq += 1
             self.seqs[s.id] = s
             self.waiting.append(s.id)
@@ -262,15 +283,36 @@ class Engine:
         if s.state != "paused":
             raise ValueError(f"extend: sequence {seq} is {s.state}; only a paused sequence can be extended")
         self._check_ids(token_ids, "extend:", f"no token ids for sequence {seq}")
-        if s.length + len(token_ids) + 1 > self.max_seq_len:
+        if len(token_ids) + 1 > self.info(seq).room:
             raise ValueError(f"extend: sequence {seq} has {s.length} tokens; {len(token_ids)} more leave no room to "
-                             f"sample within max_seq_len {self.max_seq_len}")
+                             f"sample within max_seq_len {self.max_seq_len}"
+                             + (f" and its budget of {s.max_total} tokens" if s.max_total is not None else ""))
         s.tokens += list(token_ids)
         s.logprobs += [0.0] * len(token_ids)
         s.mask += [0] * len(token_ids)
         s.stop_from = len(s.tokens)
         s.state, s.finish = "waiting", None
         self.waiting.appendleft(seq)
+
+    def resume(self, seq: int) -> None:
+        """Let a paused sequence sample on with nothing added (its stop was not the caller's
+        business): stop strings are looked for only in what it samples from here."""
+        s = self._get(seq, "resume")
+        if s.state != "paused":
+            raise ValueError(f"resume: sequence {seq} is {s.state}; only a paused sequence can be resumed")
+        if s.remaining(self.max_seq_len) < 1:
+            raise ValueError(f"resume: sequence {seq} has no tokens left to sample; finish it")
+        s.stop_from = len(s.tokens)
+        s.state, s.finish = "waiting", None
+        self.waiting.appendleft(seq)
+
+    def info(self, seq: int) -> "SeqInfo":
+        """Where a sequence stands (for loops that extend or resume paused sequences)."""
+        s = self._get(seq, "info")
+        room = self.max_seq_len - s.length
+        room = room if s.max_total is None else min(room, s.max_total - len(s.tokens))
+        at_token = bool(s.tokens) and s.tokens[-1] in s.stop_ids and s.mask[-1] == 1
+        return SeqInfo(len(s.tokens), s.n_sampled, room, s.remaining(self.max_seq_len), at_token)
 
     def finish(self, seq: int) -> Completion:
         """End a paused sequence: its completion (finish_reason "stop"); its pages are freed."""
@@ -488,7 +530,9 @@ class Engine:
         pieces = [s.context()[s.cached:] for s in seqs]
         starts = [s.cached for s in seqs]
         L = max(map(len, pieces))
-        W = self.cache.pool.pages_for(max(a + L for a in starts))
+        # a row's table may hold pages past its context (a decode window's, kept after a roll-back to a stop)
+        W = max(self.cache.pool.pages_for(max(a + L for a in starts)),
+                max(len(self.cache.pool.tables[s.id]) for s in seqs))
         ids = torch.zeros(len(seqs), L, dtype=torch.long)
         tables = torch.full((len(seqs), W), self.scratch, dtype=torch.long)
         for i, (s, p) in enumerate(zip(seqs, pieces)):

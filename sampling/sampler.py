@@ -34,6 +34,8 @@ group decodes the union of their requests as one batch (sampling/group.py).
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from model.parallel import decode_view
@@ -132,28 +134,38 @@ class Sampler:
     def generate_local(self, prompts: list[list[int]], params: list[SamplingParams]) -> list[list[Completion]]:
         """generate on this rank's engine alone, requests already checked (a group's union, for
         sampling/group.py)."""
+        seqs: list[list[int]] = []
+        with self.driving() as engine:
+            try:
+                for p, sp in zip(prompts, params):
+                    seqs.append(engine.add(p, sp))
+                where = {s: (i, j) for i, ids in enumerate(seqs) for j, s in enumerate(ids)}
+                results: list[list[Completion | None]] = [[None] * sp.n for sp in params]
+                while engine.has_work():
+                    for ev in engine.step():
+                        if ev.kind == "finished" and ev.seq in where:
+                            i, j = where[ev.seq]
+                            results[i][j] = ev.completion
+                            engine.pop(ev.seq)
+                return results
+            except BaseException:
+                for s in [s for ids in seqs for s in ids]:
+                    if s in engine.seqs:
+                        engine.abort(s)
+                raise
+
+    @contextlib.contextmanager
+    def driving(self):
+        """The engine, set up to step: the model in eval mode and decode running on its hook-free
+        view (restored on exit). For loops that drive the engine themselves (multi-turn rollouts:
+        evaluation/tool_rollout.py); generate is one."""
         was_training = self.model.training
         self.model.eval()
         engine = self.engine
         self._view = engine.forward_model = decode_view(self.model, self._view)
-        seqs: list[list[int]] = []
         try:
-            for p, sp in zip(prompts, params):
-                seqs.append(engine.add(p, sp))
-            where = {s: (i, j) for i, ids in enumerate(seqs) for j, s in enumerate(ids)}
-            results: list[list[Completion | None]] = [[None] * sp.n for sp in params]
-            while engine.has_work():
-                for ev in engine.step():
-                    if ev.kind == "finished" and ev.seq in where:
-                        i, j = where[ev.seq]
-                        results[i][j] = ev.completion
-                        engine.pop(ev.seq)
-            return results
-        except BaseException:
-            for s in [s for ids in seqs for s in ids]:
-                if s in engine.seqs:
-                    engine.abort(s)
-            raise
+            with torch.no_grad():
+                yield engine
         finally:
             engine.forward_model = self.model
             self.model.train(was_training)
