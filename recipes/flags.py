@@ -225,6 +225,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sampler-sync-every", type=int, default=None,
                    help="decode steps the device runs between host reads of the sampled tokens "
                    "(default: 4 on CPU, 8 on CUDA)")
+    g.add_argument("--tools", default=None,
+                   help="tools rollouts may call mid-reasoning, comma-separated (calculator); a call pauses the "
+                   "sequence, the tool's output is appended to it (masked out of the loss) and it decodes on from its "
+                   "own cache (default: none)")
+    g.add_argument("--tool-format", default="fenced",
+                   help="how calls are written: fenced (a ```calculator / ```python block, answered by an "
+                   "```output block: ToRL / ReTool's convention)")
+    g.add_argument("--max-tool-calls", type=int, default=4, help="tool calls per rollout; one more ends it ('length')")
+    g.add_argument("--max-rollout-tokens", type=int, default=None,
+                   help="tokens of a rollout with tools, the model's and the tools' outputs together "
+                   "(--max-new-tokens counts the model's alone; default: twice --max-new-tokens)")
     g.add_argument("--rollout-tp", type=int, default=1,
                    help="sample (GRPO rollouts, held-out evaluation, the eval and generate stages) with the model split "
                    "over this many ranks by tensor parallelism: attention heads, MLP rows, MoE experts and the "

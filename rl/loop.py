@@ -43,7 +43,7 @@ from model.parallel import gathered
 from model.tensor_parallel import TensorParallelRollout
 from rl.advantage import group_advantages, group_reward_stats
 from rl.loss import VARIANTS, all_reduce_metrics, combine_metrics, policy_loss
-from rl.rollout import (RewardScorer, RolloutBatch, encode_prompt, generate_rollouts,
+from rl.rollout import (RewardScorer, RolloutBatch, encode_prompt, generate_rollouts, rollout_environment,
                         select_for_dynamic_sampling)
 from runtime.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from runtime.distributed import all_reduce_floats, print0, subgroup
@@ -185,6 +185,7 @@ def check_flags(args, world_size: int) -> list[str]:
     need(args.sampler_batch_size >= 1, f"--sampler-batch-size {args.sampler_batch_size}: expected >= 1")
     engine_options(args)
     check_rollout_tp(args, world_size)
+    rollout_environment(args)   # --tools, --tool-format, --max-tool-calls, --max-rollout-tokens
     need(args.max_sampling_tries >= 1, f"--max-sampling-tries {args.max_sampling_tries}: expected >= 1")
     need(args.ref_refresh_every >= 0, f"--ref-refresh-every {args.ref_refresh_every}: expected >= 0 (0: never)")
     need(args.reward_workers >= 0 and args.reward_timeout_s > 0,
@@ -232,6 +233,7 @@ def train_grpo(args, run, info) -> int:
     scorer = RewardScorer(args.reward, workers=args.reward_workers, timeout_s=args.reward_timeout_s)
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             max_new_tokens=args.max_new_tokens)
+    env, budget = rollout_environment(args)   # tools: multi-turn rollouts of at most `budget` tokens
     longest_prompt = 0  # the sampler is sized on first use from the prompts it sees
     sampler = None
 
@@ -308,17 +310,18 @@ def train_grpo(args, run, info) -> int:
             need = max(len(p) for p in chunk_ids)
             tg = time.perf_counter()
             with rollout.weights() as policy:
-                if sampler is None or need + args.max_new_tokens > sampler.max_seq_len:
-                    check_length(config, need + args.max_new_tokens, f"a prompt of {need} tokens with "
-                                 f"--max-new-tokens {args.max_new_tokens}", args.model or f"preset {args.preset}")
+                if sampler is None or need + budget > sampler.max_seq_len:
+                    check_length(config, need + budget, f"a prompt of {need} tokens with "
+                                 + (f"--max-rollout-tokens {budget}" if env is not None else
+                                    f"--max-new-tokens {args.max_new_tokens}"), args.model or f"preset {args.preset}")
                     longest_prompt = max(longest_prompt, need)
                     sampler = Sampler(policy, max_batch_size=args.sampler_batch_size,
-                                      max_seq_len=longest_prompt + args.max_new_tokens, tokenizer=tok,
+                                      max_seq_len=longest_prompt + budget, tokenizer=tok,
                                       verbose=info.rank == 0 and sampler is None, **engine_options(args))
                 part = generate_rollouts(sampler, tok, chunk, group_size=args.group_size, params=params,
                                          template=args.chat_template,
                                          seed=rollout_seed(args.seed, step, tries, info.rank),
-                                         prompt_ids=chunk_ids)
+                                         prompt_ids=chunk_ids, env=env, max_total_tokens=budget if env else None)
                 sampler.release()
             t_gen += time.perf_counter() - tg
             tr = time.perf_counter()
@@ -338,8 +341,10 @@ def train_grpo(args, run, info) -> int:
         # ---- 2. masks, old and reference log-probs -------------------------------------------------
         N = len(batch)
         Tc = max(1, max(len(c) for c in batch.completion_ids))
-        mask_rows = [[1.0] * len(c) if not (args.mask_truncated and f == "length") else [0.0] * len(c)
-                     for c, f in zip(batch.completion_ids, batch.finish_reasons)]
+        # observation tokens (tools) are not the policy's: no loss, KL or entropy on them, not counted
+        sampled = batch.sampled_masks or [[1] * len(c) for c in batch.completion_ids]
+        mask_rows = [[float(m) for m in s] if not (args.mask_truncated and f == "length") else [0.0] * len(s)
+                     for s, f in zip(sampled, batch.finish_reasons)]
         mask_all = _pad(mask_rows, Tc, device)
         rollout_logp_all = _pad(batch.rollout_logp, Tc, device)
         advantages = batch.advantages.to(device)
@@ -479,4 +484,25 @@ def _rollout_metrics(batch: RolloutBatch, args, device) -> dict:
     for j, name in enumerate(batch.reward_columns):
         s, c = tot[10 + 2 * j], tot[11 + 2 * j]
         out[f"reward/{name}"] = s / c if c else float("nan")
+    if batch.tool_stats is not None:
+        out.update(tool_metrics(batch.tool_stats, batch.reward_columns.get(acc_name) if acc_name else None))
+    return out
+
+
+def tool_metrics(stats: list[dict], correct: list[float | None] | None) -> dict:
+    """Per-step tool metrics over all ranks: calls per rollout, errors and timeouts per call,
+    malformed calls, observation tokens per rollout, seconds in tools (summed over rollouts), the
+    share of rollouts that called a tool, and of correct answers that called one."""
+    used = [st["calls"] > 0 for st in stats]
+    right = [c is not None and c >= 1.0 for c in (correct or [None] * len(stats))]
+    keys = ("calls", "errors", "timeouts", "malformed", "observation_tokens", "seconds")
+    sums = [float(sum(st[k] for st in stats)) for k in keys]
+    sums += [float(len(stats)), float(sum(used)), float(sum(right)), float(sum(u and r for u, r in zip(used, right)))]
+    tot = all_reduce_floats(sums)
+    calls, n = tot[0], max(tot[6], 1.0)
+    out = {"tool/calls_per_rollout": calls / n, "tool/errors": tot[1] / max(calls, 1.0),
+           "tool/timeouts": tot[2] / max(calls, 1.0), "tool/malformed": tot[3] / max(calls, 1.0),
+           "tool/observation_tokens": tot[4] / n, "time/tools": tot[5], "tool/share": tot[7] / n}
+    if correct is not None:
+        out["tool/share_of_correct"] = tot[9] / tot[8] if tot[8] else 0.0
     return out

@@ -44,6 +44,11 @@ class RolloutBatch:
     reward_columns: dict[str, list[float | None]] = field(default_factory=dict)
     rewards: torch.Tensor | None = None  # [N] weighted total, NaN = no signal
     advantages: torch.Tensor | None = None  # [N]
+    # multi-turn rollouts (tools): per completion, 1 for the policy's tokens and 0 for observation
+    # tokens, which the loss, the KL, the entropy and the token counts leave out; and what the
+    # tools did (calls, errors, timeouts, malformed, observation_tokens, seconds). None: no tools.
+    sampled_masks: list[list[int]] | None = None
+    tool_stats: list[dict] | None = None
 
     def __len__(self) -> int:
         return len(self.completion_ids)
@@ -60,7 +65,9 @@ class RolloutBatch:
                             pick(self.rollout_logp), pick(self.finish_reasons), pick(self.texts), pick(self.prompts),
                             {k: pick(v) for k, v in self.reward_columns.items()},
                             None if self.rewards is None else self.rewards[idx],
-                            None if self.advantages is None else self.advantages[idx])
+                            None if self.advantages is None else self.advantages[idx],
+                            None if self.sampled_masks is None else pick(self.sampled_masks),
+                            None if self.tool_stats is None else pick(self.tool_stats))
 
     @staticmethod
     def concat(parts: list["RolloutBatch"]) -> "RolloutBatch":
@@ -68,8 +75,11 @@ class RolloutBatch:
         cat = lambda name: [x for p in parts for x in getattr(p, name)]  # noqa: E731
         cols = {k: [x for p in parts for x in p.reward_columns[k]] for k in first.reward_columns}
         rewards = None if first.rewards is None else torch.cat([p.rewards for p in parts])
+        tools = first.sampled_masks is not None
         return RolloutBatch(first.group_size, cat("rows"), cat("prompt_ids"), cat("completion_ids"),
-                            cat("rollout_logp"), cat("finish_reasons"), cat("texts"), cat("prompts"), cols, rewards)
+                            cat("rollout_logp"), cat("finish_reasons"), cat("texts"), cat("prompts"), cols, rewards,
+                            sampled_masks=cat("sampled_masks") if tools else None,
+                            tool_stats=cat("tool_stats") if tools else None)
 
 
 def encode_prompt(tok, row: dict, template: str | None) -> list[int]:
@@ -92,14 +102,26 @@ def prompt_seed(seed: int, i: int) -> int:
 
 
 def generate_rollouts(sampler, tok, rows: list[dict], *, group_size: int, params: SamplingParams,
-                      template: str | None, seed: int, prompt_ids: list[list[int]] | None = None) -> RolloutBatch:
+                      template: str | None, seed: int, prompt_ids: list[list[int]] | None = None,
+                      env=None, max_total_tokens: int | None = None) -> RolloutBatch:
     """group_size completions of each row's prompt, one generate call (shared prefill per prompt).
-    prompt_ids: the rows' encoded prompts when the caller has them already (encode_prompt)."""
+    prompt_ids: the rows' encoded prompts when the caller has them already (encode_prompt).
+    env: an envs.Environment (tools): multi-turn rollouts (evaluation/tool_rollout.py) whose
+    observation tokens are in the completions, marked 0 in `sampled_masks`; max_total_tokens bounds
+    each completion's model and observation tokens together."""
     if prompt_ids is None:
         prompt_ids = [encode_prompt(tok, r, template) for r in rows]
     per_prompt = [SamplingParams(**{**params.__dict__, "n": group_size, "seed": prompt_seed(seed, i)})
                   for i in range(len(rows))]
-    outs = sampler.generate(prompt_ids, per_prompt)
+    masks = stats = None
+    if env is None:
+        outs = sampler.generate(prompt_ids, per_prompt)
+    else:
+        from evaluation.tool_rollout import generate_with_env
+        turns = generate_with_env(sampler, tok, prompt_ids, per_prompt, env, rows, max_total_tokens=max_total_tokens)
+        outs = [[t.completion for t in group] for group in turns]
+        masks = [c.sampled_mask or [1] * len(c.token_ids) for group in outs for c in group]
+        stats = [tool_stats(t) for group in turns for t in group]
     flat = [(r, p, c) for r, p, group in zip(rows, prompt_ids, outs) for c in group]
     return RolloutBatch(
         group_size=group_size,
@@ -110,7 +132,38 @@ def generate_rollouts(sampler, tok, rows: list[dict], *, group_size: int, params
         finish_reasons=[c.finish_reason for _, _, c in flat],
         texts=[c.text if c.text is not None else tok.decode(c.token_ids) for _, _, c in flat],
         prompts=[problem_text(r) for r, _, _ in flat],
+        sampled_masks=masks,
+        tool_stats=stats,
     )
+
+
+def rollout_environment(args):
+    """(the envs.ToolEnvironment of --tools, the rollout's token budget) from the flags, checked
+    (ValueError naming the flag); (None, --max-new-tokens) without tools."""
+    from envs import ToolEnvironment, get_format, parse_tools
+
+    names = parse_tools(getattr(args, "tools", None))
+    fmt = get_format(getattr(args, "tool_format", "fenced"))
+    calls = getattr(args, "max_tool_calls", 4)
+    if calls < 1:
+        raise ValueError(f"--max-tool-calls {calls}: expected >= 1")
+    total = getattr(args, "max_rollout_tokens", None)
+    if total is not None and total < args.max_new_tokens:
+        raise ValueError(f"--max-rollout-tokens {total}: expected at least --max-new-tokens {args.max_new_tokens} "
+                         f"(it counts the model's tokens and the tools' outputs together)")
+    if not names:
+        return None, args.max_new_tokens
+    if getattr(args, "rollout_tp", 1) > 1:
+        raise ValueError(f"--tools with --rollout-tp {args.rollout_tp}: multi-turn rollouts sample with the whole "
+                         f"model (--rollout-tp 1)")
+    return ToolEnvironment(names, fmt, max_calls=calls), total if total is not None else 2 * args.max_new_tokens
+
+
+def tool_stats(turn) -> dict:
+    """What the tools did in one multi-turn rollout (an evaluation.tool_rollout.TurnCompletion)."""
+    ep = turn.episode
+    return {"calls": ep.calls, "errors": ep.errors, "timeouts": ep.timeouts, "malformed": ep.malformed,
+            "observation_tokens": turn.observation_tokens, "seconds": ep.seconds}
 
 
 def informative_groups(rewards: torch.Tensor, group_size: int) -> list[int]:
