@@ -17,6 +17,15 @@ R1_ZERO_SYSTEM = (
 )
 
 
+# Tool turns (role "tool") are written inline, as a rollout with tools reads them (envs/formats.py's
+# fenced format): an assistant turn that ends in a tool call (a closing fence, TOOL_CALL_END) gets no
+# end-of-sequence token, the tool's turn follows it as it is, and the assistant's next turn goes on
+# without a header (so does the generation prompt after a tool turn). The rendered conversation is then
+# token for token the rollout's prompt and completion, and training on it (data/chat.py's assistant
+# mask) learns the model's text and never the tool's.
+TOOL_CALL_END = "\n```\n"
+
+
 def _r1_zero_template(system: str) -> str:
     return (
         "{{ bos_token if bos_token else '' }}"
@@ -24,10 +33,13 @@ def _r1_zero_template(system: str) -> str:
         "{%- else %}{{ '" + system + "' }}{% set rest = messages %}{% endif %}"
         "{%- for m in rest %}"
         "{%- if m.role == 'user' %}{{ '\\nUser: ' + m.content }}"
-        "{%- elif m.role == 'assistant' %}{{ '\\nAssistant: ' + m.content }}{{ eos_token if eos_token else '' }}"
+        "{%- elif m.role == 'assistant' %}"
+        "{{- '' if loop.previtem is defined and loop.previtem.role == 'tool' else '\\nAssistant: ' }}{{ m.content }}"
+        "{{- '' if m.content.endswith('\\n```\\n') else (eos_token if eos_token else '') }}"
+        "{%- elif m.role == 'tool' %}{{ m.content }}"
         "{%- else %}{{ raise_exception('R1-Zero template: unexpected role ' ~ m.role) }}{% endif %}"
         "{%- endfor %}"
-        "{%- if add_generation_prompt %}{{ '\\nAssistant: ' }}{% endif %}"
+        "{%- if add_generation_prompt and not (rest and rest[-1].role == 'tool') %}{{ '\\nAssistant: ' }}{% endif %}"
     )
 
 

@@ -169,18 +169,27 @@ def eval_prompts(tok, rows: list[dict], template: str | None) -> list[list[int]]
 
 
 def sample_completions(sampler, prompts: list[list[int]], *, n: int, temperature: float, top_p: float,
-                       max_new_tokens: int, seed: int, indices: list[int]) -> list[list]:
-    """n Completions per prompt. The problem at index i of its set (indices[k] for prompts[k]) samples
-    with seed seed * 1_000_003 + i, as evaluate() does, so a sharded run draws what one process would."""
+                       max_new_tokens: int, seed: int, indices: list[int], tools=None) -> tuple[list[list], list | None]:
+    """(n Completions per prompt, the tool calls of each or None). The problem at index i of its set
+    (indices[k] for prompts[k]) samples with seed seed * 1_000_003 + i, as evaluate() does, so a
+    sharded run draws what one process would. tools: (an envs.Environment, the rows, the rollout's
+    token budget) for multi-turn rollouts with tools (evaluation/tool_rollout.py)."""
     from sampling.sampler import SamplingParams
 
     params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                              seed=seed * 1_000_003 + i) for i in indices]
-    outs = sampler.generate(prompts, params)
+    if tools is not None:
+        from evaluation.tool_rollout import generate_with_env
+        env, rows, budget = tools
+        turns = generate_with_env(sampler, sampler.tokenizer, prompts, params, env, rows, max_total_tokens=budget)
+        outs = [[t.completion for t in group] for group in turns]
+        calls = [[t.episode.calls for t in group] for group in turns]
+    else:
+        outs, calls = sampler.generate(prompts, params), None
     if len(outs) != len(prompts) or any(len(o) != n for o in outs):
         raise RuntimeError(f"the sampler returned {[len(o) for o in outs]} completions for {len(prompts)} "
                            f"prompts x n={n}")
-    return outs
+    return outs, calls
 
 
 def score_samples(pool, rows: list[dict], texts: list[list[str]], where: str) -> list[dict]:
@@ -254,7 +263,8 @@ def parse_ks(text: str | None, n: int) -> list[int]:
 def sample_and_score(rows: list[dict], tok, pool, *, n: int, sampler=None, model=None, max_batch_size: int = 64,
                      temperature: float = 0.6, top_p: float = 0.95, max_new_tokens: int = 4096,
                      template: str | None = None, seed: int = 0, indices: list[int] | None = None,
-                     where: str = "eval set", engine: dict | None = None) -> list[dict]:
+                     where: str = "eval set", engine: dict | None = None, env=None,
+                     max_total_tokens: int | None = None) -> list[dict]:
     """Per-sample records of rows: score_samples' fields + num_tokens, finish_reason.
 
     sampler: anything with generate(prompt_ids, [SamplingParams]) -> [[Completion]] (a scripted
@@ -262,6 +272,8 @@ def sample_and_score(rows: list[dict], tok, pool, *, n: int, sampler=None, model
     cache afterwards. pool: a verify.pool.RewardPool. indices: the rows' positions in their set
     (default 0..len-1; they pick the seeds). `where` names the set in errors. engine: more Sampler
     keyword arguments (sampling.engine_options of the flags: the cache budget, the read interval).
+    env: an envs.Environment (--tools): multi-turn rollouts of at most max_total_tokens after the
+    prompt; each record then has `tool_calls`.
     """
     group = getattr(sampler, "group", None) if sampler is not None else getattr(model, "tp", None)
     if not rows and (group is None or group.size == 1):   # a rank whose share of a small set is empty
@@ -271,12 +283,13 @@ def sample_and_score(rows: list[dict], tok, pool, *, n: int, sampler=None, model
     if own:
         from sampling.sampler import Sampler
         sampler = Sampler(model, max_batch_size=max_batch_size,
-                          max_seq_len=max(map(len, prompts), default=1) + max_new_tokens,
+                          max_seq_len=max(map(len, prompts), default=1) + (max_total_tokens or max_new_tokens),
                           tokenizer=tok, verbose=False, **(engine or {}))
     try:
-        outs = sample_completions(sampler, prompts, n=n, temperature=temperature, top_p=top_p,
-                                  max_new_tokens=max_new_tokens, seed=seed,
-                                  indices=list(range(len(rows))) if indices is None else indices)
+        outs, calls = sample_completions(sampler, prompts, n=n, temperature=temperature, top_p=top_p,
+                                         max_new_tokens=max_new_tokens, seed=seed,
+                                         indices=list(range(len(rows))) if indices is None else indices,
+                                         tools=(env, rows, max_total_tokens) if env is not None else None)
     finally:
         if own:
             sampler.release()
@@ -284,16 +297,25 @@ def sample_and_score(rows: list[dict], tok, pool, *, n: int, sampler=None, model
     for r, c in zip(records, [c for comps in outs for c in comps]):
         r.update(num_tokens=len(c.token_ids), finish_reason=c.finish_reason, token_ids=list(c.token_ids),
                  logprobs=list(c.logprobs))
+    if calls is not None:
+        for r, c, k in zip(records, [c for comps in outs for c in comps], [k for ks in calls for k in ks]):
+            r.update(tool_calls=k, sampled_mask=c.sampled_mask or [1] * len(c.token_ids))
     return records
 
 
 def summarise(records: list[dict], n: int, ks: list[int]) -> dict:
     """A set's entry of eval.json (without wall_s and scoring_timeouts, which the caller measures)."""
     total = max(len(records), 1)
-    return {"num_problems": len({r["id"] for r in records}), "n": n, "kinds": sorted({r["kind"] for r in records}),
-            **set_metrics(records, n, ks),
-            "mean_length": sum(r["num_tokens"] for r in records) / total,
-            "truncated": sum(r["finish_reason"] == "length" for r in records) / total}
+    out = {"num_problems": len({r["id"] for r in records}), "n": n, "kinds": sorted({r["kind"] for r in records}),
+           **set_metrics(records, n, ks),
+           "mean_length": sum(r["num_tokens"] for r in records) / total,
+           "truncated": sum(r["finish_reason"] == "length" for r in records) / total}
+    if records and "tool_calls" in records[0]:   # --tools: how often the samples called one
+        used = [r["tool_calls"] > 0 for r in records]
+        right = [r["correct"] for r in records]
+        out.update(tool_share=sum(used) / total, tool_calls_per_sample=sum(r["tool_calls"] for r in records) / total,
+                   tool_share_of_correct=sum(u and c for u, c in zip(used, right)) / max(sum(right), 1))
+    return out
 
 
 # ---- the stage ------------------------------------------------------------------------------------
@@ -354,6 +376,28 @@ def check_sampling_flags(args, prefix: str) -> None:
                          f"and {args.reward_timeout_s}")
 
 
+def eval_environment(args, max_new_tokens: int):
+    """(the envs.ToolEnvironment of --tools, the rollout budget: --max-rollout-tokens, default twice
+    max_new_tokens) or (None, None) without tools; ValueError naming a bad flag. Evaluation with the
+    tools a model was trained with scores it the way it was trained."""
+    from envs import ToolEnvironment, get_format, parse_tools
+
+    names = parse_tools(getattr(args, "tools", None))
+    fmt = get_format(getattr(args, "tool_format", "fenced"))
+    calls, total = getattr(args, "max_tool_calls", 4), getattr(args, "max_rollout_tokens", None)
+    if calls < 1:
+        raise ValueError(f"--max-tool-calls {calls}: expected >= 1")
+    if total is not None and total < max_new_tokens:
+        raise ValueError(f"--max-rollout-tokens {total}: expected at least the max new tokens ({max_new_tokens}); it "
+                         f"counts the model's tokens and the tools' outputs together")
+    if not names:
+        return None, None
+    if getattr(args, "rollout_tp", 1) > 1:
+        raise ValueError(f"--tools with --rollout-tp {args.rollout_tp}: multi-turn rollouts sample with the whole "
+                         f"model (--rollout-tp 1)")
+    return ToolEnvironment(names, fmt, max_calls=calls), total if total is not None else 2 * max_new_tokens
+
+
 def check_rollout_tp(args, world_size: int) -> None:
     """--rollout-tp N: at least 1, and a divisor of the world size (W / N groups sample side by side)."""
     n = getattr(args, "rollout_tp", 1)
@@ -378,6 +422,7 @@ def check_flags(args, world_size: int) -> None:
     """The eval stage's flags, checked before anything is written (ValueError naming the flag)."""
     check_sampling_flags(args, "eval")
     check_rollout_tp(args, world_size)
+    eval_environment(args, args.eval_max_new_tokens)
     if args.eval_limit < 0:
         raise ValueError(f"--eval-limit must be >= 0 (0: every problem), got {args.eval_limit}")
     parse_ks(args.eval_k, args.eval_n)
@@ -405,6 +450,7 @@ def run_eval(args, run, info) -> int:
     from sampling.sampler import engine_options
     model, tok = load_model_and_tokenizer(args, info.device)
     held = weight_bytes(model)   # the weights this rank holds while it samples
+    env, budget = eval_environment(args, args.eval_max_new_tokens)
     template = template_source(args.chat_template)
     results, summary = {}, {}
     with RewardPool(num_workers=args.reward_workers, timeout_s=args.reward_timeout_s) as pool:
@@ -416,7 +462,7 @@ def run_eval(args, run, info) -> int:
                                        max_batch_size=args.sampler_batch_size, temperature=args.eval_temperature,
                                        top_p=args.eval_top_p, max_new_tokens=args.eval_max_new_tokens,
                                        template=template, seed=args.seed, indices=indices, where=label,
-                                       engine=engine_options(args))
+                                       engine=engine_options(args), env=env, max_total_tokens=budget)
             records = _gather(records, info)
             if info.rank != 0:
                 continue
@@ -427,7 +473,9 @@ def run_eval(args, run, info) -> int:
             entry["weight_bytes_per_rank"] = held
             results[label] = entry
             keys = ("id", "sample", "completion", "answer", "score", "correct", "num_tokens", "finish_reason") + \
-                (("token_ids", "logprobs") if args.eval_save_logprobs else ())
+                (("tool_calls",) if env is not None else ()) + \
+                (("token_ids", "logprobs") + (("sampled_mask",) if env is not None else ())
+                 if args.eval_save_logprobs else ())
             _write_jsonl(run.path / f"samples-{label}.jsonl", [{k: r[k] for k in keys} for r in records])
             write_json_atomic(run.path / "eval.json", results)
             summary.update({f"{label}/{k}": v for k, v in entry.items() if isinstance(v, (int, float))})

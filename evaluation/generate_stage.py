@@ -177,6 +177,8 @@ class GenerateConfig:
     rewards: tuple[str, ...]
     conditions: tuple[Condition, ...] = ()
     max_per_prompt: int = 0
+    env: object = None                 # an envs.Environment (--tools): multi-turn rollouts
+    max_total_tokens: int | None = None  # their budget of model and tool-output tokens
 
 
 def generate_batch(sampler, tok, pool, rows: list[dict], indices: list[int], prompts: list[list[int]],
@@ -190,7 +192,12 @@ def generate_batch(sampler, tok, pool, rows: list[dict], indices: list[int], pro
 
     params = [SamplingParams(n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
                              seed=cfg.seed * 1_000_003 + i) for i in indices]
-    outs = sampler.generate(prompts, params)
+    if cfg.env is not None:
+        from evaluation.tool_rollout import generate_with_env
+        turns = generate_with_env(sampler, tok, prompts, params, cfg.env, rows, max_total_tokens=cfg.max_total_tokens)
+        outs = [[t.completion for t in group] for group in turns]
+    else:
+        outs = sampler.generate(prompts, params)
     texts = [[completion_text(tok, c) for c in comps] for comps in outs]
 
     # one scoring call for the whole batch: every completion with its row's columns
@@ -213,10 +220,27 @@ def generate_batch(sampler, tok, pool, rows: list[dict], indices: list[int], pro
         counts["samples"] += len(ts)
         counts["tokens"] += sum(len(c.token_ids) for c in comps)
         for j in kept:
-            written.append({"messages": conv + [{"role": "assistant", "content": ts[j]}],
+            turns = trace_messages(tok, comps[j]) if cfg.env is not None else [{"role": "assistant", "content": ts[j]}]
+            written.append({"messages": conv + turns,
                             "prompt_id": row.get("id", index), "sample": j, "scores": scores[j],
                             "num_tokens": len(comps[j].token_ids), "finish_reason": comps[j].finish_reason})
     return written, counts, scored
+
+
+def trace_messages(tok, completion) -> list[dict]:
+    """A multi-turn completion as chat messages: each run of the model's tokens an assistant turn,
+    each run of tool output (sampled_mask 0) a tool turn, so that SFT on the trace trains the model's
+    text only (data/templates.py renders tool turns inline for the r1-zero templates). The last
+    assistant turn leaves out the end-of-sequence token it stopped at, as completion_text does."""
+    ids, mask = list(completion.token_ids), completion.sampled_mask or [1] * len(completion.token_ids)
+    if completion.finish_reason == "stop" and ids and ids[-1] in tok.special_ids and mask[-1]:
+        ids, mask = ids[:-1], mask[:-1]
+    out, start = [], 0
+    for k in range(1, len(ids) + 1):
+        if k == len(ids) or mask[k] != mask[start]:
+            out.append({"role": "assistant" if mask[start] else "tool", "content": tok.decode(ids[start:k])})
+            start = k
+    return out or [{"role": "assistant", "content": ""}]
 
 
 # ---- the output file and its progress record -------------------------------------------------------
@@ -306,6 +330,8 @@ def check_flags(args, world_size: int) -> list[str]:
     if args.data is None or not Path(args.data).is_file():
         raise ValueError(f"--stage generate needs --data, a prompts JSONL/Parquet file; got {args.data!r}")
     check_sampling_flags(args, "gen")
+    from evaluation.eval_stage import eval_environment
+    eval_environment(args, args.gen_max_new_tokens)   # --tools and its flags
     if args.gen_batch_prompts < 1 or args.max_per_prompt < 0:
         raise ValueError(f"--gen-batch-prompts must be >= 1 and --max-per-prompt >= 0 (0: no cap), got "
                          f"{args.gen_batch_prompts} and {args.max_per_prompt}")
@@ -355,9 +381,12 @@ def run_generate(args, run, info) -> int:
     if info.rank != 0:
         return _decode_with_group(args, info)
     rewards = parse_rewards(args.reward)
+    from evaluation.eval_stage import eval_environment
+    env, budget = eval_environment(args, args.gen_max_new_tokens)
     cfg = GenerateConfig(n=args.gen_n, temperature=args.gen_temperature, top_p=args.gen_top_p,
                          max_new_tokens=args.gen_max_new_tokens, seed=args.seed, rewards=tuple(rewards),
-                         conditions=tuple(parse_keep_if(args.keep_if, rewards)), max_per_prompt=args.max_per_prompt)
+                         conditions=tuple(parse_keep_if(args.keep_if, rewards)), max_per_prompt=args.max_per_prompt,
+                         env=env, max_total_tokens=budget)
     rows = load_prompts(args.data, args.prompt_column)
     conversations = [prompt_messages(row, f"{args.data} row {i + 1}") for i, row in enumerate(rows)]
     settings = {"data": str(Path(args.data).resolve()), "num_prompts": len(rows), "model": args.model,
@@ -365,6 +394,9 @@ def run_generate(args, run, info) -> int:
                 "gen_n": args.gen_n, "gen_temperature": args.gen_temperature, "gen_top_p": args.gen_top_p,
                 "gen_max_new_tokens": args.gen_max_new_tokens, "gen_batch_prompts": args.gen_batch_prompts,
                 "reward": rewards, "keep_if": args.keep_if, "max_per_prompt": args.max_per_prompt, "seed": args.seed}
+    if env is not None:   # a run with tools resumes only with the same tools
+        settings.update(tools=args.tools, tool_format=args.tool_format, max_tool_calls=args.max_tool_calls,
+                        max_rollout_tokens=budget)
     out = GeneratedFile(run.path, settings)
     if out.dropped_bytes:
         print0(f"generate: dropped {out.dropped_bytes} bytes written after the last recorded batch of {out.path}")
@@ -383,7 +415,7 @@ def run_generate(args, run, info) -> int:
             from runtime.distributed import broadcast_object
             broadcast_object(max(map(len, prompts)))
         sampler = Sampler(model, max_batch_size=args.sampler_batch_size,
-                          max_seq_len=max(map(len, prompts)) + cfg.max_new_tokens, tokenizer=tok,
+                          max_seq_len=max(map(len, prompts)) + (budget or cfg.max_new_tokens), tokenizer=tok,
                           **engine_options(args))
         metrics = MetricsWriter(run.path / "metrics.jsonl", resume_step=start if run.resumed else None)
         progress = Progress(len(rows), desc="generate", every_s=args.log_every_s, start=start, unit="prompt")

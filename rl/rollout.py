@@ -140,23 +140,10 @@ def generate_rollouts(sampler, tok, rows: list[dict], *, group_size: int, params
 def rollout_environment(args):
     """(the envs.ToolEnvironment of --tools, the rollout's token budget) from the flags, checked
     (ValueError naming the flag); (None, --max-new-tokens) without tools."""
-    from envs import ToolEnvironment, get_format, parse_tools
+    from evaluation.eval_stage import eval_environment
 
-    names = parse_tools(getattr(args, "tools", None))
-    fmt = get_format(getattr(args, "tool_format", "fenced"))
-    calls = getattr(args, "max_tool_calls", 4)
-    if calls < 1:
-        raise ValueError(f"--max-tool-calls {calls}: expected >= 1")
-    total = getattr(args, "max_rollout_tokens", None)
-    if total is not None and total < args.max_new_tokens:
-        raise ValueError(f"--max-rollout-tokens {total}: expected at least --max-new-tokens {args.max_new_tokens} "
-                         f"(it counts the model's tokens and the tools' outputs together)")
-    if not names:
-        return None, args.max_new_tokens
-    if getattr(args, "rollout_tp", 1) > 1:
-        raise ValueError(f"--tools with --rollout-tp {args.rollout_tp}: multi-turn rollouts sample with the whole "
-                         f"model (--rollout-tp 1)")
-    return ToolEnvironment(names, fmt, max_calls=calls), total if total is not None else 2 * args.max_new_tokens
+    env, budget = eval_environment(args, args.max_new_tokens)
+    return env, budget if env is not None else args.max_new_tokens
 
 
 def tool_stats(turn) -> dict:

@@ -321,8 +321,8 @@ def test_bad_templates_and_inputs(base):
         render([], "chatml")
     with pytest.raises(ValueError, match=r"messages\[1\]"):
         render([{"role": "user", "content": "x"}, "not a message"], "chatml")
-    with pytest.raises(TemplateError, match="unexpected role tool"):
-        render([{"role": "user", "content": "x"}, {"role": "tool", "content": "y"}], "r1-zero")
+    with pytest.raises(TemplateError, match="unexpected role function"):
+        render([{"role": "user", "content": "x"}, {"role": "function", "content": "y"}], "r1-zero")
     bare = Tokenizer(ours.backend, ours.special_tokens, chat_template=None)
     with pytest.raises(ValueError, match="no chat template"):
         encode_chat(bare, messages)
@@ -352,3 +352,26 @@ def test_r1_zero_short_is_r1_zero_with_a_one_line_system_text():
         short = render(msgs[:1] if gen else msgs, "r1-zero-short", add_generation_prompt=gen, bos_token="<s>",
                        eos_token="</s>")
         assert short == long.replace(R1_ZERO_SYSTEM, R1_ZERO_SHORT_SYSTEM) and R1_ZERO_SYSTEM in long
+
+
+def test_r1_zero_tool_turns_render_inline_and_are_never_trained(base):
+    """A tool-using trace as messages (assistant, tool, assistant): rendered inline, as the rollout with
+    tools wrote it (no end-of-sequence token after the call, no header after the tool's turn), and the
+    training mask covers the model's text only (the tool's output is masked out), matching transformers'
+    rendering of the same template."""
+    ours, hf = base
+    msgs = [{"role": "user", "content": "What is 12 * 13?"},
+            {"role": "assistant", "content": "<think>use it\n```calculator\n12 * 13\n```\n"},
+            {"role": "tool", "content": "```output\n156\n```\n"},
+            {"role": "assistant", "content": "so</think> <answer>156</answer>"}]
+    enc = encode_chat(ours, msgs)
+    assert enc.text == hf.apply_chat_template(msgs, tokenize=False)
+    tail = enc.text.split("\nAssistant: ", 1)[1]
+    assert tail == "<think>use it\n```calculator\n12 * 13\n```\n```output\n156\n```\nso</think> <answer>156</answer>" \
+        + EOS_TOKEN
+    trained = "".join(enc.text[a:b] for a, b in enc.assistant_spans)
+    assert "156\n```\nso" not in trained and "```output" not in trained
+    assert "```calculator\n12 * 13\n```\n" in trained and trained.endswith("<answer>156</answer>" + EOS_TOKEN)
+    # the prompt a rollout continues from after the tool's turn: no header, the text goes on inline
+    prompt = render(msgs[:3], R1_ZERO_TEMPLATE, add_generation_prompt=True, **ours.special_tokens)
+    assert enc.text.startswith(prompt) and prompt.endswith("```output\n156\n```\n")

@@ -143,3 +143,58 @@ def test_an_environment_that_raises_costs_only_its_rollout(model):
     outs = generate_with_env(sampler, tok, [[3, 4], [5, 6]], params, Broken(), rows=[{"broken": True}, {}])
     assert outs[0][0].completion.finish_reason == "stop" and outs[0][0].observation_tokens == 0
     assert outs[1][0].episode.calls == 2 and sum(outs[1][0].completion.sampled_mask) == 20
+
+
+def test_eval_stage_with_tools_records_the_calls(tmp_path):
+    """--stage eval --tools calculator: samples are multi-turn rollouts; eval.json says how often a
+    tool was called and each sample how many calls it made (a fresh model rarely calls one: the
+    numbers are the plumbing's, the tool-tiny recipe shows real use)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from data.tokenizer import Tokenizer
+
+    root = Path(__file__).resolve().parents[2]
+    corpus = [f"What is {i} * {i + 3}? ```calculator\n{i} * {i + 3}\n```\n```output\n{i * (i + 3)}\n```\n"
+              for i in range(60)]
+    Tokenizer.train(corpus, vocab_size=300, min_frequency=1).save(tmp_path / "tok")
+    data = tmp_path / "set.jsonl"
+    data.write_text("".join(json.dumps({"question": f"What is {i} * 7?", "answer": str(7 * i)}) + "\n"
+                            for i in range(3)))
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, str(root / "train.py"), "--stage", "eval", "--preset", "tiny", "--tokenizer",
+                        str(tmp_path / "tok"), "--chat-template", "r1-zero", "--eval-sets", str(data), "--eval-n", "2",
+                        "--eval-max-new-tokens", "16", "--tools", "calculator", "--max-rollout-tokens", "40",
+                        "--eval-save-logprobs", "--reward-workers", "1", "--out", str(tmp_path / "run")],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    entry = json.loads((tmp_path / "run" / "eval.json").read_text())["set"]
+    assert 0.0 <= entry["tool_share"] <= 1.0 and entry["tool_calls_per_sample"] >= 0
+    samples = [json.loads(line) for line in (tmp_path / "run" / "samples-set.jsonl").read_text().splitlines()]
+    assert len(samples) == 6 and all("tool_calls" in s and len(s["sampled_mask"]) == len(s["token_ids"])
+                                     for s in samples)
+    bad = subprocess.run([sys.executable, str(root / "train.py"), "--stage", "eval", "--preset", "tiny", "--tokenizer",
+                          str(tmp_path / "tok"), "--eval-sets", str(data), "--tools", "shell",
+                          "--out", str(tmp_path / "bad")], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode == 2 and "unknown tool 'shell'" in bad.stderr and not (tmp_path / "bad").exists()
+
+
+def test_trace_messages_split_model_and_tool_turns():
+    from evaluation.generate_stage import trace_messages
+    from sampling.types import Completion
+
+    class Tok:
+        special_ids = {0}
+
+        def decode(self, ids):
+            return "".join(chr(96 + i) for i in ids)
+
+    c = Completion([1, 2, 3, 4, 5, 6, 0], [0.0] * 7, "stop", sampled_mask=[1, 1, 0, 0, 1, 1, 1])
+    assert trace_messages(Tok(), c) == [{"role": "assistant", "content": "ab"}, {"role": "tool", "content": "cd"},
+                                        {"role": "assistant", "content": "ef"}]
+    plain = Completion([1, 2], [0.0, 0.0], "length")
+    assert trace_messages(Tok(), plain) == [{"role": "assistant", "content": "ab"}]
