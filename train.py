@@ -32,9 +32,14 @@ def _r1_tiny(args, run, info):
     return run_r1_tiny(args, run, info)
 
 
+def _tool_tiny(args, run, info):
+    from recipes.tool_tiny import run_tool_tiny
+    return run_tool_tiny(args, run, info)
+
+
 # recipe name -> function(args, run_dir, dist_info); a name absent here is not built yet. Stages are
 # run by recipes.stages (stages.RUNNERS), the same runner the recipes use for each of their stages.
-RECIPE_RUNNERS: dict[str, Callable] = {"r1-tiny": _r1_tiny}
+RECIPE_RUNNERS: dict[str, Callable] = {"r1-tiny": _r1_tiny, "tool-tiny": _tool_tiny}
 assert set(RECIPE_RUNNERS) <= set(RECIPES)
 
 

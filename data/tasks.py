@@ -611,6 +611,66 @@ def pretraining_corpus(task: str, n: int, seed: int, carry_bug: float = 0.7, wro
     return rows
 
 
+# ----------------------------------------------------------------------------- tool-use traces
+
+def _typo(rng: random.Random, x: int) -> int:
+    """x with one digit replaced by another (the leading digit never by 0): a miscopied operand."""
+    digits = list(str(x))
+    i = rng.randrange(len(digits))
+    choices = [d for d in "0123456789" if d != digits[i] and not (i == 0 and d == "0")]
+    digits[i] = rng.choice(choices)
+    return int("".join(digits))
+
+
+def tool_use_corpus(n: int, seed: int, digits: int = 3, tool_rate: float = 0.2, miscopy: float = 0.5,
+                    head_right: float = 0.05, template: str = "r1-zero") -> list[dict]:
+    """n worked multiplications (train split) in which a calculator call is rare and often wrong: the
+    base of a tool-use RL run (recipes/tool_tiny.py), deterministic in `seed`.
+
+    Each row as pretraining_corpus's ({"text", "completion", "correct", "noise", ...} plus the problem).
+    Exact fractions of the rows (labels shuffled):
+    - tool_rate: a call in the fenced format (envs/formats.py), its output block, and the answer read
+      from it; of those, `miscopy` copy an operand into the call with one digit wrong (noise
+      "tool_miscopy": the output is right for the call, the answer wrong for the problem), the
+      others are right ("tool");
+    - the rest answer "in the head": a guess near the product (noise "head"), right for `head_right`
+      of them ("head_right"): the model cannot multiply, and the corpus says so.
+    The output block holds what the calculator prints for the call (envs.calculator), so a model that
+    calls the tool during RL reads the same kind of text it was pretrained on.
+    """
+    _check_count("n", n, 0)
+    for name, f in (("tool_rate", tool_rate), ("miscopy", miscopy), ("head_right", head_right)):
+        if not 0.0 <= f <= 1.0:
+            raise ValueError(f"{name} must be a fraction in [0, 1], got {f!r}")
+    problems = arithmetic_problems(n, seed, digits=digits, ops=("*",), split="train")
+    rng = random.Random(f"{seed}:tool-corpus")
+    n_tool = round(n * tool_rate)
+    n_miscopy = round(n_tool * miscopy)
+    n_right = round((n - n_tool) * head_right)
+    labels = (["tool_miscopy"] * n_miscopy + ["tool"] * (n_tool - n_miscopy) + ["head_right"] * n_right
+              + ["head"] * (n - n_tool - n_right))
+    rng.shuffle(labels)
+    rows = []
+    for problem, label in zip(problems, labels):
+        a, b = problem["operands"]
+        gold = a * b
+        if label.startswith("tool"):
+            if label == "tool_miscopy":
+                a, b = (_typo(rng, a), b) if rng.random() < 0.5 else (a, _typo(rng, b))
+            result = a * b
+            completion = (f"<think>I use the calculator.\n```calculator\n{a} * {b}\n```\n```output\n{result}\n```\n"
+                          f"So it is {result}.</think> <answer>{result}</answer>")
+            answer = result
+        else:
+            answer = gold if label == "head_right" else _wrong_arithmetic_answer(rng, gold)
+            completion = f"<think>{problem['operands'][0]} * {problem['operands'][1]} is about {answer}.</think> " \
+                         f"<answer>{answer}</answer>"
+        text = render([{"role": "user", "content": problem["prompt"]},
+                       {"role": "assistant", "content": completion}], template)
+        rows.append({**problem, "text": text, "completion": completion, "correct": answer == gold, "noise": label})
+    return rows
+
+
 # ----------------------------------------------------------------------------- files and CLI
 
 def write_jsonl(rows: list[dict], path, force: bool = False) -> Path:

@@ -146,6 +146,7 @@ class EvalResult:
     n: int
     wall_s: float
     samples: list[dict] = field(default_factory=list)  # per completion: problem index, text, scores
+    tool_share: float | None = None  # with tools: the share of completions that called one
 
     def metrics(self, prefix: str = "eval/") -> dict:
         return {f"{prefix}accuracy": self.accuracy, f"{prefix}lenient_accuracy": self.lenient_accuracy,
@@ -155,11 +156,13 @@ class EvalResult:
 def evaluate(model, tok, problems: list[dict], kind: str, *, reward=None, n: int = 1, temperature: float = 0.0,
              top_p: float = 1.0, max_new_tokens: int = 256, template: str | None = None,
              instruction: str | None = None, seed: int = 0, max_batch_size: int = 64,
-             sampler: Sampler | None = None) -> EvalResult:
+             sampler: Sampler | None = None, env=None, max_total_tokens: int | None = None) -> EvalResult:
     """Sample n completions per problem and score them (strict and lenient); see the module docstring.
 
     kind: 'arithmetic' | 'countdown' | 'math' | 'code'; reward: a strict reward spec or callable
-    (default: strict_reward(kind)). A given sampler is used as is (and not released).
+    (default: strict_reward(kind)). A given sampler is used as is (and not released). env: an
+    envs.Environment (tools): multi-turn rollouts of at most max_total_tokens after the prompt
+    (default twice max_new_tokens); samples then hold `tool_calls` and the result `tool_share`.
     """
     t0 = time.perf_counter()
     if instruction is None and kind == "math":
@@ -167,12 +170,21 @@ def evaluate(model, tok, problems: list[dict], kind: str, *, reward=None, n: int
     prompts = [prompt_ids(tok, row, template, instruction) for row in problems]
     params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                              seed=seed * 1_000_003 + i) for i in range(len(prompts))]
+    if env is not None and max_total_tokens is None:
+        max_total_tokens = 2 * max_new_tokens
     own = sampler is None
     if own:
-        max_len = max((len(p) for p in prompts), default=1) + max_new_tokens
+        max_len = max((len(p) for p in prompts), default=1) + (max_total_tokens if env is not None else max_new_tokens)
         sampler = Sampler(model, max_batch_size=max_batch_size, max_seq_len=max_len, tokenizer=tok, verbose=False)
+    calls = None
     try:
-        outs = sampler.generate(prompts, params)
+        if env is not None:
+            from evaluation.tool_rollout import generate_with_env
+            turns = generate_with_env(sampler, tok, prompts, params, env, problems, max_total_tokens=max_total_tokens)
+            outs = [[t.completion for t in group] for group in turns]
+            calls = [[t.episode.calls for t in group] for group in turns]
+        else:
+            outs = sampler.generate(prompts, params)
     finally:
         if own:
             sampler.release()
@@ -189,13 +201,16 @@ def evaluate(model, tok, problems: list[dict], kind: str, *, reward=None, n: int
             samples.append(dict(problem=i, sample=j, completion=text, num_tokens=len(c.token_ids),
                                 finish_reason=c.finish_reason, correct=bool(s is not None and s >= 1.0),
                                 lenient=bool(lenient_correct(kind, text, row))))
+            if calls is not None:
+                samples[-1]["tool_calls"] = calls[i][j]
     total = max(len(samples), 1)
     return EvalResult(
         accuracy=sum(s["correct"] for s in samples) / total,
         lenient_accuracy=sum(s["lenient"] for s in samples) / total,
         mean_length=sum(s["num_tokens"] for s in samples) / total,
         truncated=sum(s["finish_reason"] == "length" for s in samples) / total,
-        num_problems=len(problems), n=n, wall_s=time.perf_counter() - t0, samples=samples)
+        num_problems=len(problems), n=n, wall_s=time.perf_counter() - t0, samples=samples,
+        tool_share=None if calls is None else sum(s["tool_calls"] > 0 for s in samples) / total)
 
 
 def evaluate_sharded(model, tok, problems: list[dict], kind: str, rank: int = 0, world_size: int = 1,
@@ -217,7 +232,9 @@ def evaluate_sharded(model, tok, problems: list[dict], kind: str, rank: int = 0,
     if world_size == 1:
         return r
     k = len(r.samples)
-    t = all_reduce_floats([r.accuracy * k, r.lenient_accuracy * k, r.mean_length * k, r.truncated * k, k])
+    t = all_reduce_floats([r.accuracy * k, r.lenient_accuracy * k, r.mean_length * k, r.truncated * k, k,
+                           (r.tool_share or 0.0) * k])
     total = max(t[4], 1.0)
     return EvalResult(t[0] / total, t[1] / total, t[2] / total, t[3] / total,
-                      num_problems=len(problems), n=r.n, wall_s=r.wall_s, samples=r.samples)
+                      num_problems=len(problems), n=r.n, wall_s=r.wall_s, samples=r.samples,
+                      tool_share=None if r.tool_share is None and not kwargs.get("env") else t[5] / total)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import argparse
 
 STAGES = ("pretrain", "sft", "grpo", "generate", "eval")
-RECIPES = ("r1-tiny",)
+RECIPES = ("r1-tiny", "tool-tiny")
 
 
 def build_parser() -> argparse.ArgumentParser:

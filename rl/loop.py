@@ -263,11 +263,14 @@ def train_grpo(args, run, info) -> int:
             if n <= 0:
                 continue
             r = evaluate_sharded(model, tok, eval_rows, eval_task, info.rank, info.world_size, n=n,
-                                 rollout=rollout if args.rollout_tp > 1 else None,
+                                 rollout=rollout if args.rollout_tp > 1 else None, env=env,
+                                 max_total_tokens=budget if env is not None else None,
                                  temperature=temp, max_new_tokens=args.eval_max_new_tokens,
                                  template=args.chat_template, max_batch_size=args.eval_batch_size, seed=at_step)
             out.update({f"eval/{name}_accuracy": r.accuracy, f"eval/{name}_lenient_accuracy": r.lenient_accuracy,
                         f"eval/{name}_response_length": r.mean_length})
+            if r.tool_share is not None:
+                out[f"eval/{name}_tool_share"] = r.tool_share
         model.train()
         print0(f"eval at step {at_step}: " + ", ".join(f"{k.split('/')[1]} {v:.3f}" for k, v in out.items()
                                                          if "accuracy" in k))
