@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")   # tool: a tool's output in a tool-using trace (never trained)
 
 # ---------------------------------------------------------------------------------------------
 # Reading rows

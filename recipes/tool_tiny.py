@@ -38,9 +38,9 @@ TEMPLATE = "r1-zero-short"
 TOOLS = "calculator"
 
 RECIPE = {
-    "data": dict(corpus_rows=20000, tool_rate=0.2, miscopy=0.5, head_right=0.05, prompt_rows=5000, heldout_rows=200,
+    "data": dict(corpus_rows=20000, tool_rate=0.3, miscopy=0.3, head_right=0.05, prompt_rows=5000, heldout_rows=200,
                  vocab_size=384),
-    "base": dict(stage="pretrain", preset="tiny", max_steps=400, batch_size=128, micro_batch_size=128,
+    "base": dict(stage="pretrain", preset="tiny-sft", max_steps=600, batch_size=128, micro_batch_size=128,
                  seq_len=512, lr=2e-3, warmup_steps=20, min_lr_ratio=0.1),
     "tool_rl": dict(stage="grpo", prompts_per_step=16, group_size=8, temperature=1.0, max_new_tokens=48,
                     max_rollout_tokens=72, max_tool_calls=2, tools=TOOLS, lr=1e-4, warmup_steps=0,

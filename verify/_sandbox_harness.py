@@ -42,10 +42,21 @@ Roles (payload["role"]):
              "message": str}, then {"done": true} (or one {"verdict": "error", ...} instead).
   io         one worker per stdin/stdout case: the program runs as __main__ with the case's input
              on stdin (a memfd); the supervisor captures its stdout (capped) and reports it.
+  session    one long-lived worker, a REPL for verify.session.PythonSession: it reads command
+             frames {"id": n, "code": str} from the requests fd and runs each cell in one module
+             namespace kept across commands (a fresh `__main__`), then answers on the replies fd
+             with {"id": n, "status": "ok" | "error", "error": traceback text}; it first sends
+             {"hello": true} once it is ready. Frames are length-prefixed JSON (pack_frame /
+             Frames). Like a notebook, a cell whose last statement is an expression prints the
+             repr of its value when it is not None. The worker's stdout and stderr are both the
+             sandbox's stdout pipe, which the parent reads (capped) per call. The supervisor reaps
+             orphans while it waits, and kills the worker's group when the lifeline fd reaches
+             EOF (the parent closed the session or died), so no session outlives its parent.
 
 Messages to the parent on the ctl fd, one JSON object per line: {"ready": [layers]},
 {"setup_error": str}, {"case": i, "stdout": str, "exit": int, "timeout": bool, "truncated": bool}
-(io), {"worker_exit": int, "timeout": bool} (other roles).
+(io), {"worker_exit": int, "timeout": bool} (other roles; a session worker killed because the
+lifeline closed reports null).
 
 Wire codec: values cross process boundaries only as tagged JSON built from exact built-in types
 (encode/decode below). Whatever untrusted code sends, the receiver rebuilds plain None, bool, int,
@@ -64,13 +75,15 @@ import os
 import resource
 import select
 import signal
+import struct
 import sys
 import time
 
 NOBODY = 65534
 MAX_DEPTH = 100                 # nesting depth of an encoded value
-LINE_CAP = 64 << 20             # longest message line accepted (bytes)
+LINE_CAP = 64 << 20             # longest message line (or session command frame) accepted (bytes)
 CASE_OUTPUT_CAP = 8 << 20       # stdout kept per io case (bytes); more marks the case truncated
+TRACEBACK_CAP = 16 << 10        # characters of a session cell's traceback sent back (the tail)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -177,6 +190,48 @@ class LineReader:
             if not chunk:
                 self.eof = True
             self.buf += chunk
+
+
+FRAME_HEADER = struct.Struct("!I")   # a session frame: 4-byte big-endian length, then UTF-8 JSON
+
+
+def pack_frame(obj) -> bytes:
+    """One session frame holding obj as JSON."""
+    data = json.dumps(obj, separators=(",", ":")).encode()
+    return FRAME_HEADER.pack(len(data)) + data
+
+
+class Frames:
+    """Session frames from a byte stream fed in pieces.
+
+    feed() returns the messages completed so far. A header announcing more than `cap` bytes raises
+    ValueError before any of its body is kept, so the buffer never holds more than one frame of at
+    most `cap` bytes plus the piece being fed; malformed JSON raises ValueError too (a very deep
+    nesting RecursionError). The receiver must treat either as the end of the channel.
+    """
+
+    def __init__(self, cap: int):
+        self.cap, self.buf = cap, bytearray()
+
+    def feed(self, data: bytes) -> list:
+        self.buf += data
+        out = []
+        while len(self.buf) >= FRAME_HEADER.size:
+            (n,) = FRAME_HEADER.unpack_from(self.buf)
+            if n > self.cap:
+                raise ValueError(f"a frame of {n} bytes, more than the {self.cap} accepted")
+            end = FRAME_HEADER.size + n
+            if len(self.buf) < end:
+                break
+            out.append(json.loads(bytes(self.buf[FRAME_HEADER.size:end])))
+            del self.buf[:end]
+        return out
+
+
+def write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -516,6 +571,84 @@ def run_main(code: str) -> None:
         sys.stdout.flush()
 
 
+def format_error(e: BaseException, cap: int = TRACEBACK_CAP) -> str:
+    """The traceback of an exception raised by a cell, without the harness's own frames; the last
+    `cap` characters (where the exception itself is) when it is longer."""
+    import traceback
+    tb = e.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
+        tb = tb.tb_next
+    text = "".join(traceback.format_exception(type(e), e, tb))
+    if len(text) > cap:
+        text = f"[... {len(text) - cap} characters of traceback cut ...]\n" + text[-cap:]
+    return text
+
+
+def run_cell(source: str, g: dict, name: str) -> dict:
+    """Run one session cell in the namespace g, notebook style; the reply's status and error.
+
+    The last statement, when it is an expression, is evaluated on its own and the repr of a value
+    that is not None printed (as a REPL shows it). The source is registered with linecache under
+    `name`, so tracebacks show the lines of this cell and of functions defined in earlier ones.
+    Every exception, SystemExit and KeyboardInterrupt included, is the cell's error: the session
+    goes on with its state as the cell left it.
+    """
+    import ast
+    import linecache
+    linecache.cache[name] = (len(source), None, source.splitlines(True), name)
+    try:
+        tree = ast.parse(source, name, "exec")
+        last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
+        exec(compile(tree, name, "exec"), g)
+        if last is not None:
+            value = eval(compile(ast.Expression(last.value), name, "eval"), g)
+            if value is not None:
+                print(repr(value))
+        return {"status": "ok"}
+    except BaseException as e:
+        try:
+            return {"status": "error", "error": format_error(e)}
+        except BaseException:  # formatting failed too (a MemoryError, a raising __str__)
+            return {"status": "error", "error": f"{type(e).__name__} (its traceback could not be formatted)"}
+
+
+def serve_session(requests_fd: int, replies_fd: int) -> None:
+    """The session worker: run each command frame as a cell in one namespace, reply, until EOF.
+
+    Cells run in a fresh module registered as `__main__` (so pickling, dataclasses and
+    `if __name__ == "__main__"` behave as in a script), with sys.stdout and sys.stderr one stream
+    over fd 1, in the order written, flushed before each reply so the parent has all of a cell's
+    output in the pipe when its reply arrives. The soft CPU limit is set a second below the hard
+    one, so a spent budget ends the worker with SIGXCPU (a clear cause) before the hard SIGKILL.
+    """
+    import ast, linecache, traceback, types  # noqa: F401  (loaded before the hello: a warm first call)
+    soft, hard = resource.getrlimit(resource.RLIMIT_CPU)
+    if hard != resource.RLIM_INFINITY and hard > 1:
+        resource.setrlimit(resource.RLIMIT_CPU, (hard - 1, hard))
+    out = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), encoding="utf-8", errors="replace")
+    sys.stdout = sys.stderr = out
+    module = types.ModuleType("__main__")
+    module.__builtins__ = builtins
+    sys.modules["__main__"] = module
+    frames = Frames(LINE_CAP)
+    pending = []
+    write_all(replies_fd, pack_frame({"hello": True}))
+    while True:
+        while not pending:
+            chunk = os.read(requests_fd, 1 << 20)
+            if not chunk:
+                return
+            pending += frames.feed(chunk)
+        command = pending.pop(0)
+        reply = run_cell(command["code"], module.__dict__, f"<cell {command['id']}>")
+        for stream in {id(s): s for s in (out, sys.stdout, sys.stderr)}.values():
+            try:
+                stream.flush()
+            except BaseException:  # the cell replaced or closed a stream: its own output is lost
+                pass
+        write_all(replies_fd, pack_frame(dict(reply, id=command["id"])))
+
+
 # ---------------------------------------------------------------------------------------------
 # Supervisor
 # ---------------------------------------------------------------------------------------------
@@ -600,6 +733,49 @@ def wait(pid: int, deadline: float, out_fd: int | None = None, cap: int = 0):
     return (os.waitstatus_to_exitcode(status) if exited else None), b"".join(chunks), truncated
 
 
+def supervise_session(pid: int, lifeline: int):
+    """Wait for the session worker, reaping orphans meanwhile; the worker's exit status, or None
+    when the lifeline reached EOF first and the worker's group was killed.
+
+    As the first process of a PID namespace the supervisor inherits every orphan (a setsid'd
+    double fork, a daemon left by a cell); unreaped, their zombies would hold pids of the session's
+    cgroup cap for as long as the session lives. SIGCHLD wakes the loop through a wakeup fd. The
+    handler is installed after the fork, so the worker never inherits it; a child that exited
+    before is still found by the waitpid that precedes every select.
+    """
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    while True:
+        while True:
+            try:
+                child, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                child = 0
+            if child == 0:
+                break
+            if child == pid:
+                try:
+                    os.killpg(pid, signal.SIGKILL)  # what the worker started in its own group
+                except ProcessLookupError:
+                    pass
+                return os.waitstatus_to_exitcode(status)
+        ready = select.select([lifeline, wake_r], [], [])[0]
+        if lifeline in ready:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            os.waitpid(pid, 0)
+            return None
+        while True:
+            try:
+                if not os.read(wake_r, 4096):
+                    break
+            except BlockingIOError:
+                break
+
+
 def main() -> None:
     payload = json.loads(sys.stdin.buffer.read())
     ctl = payload["fds"]["ctl"]
@@ -614,7 +790,14 @@ def main() -> None:
     fds, limits, role = payload["fds"], payload["limits"], payload["role"]
     deadline = time.monotonic() + payload["timeout_s"]
 
-    if role == "io":
+    if role == "session":  # no deadline: the parent bounds each call and ends the session
+        fd_map = {2: 1, 3: fds["requests"], 4: fds["replies"]}
+        pid = spawn(lambda: serve_session(3, 4), limits, fd_map)
+        for fd in set(fd_map.values()) - {1}:
+            os.close(fd)
+        code = supervise_session(pid, fds["lifeline"])
+        send(ctl, {"worker_exit": code, "timeout": False})
+    elif role == "io":
         for i, stdin in enumerate(payload["stdins"]):
             out_r, out_w = os.pipe()
             in_fd = memfd_with(stdin.encode())

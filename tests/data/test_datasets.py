@@ -248,7 +248,7 @@ def test_missing_prompt_column_names_column_file_and_first_line(tmp_path):
     ({"messages": "hi"}, r"p\.jsonl:1: column 'messages' must be a non-empty list"),
     ({"messages": ["hi"]}, r"p\.jsonl:1: messages\[0\] must be an object with 'role' and 'content'"),
     ({"messages": [{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}]},
-     r"p\.jsonl:1: messages\[1\]: unknown role 'bot', expected one of system, user, assistant"),
+     r"p\.jsonl:1: messages\[1\]: unknown role 'bot', expected one of system, user, assistant, tool"),
     ({"messages": [{"role": "user", "content": ["a"]}]}, r"p\.jsonl:1: messages\[0\]: 'content' must be a string"),
     ({"messages": [{"role": "user"}]}, r"p\.jsonl:1: messages\[0\]: 'content' must be a string, got NoneType"),
 ])

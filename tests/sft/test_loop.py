@@ -274,3 +274,31 @@ def test_arithmetic_sft_reaches_80_percent_greedy_on_200_held_out_problems(tmp_p
     assert result["eval_problems"] >= 200
     assert result["greedy_accuracy"] >= 0.80, result
     assert p.returncode == 0, p.stderr[-3000:]
+
+
+def test_sft_on_tool_using_traces_trains_the_model_turns_only(sft_files, tmp_path):
+    """--stage sft on conversations with tool turns (the generate stage's traces under --tools): the
+    run trains, and the tokens it trains on are the assistant turns' (the tool's output, rendered
+    inline by the r1-zero template, is masked out)."""
+    from data.chat import encode_chat
+    from data.tasks import write_jsonl
+    from data.tokenizer import load_tokenizer
+
+    rows = []
+    for i in range(40):
+        a, b = 10 + i, 20 + i
+        rows.append({"messages": [
+            {"role": "user", "content": f"What is {a} * {b}?"},
+            {"role": "assistant", "content": f"<think>I use the calculator.\n```calculator\n{a} * {b}\n```\n"},
+            {"role": "tool", "content": f"```output\n{a * b}\n```\n"},
+            {"role": "assistant", "content": f"So it is {a * b}.</think> <answer>{a * b}</answer>"}]})
+    data = write_jsonl(rows, tmp_path / "tool_sft.jsonl")
+    tok = load_tokenizer(sft_files.tok)
+    enc = encode_chat(tok, rows[0]["messages"], template="r1-zero")
+    trained = tok.decode([t for t, m in zip(enc.ids, enc.assistant_mask) if m])
+    assert "```calculator\n10 * 20\n```\n" in trained and "```output" not in trained and "200\n```" not in trained
+    flags = sft_flags(sft_files, tmp_path / "run", "--max-steps", "3", "--warmup-steps", "0")
+    flags[flags.index("--data") + 1] = str(data)
+    assert train.main(flags) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 3
