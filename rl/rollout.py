@@ -207,6 +207,10 @@ class RewardScorer:
 
         columns = {k: [r.get(k) for r in batch.rows] for k in {k for r in batch.rows for k in r}}
         columns.update(prompts=batch.prompts, completion_ids=batch.completion_ids)
+        if batch.tool_stats is not None:   # what the tools did, for the tool rewards (verify.rewards)
+            columns.update(tool_calls=[st["calls"] for st in batch.tool_stats],
+                           tool_errors=[st["errors"] + st["timeouts"] for st in batch.tool_stats],
+                           tool_malformed=[st["malformed"] for st in batch.tool_stats])
         names = [n for n, _ in self.parts]
         if self.pool is not None:
             scored = self.pool.score(names, batch.texts, **columns)

@@ -646,7 +646,36 @@ def reward_name(spec) -> str:
     return getattr(spec, "__name__", type(spec).__name__)
 
 
+def _tool_columns(kwargs: dict, n: int, reward: str) -> tuple[list, list, list] | None:
+    """The per-completion tool counts a multi-turn rollout passes (tool_calls, tool_errors,
+    tool_malformed), or None when the completions come from rollouts without tools."""
+    if "tool_calls" not in kwargs:
+        return None
+    return tuple(_column(kwargs, (name,), n, reward) for name in ("tool_calls", "tool_errors", "tool_malformed"))
+
+
+def tool_format_reward(completions: list[str], **kwargs) -> list[float | None]:
+    """1.0 when the rollout called a tool and every call was well formed (parsed, a known tool, not
+    empty or too long), else 0.0; None without tools (no signal). Meant as a small shaping term
+    beside the answer's reward: --reward task,format,tool_format:0.1."""
+    cols = _tool_columns(kwargs, len(completions), "tool_format")
+    if cols is None:
+        return [None] * len(completions)
+    return [1.0 if c > 0 and m == 0 else 0.0 for c, _, m in zip(*cols)]
+
+
+def tool_ok_reward(completions: list[str], **kwargs) -> list[float | None]:
+    """1.0 when the rollout called a tool and no call failed (no error, timeout or malformed call),
+    else 0.0; None without tools."""
+    cols = _tool_columns(kwargs, len(completions), "tool_ok")
+    if cols is None:
+        return [None] * len(completions)
+    return [1.0 if c > 0 and e == 0 and m == 0 else 0.0 for c, e, m in zip(*cols)]
+
+
 REWARDS: dict[str, RewardFn] = {
+    "tool_format": tool_format_reward,
+    "tool_ok": tool_ok_reward,
     "accuracy": accuracy_reward,
     "format": format_reward,
     "think_format": think_format_reward,

@@ -76,3 +76,13 @@ def test_unknown_tools_and_formats_are_named():
         parse_tools("calculator,shell")
     with pytest.raises(ValueError, match="--tool-format 'xml'"):
         get_format("xml")
+
+
+def test_tool_rewards_read_the_rollouts_tool_counts():
+    from verify.rewards import get_reward
+
+    texts = ["a", "b", "c", "d"]
+    cols = dict(tool_calls=[0, 2, 1, 1], tool_errors=[0, 0, 1, 1], tool_malformed=[0, 0, 0, 1])
+    assert get_reward("tool_format")(texts, **cols) == [0.0, 1.0, 1.0, 0.0]
+    assert get_reward("tool_ok")(texts, **cols) == [0.0, 1.0, 0.0, 0.0]
+    assert get_reward("tool_ok")(texts) == [None] * 4        # rollouts without tools: no signal

@@ -15,7 +15,7 @@ from model import ModelConfig, Transformer
 from rl import loop
 from rl.loop import sequence_logprobs
 from rl.loss import policy_loss
-from tests.rl._grpo_worker import grpo_argv, make_model_dir, write_prompts
+from tests.rl._grpo_worker import PARITY_REWARD, grpo_argv, make_model_dir, write_prompts
 
 pytestmark = pytest.mark.usefixtures("one_thread")   # tests/rl/conftest.py
 
@@ -79,7 +79,8 @@ def test_grpo_with_an_environment_trains_on_model_tokens_only(tmp_path, monkeypa
     write_prompts(prompts, 8)
     monkeypatch.setattr(loop, "rollout_environment", lambda args: (Frequent(), 40))
     out = tmp_path / "run"
-    assert train.main(grpo_argv(model_dir, prompts, out, "--beta", "0")) == 0
+    assert train.main(grpo_argv(model_dir, prompts, out, "--beta", "0", "--reward",
+                                f"{PARITY_REWARD},format,tool_ok:0.1")) == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     for r in rows:
         assert r["tool/calls_per_rollout"] > 1 and r["tool/observation_tokens"] > 0 and r["tool/share"] > 0
@@ -87,3 +88,4 @@ def test_grpo_with_an_environment_trains_on_model_tokens_only(tmp_path, monkeypa
         model_tokens = r["response_length/mean"] - r["tool/observation_tokens"]
         assert r["tokens"] == pytest.approx(4 * 4 * model_tokens)
         assert r["grad_norm"] > 0 and r["time/tools"] >= 0
+        assert 0.0 <= r["reward/tool_ok"] <= 1.0            # the tool reward read the rollouts' counts
