@@ -16,9 +16,13 @@ The rollout pauses at FENCE_STOP, a closing fence on its own line ("\\n```\\n");
 when it ends in a block whose opening names a tool of the run; a block of another language, or no
 block, is no call (the model goes on); a block naming an unknown tool, or an empty or unclosed one,
 is a malformed call, answered with an error.
+
+The qwen format (QwenFormat) is Qwen2.5's own: a <tool_call> JSON object, answered by a tool turn as
+the checkpoint's chat template renders it.
 """
 from __future__ import annotations
 
+import json
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -85,7 +89,60 @@ class FencedFormat(ToolFormat):
         return f"```output\n{text}```\n"
 
 
-FORMATS: dict[str, type[ToolFormat]] = {"fenced": FencedFormat}
+class QwenFormat(ToolFormat):
+    """Qwen2.5's own tool-call format, as its chat template writes a tool-using conversation:
+
+        <tool_call>
+        {"name": "calculator", "arguments": {"expression": "1234 * 5678"}}
+        </tool_call><|im_end|>
+        <|im_start|>user
+        <tool_response>
+        7006652
+        </tool_response><|im_end|>
+        <|im_start|>assistant
+
+    The rollout pauses at "</tool_call>"; the call is the JSON object of the last <tool_call> block
+    (its `arguments` hold the call's input under "code" or "expression", or as their one string);
+    the observation is what Qwen2.5's template renders after that assistant turn for a tool turn
+    with the output, up to and with the next assistant header (tests/envs holds them equal)."""
+    name = "qwen"
+    stop = ["</tool_call>"]
+    END, USER, ASSISTANT = "<|im_end|>", "<|im_start|>user", "<|im_start|>assistant"
+
+    def parse(self, text: str, tools: list[str]) -> ToolCall | None:
+        if not text.rstrip().endswith("</tool_call>"):
+            return None
+        start = text.rfind("<tool_call>")
+        if start < 0:
+            return None
+        body = text[start + len("<tool_call>"): text.rstrip().rfind("</tool_call>")].strip()
+        try:
+            obj = json.loads(body)
+        except json.JSONDecodeError as e:
+            return ToolCall("?", body, f"the tool call is not valid JSON ({e.msg} at character {e.pos})")
+        if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+            return ToolCall("?", body, 'a tool call is a JSON object {"name": ..., "arguments": {...}}')
+        name, args = obj["name"], obj.get("arguments", {})
+        if name not in tools:
+            return ToolCall(name, body, f"unknown tool {name!r}; tools: {', '.join(tools)}")
+        if isinstance(args, str):
+            code = args
+        elif isinstance(args, dict):
+            strings = [v for v in args.values() if isinstance(v, str)]
+            code = args.get("code", args.get("expression", strings[0] if len(strings) == 1 else None))
+        else:
+            code = None
+        if not isinstance(code, str) or not code.strip():
+            return ToolCall(name, body, 'the call needs its input in "arguments" ("code" or "expression")')
+        if len(code) > MAX_CALL_CHARS:
+            return ToolCall(name, code, f"the call has {len(code)} characters, more than {MAX_CALL_CHARS}")
+        return ToolCall(name, code)
+
+    def render(self, obs: Observation) -> str:
+        return f"{self.END}\n{self.USER}\n<tool_response>\n{obs.text}\n</tool_response>{self.END}\n{self.ASSISTANT}\n"
+
+
+FORMATS: dict[str, type[ToolFormat]] = {"fenced": FencedFormat, "qwen": QwenFormat}
 
 
 def get_format(name: str) -> ToolFormat:

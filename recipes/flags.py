@@ -231,7 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "own cache (default: none)")
     g.add_argument("--tool-format", default="fenced",
                    help="how calls are written: fenced (a ```calculator / ```python block, answered by an "
-                   "```output block: ToRL / ReTool's convention)")
+                   "```output block: ToRL / ReTool's convention) or qwen (Qwen2.5's <tool_call> JSON, answered by "
+                   "a <tool_response> turn as its chat template renders it)")
     g.add_argument("--max-tool-calls", type=int, default=4, help="tool calls per rollout; one more ends it ('length')")
     g.add_argument("--max-rollout-tokens", type=int, default=None,
                    help="tokens of a rollout with tools, the model's and the tools' outputs together "

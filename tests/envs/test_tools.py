@@ -86,3 +86,27 @@ def test_tool_rewards_read_the_rollouts_tool_counts():
     assert get_reward("tool_format")(texts, **cols) == [0.0, 1.0, 1.0, 0.0]
     assert get_reward("tool_ok")(texts, **cols) == [0.0, 1.0, 0.0, 0.0]
     assert get_reward("tool_ok")(texts) == [None] * 4        # rollouts without tools: no signal
+
+
+def test_qwen_format_reads_calls_and_answers_as_the_qwen25_template_renders_a_tool_turn():
+    from data.chat import render
+    from envs.formats import QwenFormat
+    from tests.data.test_chat import QWEN25_TEMPLATE
+
+    f = QwenFormat()
+    msgs = [{"role": "user", "content": "What is 12 * 13?"},
+            {"role": "assistant", "content": "I will compute it.",
+             "tool_calls": [{"type": "function", "function": {"name": "calculator",
+                                                              "arguments": {"expression": "12 * 13"}}}]},
+            {"role": "tool", "content": "156"}]
+    text = render(msgs, QWEN25_TEMPLATE, add_generation_prompt=True)
+    cut = text.index("</tool_call>") + len("</tool_call>")
+    model_turn = text[text.rindex("<|im_start|>assistant", 0, cut) + len("<|im_start|>assistant\n"):cut]
+    call = f.parse(model_turn, ["calculator"])
+    assert (call.tool, call.code, call.error) == ("calculator", "12 * 13", None)
+    assert text[cut:] == f.render(Observation("156"))        # the observation is the template's tool turn
+    assert f.parse('<tool_call>\n{"name": "calculator", "arguments": {"expression": \n</tool_call>',
+                   ["calculator"]).error.startswith("the tool call is not valid JSON")
+    assert "unknown tool 'shell'" in f.parse('<tool_call>\n{"name": "shell", "arguments": {}}\n</tool_call>',
+                                             ["calculator"]).error
+    assert f.parse("no call here", ["calculator"]) is None
