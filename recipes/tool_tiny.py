@@ -22,6 +22,27 @@ to copy carefully.
 Evaluation of every stage: sampled (T = 1, mean of 4) and greedy accuracy, strict (the task checker
 times the format) and lenient (the answer right whatever the format), and tool_share, the share of
 sampled answers that called the tool.
+
+Settings (RECIPE below) and what they gave, on 2 CPU cores (2 ranks), 200 held-out problems:
+- corpus: 20,000 multiplications; 30% call the calculator, 30% of those with a miscopied operand;
+  the rest answer in the head, right 5% of the time. Base: the tiny-sft preset (dense, 8 heads of
+  16, 0.44M parameters), 600 steps of 128 at lr 2e-3. The 4-head tiny preset after 400 steps called
+  the tool in 24% of its samples but never copied an operand or the result right (0% accuracy, and
+  RL then dropped the tool, 24% -> 4%): the 8 heads learn the copy.
+- tool_rl: GRPO, 16 prompts x 8 samples a step, 60 steps, lr 1e-4 constant, no KL, rewards task +
+  format, up to 48 model tokens and 72 tokens in all, at most 2 calls.
+
+    seed  stage    sampled  greedy  lenient (sampled / greedy)  tool_share  wall
+    0     base     0.186    0.000   0.186 / 0.000               0.297
+          tool_rl  0.922    0.995   0.924 / 0.995               0.990       249 s in all
+    1     base     0.199    0.000   0.199 / 0.000               0.311
+          tool_rl  0.891    0.995   0.891 / 0.995               0.994       278 s
+    2     base     0.201    0.000   0.201 / 0.000               0.296
+          tool_rl  0.931    1.000   0.931 / 1.000               0.988       343 s (a busier machine)
+
+The base's greedy answer is its head guess (it never calls the tool greedily); after RL nearly every
+sample calls the calculator with the operands copied right and reads the answer off its output.
+runs/tool-tiny/tool_rl_curves.png plots reward, accuracy and calls per rollout against step.
 """
 from __future__ import annotations
 

@@ -205,9 +205,9 @@ class Frames:
     """Session frames from a byte stream fed in pieces.
 
     feed() returns the messages completed so far. A header announcing more than `cap` bytes raises
-    ValueError before any of its body is kept, so the buffer never holds more than one frame of at
-    most `cap` bytes plus the piece being fed; malformed JSON raises ValueError too (a very deep
-    nesting RecursionError). The receiver must treat either as the end of the channel.
+    ValueError as soon as it is read, so the buffer never holds more than one frame of at most
+    `cap` bytes plus the piece being fed; malformed JSON raises ValueError too (a very deep nesting
+    RecursionError). The receiver must treat either as the end of the channel.
     """
 
     def __init__(self, cap: int):

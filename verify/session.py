@@ -19,7 +19,8 @@ session never are (each session is its own process tree, in its own namespaces w
 
 SessionResult fields: status "ok" | "error" | "timeout"; stdout, what the call wrote to stdout and
 stderr (one stream, in order) then the repr of a last expression that is not None, capped at
-STDOUT_CAP bytes (the rest is read and discarded, saying how much); error, the exception's traceback
+STDOUT_CAP bytes (the rest is read and discarded, saying how much; output that a thread or process
+left running writes between calls is discarded, not shown to the next call); error, the exception's traceback
 (the session keeps its state after a plain exception, SystemExit included) or why the sandbox died,
 capped at ERROR_CAP characters; seconds, the call's wall time (a cold start included); restarted,
 True when the call ran in a fresh process because the previous one died, so earlier state is lost.
@@ -170,8 +171,8 @@ class _Process:
     def _on_message(self, m) -> None:
         if type(m) is dict and m.get("hello") is True:
             self.hello = True
-        elif type(m) is dict and m.get("id") == self.expect and self.expect > 0:
-            self.reply = m                # frames of other ids (stale or forged) are ignored
+        elif type(m) is dict and m.get("id") == self.expect and self.expect > 0 and self.reply is None:
+            self.reply = m                # the first; frames of other ids (stale or forged) are ignored
 
     def _after_ctl(self) -> None:
         if self.box.ctl.eof or self.box.control("worker_exit") or self.box.control("setup_error"):
@@ -346,6 +347,9 @@ class PythonSession:
         if not timeout_s > 0:
             raise ValueError(f"timeout_s must be positive, got {timeout_s}")
         start = time.monotonic()
+        if len(code) > MAX_CODE_CHARS:  # refused before it reaches the sandbox; the session is untouched
+            return SessionResult("error", error=f"the code has {len(code)} characters, more than the "
+                                 f"{MAX_CODE_CHARS} a call accepts")
         with self._lock:
             if self._closed:
                 raise RuntimeError("run() on a closed PythonSession")
@@ -362,10 +366,6 @@ class PythonSession:
                     return SessionResult("error", error=f"could not start the session sandbox: {e}",
                                          seconds=time.monotonic() - start)
             restarted, self._lost = self._lost, False
-            if len(code) > MAX_CODE_CHARS:
-                return SessionResult("error", error=f"the code has {len(code)} characters, more than the "
-                                     f"{MAX_CODE_CHARS} a call accepts", seconds=time.monotonic() - start,
-                                     restarted=restarted)
             if not self._await_hello(proc):
                 why = proc.why() if proc.stopped else f"it did not start within {STARTUP_GRACE_S} s"
                 self._replace(start_new=False)
@@ -474,7 +474,7 @@ class SessionPool:
         if not (memory_mb > 0 and cpu_s > 0):
             raise ValueError(f"memory_mb and cpu_s must be positive, got {memory_mb}, {cpu_s}")
         _plan(isolation)            # an isolation this OS refuses is a RuntimeError here, not in the thread
-        self.size, self.memory_mb, self.isolation, self.cpu_s = size, memory_mb, isolation, cpu_s
+        self.size, self.memory_mb, self.isolation_mode, self.cpu_s = size, memory_mb, isolation, cpu_s
         self.warm_hits = self.cold_starts = 0
         self._cond = threading.Condition()
         self._warm: collections.deque[PythonSession] = collections.deque()
@@ -484,7 +484,7 @@ class SessionPool:
         self._thread.start()
 
     def _new(self) -> PythonSession:
-        return PythonSession(self.memory_mb, self.isolation, self.cpu_s)
+        return PythonSession(self.memory_mb, self.isolation_mode, self.cpu_s)
 
     def _refill(self) -> None:
         backoff = self.REFILL_BACKOFF_S[0]
