@@ -88,7 +88,12 @@ class Calculator(Tool):
         return _CalculatorSession()
 
 
-TOOLS: dict[str, type[Tool]] = {"calculator": Calculator}
+def _python_tool() -> Tool:
+    from envs.python_tool import PythonTool   # imported on use: it starts sandboxes (verify/session.py)
+    return PythonTool()
+
+
+TOOLS = {"calculator": Calculator, "python": _python_tool}
 
 
 def get_tool(name: str) -> Tool:
