@@ -52,6 +52,12 @@ class ToolFormat(ABC):
     def render(self, obs: Observation) -> str:
         """The text that follows a call in the rollout: the observation, ready to be tokenised."""
 
+    def messages(self, segments: list[tuple[bool, str]]) -> list[dict]:
+        """A rollout's text as chat messages, from its runs of (model text?, text): each model run an
+        assistant turn and each observation a tool turn, as the chat template of this format renders
+        them back (the fenced format's templates write tool turns inline, data/templates.py)."""
+        return [{"role": "assistant" if model else "tool", "content": text} for model, text in segments]
+
 
 class FencedFormat(ToolFormat):
     name = "fenced"
@@ -139,7 +145,36 @@ class QwenFormat(ToolFormat):
         return ToolCall(name, code)
 
     def render(self, obs: Observation) -> str:
-        return f"{self.END}\n{self.USER}\n<tool_response>\n{obs.text}\n</tool_response>{self.END}\n{self.ASSISTANT}\n"
+        return f"{self.END}\n{self.USER}\n{self._OPEN_RESPONSE}{obs.text}{self._CLOSE_RESPONSE}"
+
+    _OPEN_RESPONSE = "<tool_response>\n"
+    _CLOSE_RESPONSE = f"\n</tool_response>{END}\n{ASSISTANT}\n"
+
+    def messages(self, segments: list[tuple[bool, str]]) -> list[dict]:
+        """Qwen2.5's own message form: an assistant turn that ends in a call holds the text before it as
+        content and the call as `tool_calls`; a tool turn holds the output alone (the template wraps it)."""
+        out = []
+        for model, text in segments:
+            if not model:
+                start = text.find(self._OPEN_RESPONSE)
+                end = text.rfind(self._CLOSE_RESPONSE)
+                body = text[start + len(self._OPEN_RESPONSE):end] if 0 <= start < end else text
+                out.append({"role": "tool", "content": body})
+                continue
+            cut = text.rfind("<tool_call>")
+            call = None
+            if cut >= 0 and text.rstrip().endswith("</tool_call>"):
+                try:
+                    call = json.loads(text[cut + len("<tool_call>"): text.rstrip().rfind("</tool_call>")])
+                except json.JSONDecodeError:
+                    call = None
+            if isinstance(call, dict) and isinstance(call.get("name"), str):
+                out.append({"role": "assistant", "content": text[:cut].rstrip("\n"),
+                            "tool_calls": [{"type": "function", "function": {"name": call["name"],
+                                                                             "arguments": call.get("arguments", {})}}]})
+            else:
+                out.append({"role": "assistant", "content": text})
+        return out
 
 
 FORMATS: dict[str, type[ToolFormat]] = {"fenced": FencedFormat, "qwen": QwenFormat}

@@ -220,27 +220,34 @@ def generate_batch(sampler, tok, pool, rows: list[dict], indices: list[int], pro
         counts["samples"] += len(ts)
         counts["tokens"] += sum(len(c.token_ids) for c in comps)
         for j in kept:
-            turns = trace_messages(tok, comps[j]) if cfg.env is not None else [{"role": "assistant", "content": ts[j]}]
+            turns = (trace_messages(tok, comps[j], getattr(cfg.env, "format", None)) if cfg.env is not None
+                     else [{"role": "assistant", "content": ts[j]}])
             written.append({"messages": conv + turns,
                             "prompt_id": row.get("id", index), "sample": j, "scores": scores[j],
                             "num_tokens": len(comps[j].token_ids), "finish_reason": comps[j].finish_reason})
     return written, counts, scored
 
 
-def trace_messages(tok, completion) -> list[dict]:
+def trace_messages(tok, completion, fmt=None) -> list[dict]:
     """A multi-turn completion as chat messages: each run of the model's tokens an assistant turn,
-    each run of tool output (sampled_mask 0) a tool turn, so that SFT on the trace trains the model's
-    text only (data/templates.py renders tool turns inline for the r1-zero templates). The last
+    each run of tool output (sampled_mask 0) a tool turn, in the tool format's message form
+    (envs.formats: fmt.messages), so that SFT on the trace trains the model's text only
+    (data/templates.py renders fenced-format tool turns inline for the r1-zero templates). The last
     assistant turn leaves out the end-of-sequence token it stopped at, as completion_text does."""
     ids, mask = list(completion.token_ids), completion.sampled_mask or [1] * len(completion.token_ids)
     if completion.finish_reason == "stop" and ids and ids[-1] in tok.special_ids and mask[-1]:
         ids, mask = ids[:-1], mask[:-1]
-    out, start = [], 0
+    segments, start = [], 0
     for k in range(1, len(ids) + 1):
         if k == len(ids) or mask[k] != mask[start]:
-            out.append({"role": "assistant" if mask[start] else "tool", "content": tok.decode(ids[start:k])})
+            segments.append((bool(mask[start]), tok.decode(ids[start:k])))
             start = k
-    return out or [{"role": "assistant", "content": ""}]
+    if not segments:
+        return [{"role": "assistant", "content": ""}]
+    if fmt is None:
+        from envs.formats import FencedFormat
+        fmt = FencedFormat()
+    return fmt.messages(segments)
 
 
 # ---- the output file and its progress record -------------------------------------------------------

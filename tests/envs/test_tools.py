@@ -110,3 +110,23 @@ def test_qwen_format_reads_calls_and_answers_as_the_qwen25_template_renders_a_to
     assert "unknown tool 'shell'" in f.parse('<tool_call>\n{"name": "shell", "arguments": {}}\n</tool_call>',
                                              ["calculator"]).error
     assert f.parse("no call here", ["calculator"]) is None
+
+
+def test_qwen_format_traces_become_qwen25_messages_that_render_back_to_the_rollout():
+    """A qwen-format rollout (model text, the observation the format appended, model text) turned
+    into messages (assistant with tool_calls, tool, assistant) renders through Qwen2.5's template back
+    to the same text: SFT on generated traces trains on what the rollout wrote."""
+    from data.chat import render
+    from envs.formats import QwenFormat
+    from tests.data.test_chat import QWEN25_TEMPLATE
+
+    f = QwenFormat()
+    call = 'I will compute it.\n<tool_call>\n{"name": "calculator", "arguments": {"expression": "12 * 13"}}\n</tool_call>'
+    after = "It is 156.<|im_end|>"
+    segments = [(True, call), (False, f.render(Observation("156"))), (True, after)]
+    msgs = [{"role": "user", "content": "What is 12 * 13?"}] + f.messages(segments)
+    assert msgs[1]["tool_calls"][0]["function"] == {"name": "calculator", "arguments": {"expression": "12 * 13"}}
+    assert msgs[2] == {"role": "tool", "content": "156"}
+    prompt = render(msgs[:1], QWEN25_TEMPLATE, add_generation_prompt=True)
+    msgs[3]["content"] = msgs[3]["content"].removesuffix("<|im_end|>")
+    assert render(msgs, QWEN25_TEMPLATE) == prompt + call + f.render(Observation("156")) + after + "\n"
