@@ -7,7 +7,8 @@ envs/formats.py (how calls and results are written in the text).
 """
 from envs.base import Environment, Episode, Reply, ToolEnvironment
 from envs.formats import FENCE_STOP, FencedFormat, ToolCall, ToolFormat, get_format
-from envs.tools import Calculator, Observation, Session, Tool, clean_output, get_tool, parse_tools
+from envs.registry import get_tool, parse_tools
+from envs.tools import Calculator, Observation, Session, Tool, clean_output
 
 __all__ = ["Environment", "Episode", "Reply", "ToolEnvironment", "FENCE_STOP", "FencedFormat", "ToolCall",
            "ToolFormat", "get_format", "Calculator", "Observation", "Session", "Tool", "clean_output", "get_tool",

@@ -22,7 +22,8 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 
 from envs.formats import FencedFormat, ToolFormat
-from envs.tools import Observation, Session, clean_output, get_tool
+from envs.registry import get_tool
+from envs.tools import Observation, Session, clean_output
 
 
 @dataclass

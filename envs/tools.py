@@ -86,29 +86,3 @@ class Calculator(Tool):
 
     def session(self) -> Session:
         return _CalculatorSession()
-
-
-def _python_tool() -> Tool:
-    from envs.python_tool import PythonTool   # imported on use: it starts sandboxes (verify/session.py)
-    return PythonTool()
-
-
-TOOLS = {"calculator": Calculator, "python": _python_tool}
-
-
-def get_tool(name: str) -> Tool:
-    """The tool of that name; ValueError listing the known ones."""
-    if name not in TOOLS:
-        raise ValueError(f"unknown tool {name!r}; known tools: {', '.join(sorted(TOOLS))}")
-    return TOOLS[name]()
-
-
-def parse_tools(spec: str | None) -> list[str]:
-    """--tools "python,calculator" -> the names, each checked (ValueError naming an unknown one)."""
-    names = [n.strip() for n in (spec or "").split(",") if n.strip()]
-    for n in names:
-        if n not in TOOLS:
-            raise ValueError(f"--tools: unknown tool {n!r}; known tools: {', '.join(sorted(TOOLS))}")
-    if len(set(names)) != len(names):
-        raise ValueError(f"--tools {spec!r}: a tool is named twice")
-    return names
