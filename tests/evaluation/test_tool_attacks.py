@@ -13,7 +13,8 @@ from envs import Reply, ToolEnvironment
 from evaluation.tool_rollout import generate_with_env
 from model import ModelConfig, Transformer
 from sampling import Sampler, SamplingParams
-from tests.verify.test_session import descendants, processes_with
+from tests.verify.test_code import processes_with
+from tests.verify.test_session import descendants
 
 
 class ByteTokenizer:

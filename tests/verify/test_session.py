@@ -19,24 +19,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.verify.test_code import processes_with
 from verify.code import _plan
 from verify.session import STDOUT_CAP, PythonSession, SessionPool
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def processes_with(marker: str) -> list[int]:
-    """Pids of live processes whose command line holds marker."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and int(entry) != os.getpid():
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    if marker.encode() in f.read():
-                        found.append(int(entry))
-            except OSError:
-                pass
-    return found
 
 
 def appears(marker: str, count: int = 1) -> bool:
