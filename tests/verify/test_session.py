@@ -417,7 +417,11 @@ def test_a_session_does_not_outlive_its_parent_process():
 
 @pytest.mark.filterwarnings("ignore:verify.code sandbox runs without")
 @pytest.mark.parametrize("isolation", ["userns", "process"])
-def test_fallback_isolation_modes_keep_state_and_clean_up(isolation):
+def test_fallback_isolation_modes_keep_state_and_clean_up(isolation, monkeypatch):
+    # its warning about the missing layers is verify.code's once-per-process one: a set of its own
+    # here, so that tests of that warning (tests/verify/test_code.py) see it whatever runs first
+    import verify.code
+    monkeypatch.setattr(verify.code, "_warned", set())
     marker = "session-fallback-" + secrets.token_hex(6)
     s = PythonSession(isolation=isolation)
     assert s.run("x = 5\n" + sleeper(marker, detach=True)).status == "ok" and appears(marker)
