@@ -5,7 +5,8 @@ version on GPU machines; an unpinned torch requirement would otherwise pull the 
 """
 from setuptools import setup
 
-PACKAGES = ["model", "kernels", "sampling", "evaluation", "verify", "sft", "rl", "data", "runtime", "recipes"]
+PACKAGES = ["model", "kernels", "sampling", "evaluation", "verify", "sft", "rl", "data", "runtime", "recipes", "serve",
+            "envs"]
 
 setup(
     name="r1-recipe",
@@ -26,7 +27,8 @@ setup(
     ],
     extras_require={
         # transformers is a test oracle only: no package code imports it
-        "test": ["pytest>=8", "transformers>=4.50", "matplotlib>=3.8"],  # matplotlib: the recipe test checks its plots
+        # matplotlib: the recipe test checks its plots; openai: the server's tests use the real client
+        "test": ["pytest>=8", "transformers>=4.50", "matplotlib>=3.8", "openai>=1.40"],
         # side-by-side comparisons in bench/
         "bench": ["transformers>=4.50", "trl>=0.20"],
         "plot": ["matplotlib>=3.8"],

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import argparse
 
-STAGES = ("pretrain", "sft", "grpo", "generate", "eval")
+STAGES = ("pretrain", "sft", "grpo", "generate", "eval", "serve")
 RECIPES = ("r1-tiny", "tool-tiny")
 
 
@@ -247,10 +247,39 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.compile the rollout engine's decode step, one graph per batch and table-width "
                    "bucket; auto: on the CPU for models at least 512 wide (measured to win there), off on CUDA "
                    "until the GPU check has measured it")
+    g.add_argument("--teacher-url", default=None,
+                   help="--stage generate: sample from an OpenAI-compatible endpoint (vLLM, SGLang, a provider, our "
+                   "--stage serve) instead of a local model, e.g. http://host:8000/v1; the prompts are sent as chat "
+                   "messages and the endpoint applies its model's template")
+    g.add_argument("--teacher-model", default=None, help="the endpoint's model name (default: the one it lists)")
+    g.add_argument("--teacher-api-key-env", default="OPENAI_API_KEY",
+                   help="environment variable holding the teacher endpoint's API key (unset: no key sent)")
+    g.add_argument("--teacher-concurrency", type=int, default=16, help="teacher requests in flight at once")
+    g.add_argument("--teacher-timeout-s", type=float, default=600.0, help="seconds one teacher request may take")
+    g.add_argument("--judge-url", default=None,
+                   help="OpenAI-compatible endpoint of the model that --reward judge:FILE asks, e.g. http://host:8000/v1")
+    g.add_argument("--judge-model", default=None, help="the judge endpoint's model name (default: the one it lists)")
+    g.add_argument("--judge-api-key-env", default="OPENAI_API_KEY",
+                   help="environment variable holding the judge endpoint's API key (unset: no key sent)")
+    g.add_argument("--judge-concurrency", type=int, default=16, help="judge requests in flight at once")
+    g.add_argument("--judge-timeout-s", type=float, default=60.0,
+                   help="seconds one judge request may take; after the retries a judge that does not answer gives "
+                   "no signal (None)")
+    g.add_argument("--http-retries", type=int, default=3, help="retries of a failed teacher or judge request")
     g.add_argument("--reward-workers", type=int, default=2, help="reward scoring processes")
     g.add_argument("--reward-timeout-s", type=float, default=30.0,
                    help="seconds one scoring item may take before it counts as wrong (a code sandbox run needs "
                    "its own 5 s plus start-up)")
+
+    # serve (--stage serve: an OpenAI-compatible endpoint over the rollout engine)
+    g = p.add_argument_group("serve")
+    g.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    g.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port, see <run>/server.json)")
+    g.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every request")
+    g.add_argument("--served-model-name", default=None,
+                   help="the model name clients ask for (default: the --model folder's name, or the --preset)")
+    g.add_argument("--serve-max-len", type=int, default=None,
+                   help="longest prompt + completion served, in tokens (default: the model's max_position_embeddings)")
     return p
 
 

@@ -1,4 +1,4 @@
-"""The stage runner: one stage of the recipe (pretrain, sft, grpo, generate, eval) from its flags.
+"""The stage runner: one stage of the recipe (pretrain, sft, grpo, generate, eval, serve) from its flags.
 
     from recipes.stages import check_stage, run_stage
     check_stage(args, info)          # defaults that fit the run, then the stage's own flag checks
@@ -43,6 +43,11 @@ def _eval(args, run, info):
     return run_eval(args, run, info)
 
 
+def _serve(args, run, info):
+    from serve.server import run_serve
+    return run_serve(args, run, info)
+
+
 def _check_sft(args, info):
     from sft.loop import check_flags
     return check_flags(args, info.world_size)
@@ -63,12 +68,18 @@ def _check_eval(args, info):
     return check_flags(args, info.world_size)
 
 
+def _check_serve(args, info):
+    from serve.server import check_flags
+    return check_flags(args, info.world_size)
+
+
 # name -> function(args, run_dir, dist_info) returning an exit status; a name absent here is not built yet
-RUNNERS: dict[str, Callable] = {"pretrain": _sft, "sft": _sft, "grpo": _grpo, "generate": _generate, "eval": _eval}
+RUNNERS: dict[str, Callable] = {"pretrain": _sft, "sft": _sft, "grpo": _grpo, "generate": _generate, "eval": _eval,
+                               "serve": _serve}
 # name -> function(args, dist_info) raising ValueError on bad flags; it fills the unset run-dependent
 # flags (recipes/flags.py lists them) and returns the console lines of the values it chose
 CHECKS: dict[str, Callable] = {"pretrain": _check_sft, "sft": _check_sft, "grpo": _check_grpo,
-                               "generate": _check_generate, "eval": _check_eval}
+                               "generate": _check_generate, "eval": _check_eval, "serve": _check_serve}
 assert set(RUNNERS) <= set(STAGES) and set(CHECKS) <= set(STAGES)
 
 

@@ -12,5 +12,8 @@ run cheaply in worker processes.
     verify.code      run_tests: a sandbox for model-written Python (namespaces, unprivileged user,
                      cgroups, rlimits; the verdict decided outside the untrusted process) against
                      HumanEval tests, calls, stdin/stdout cases or assert statements (MBPP)
+    verify.openai_client  OpenAIClient: an OpenAI-compatible HTTP client for remote teachers and LLM
+                     judges (timeouts, retries with back-off, a concurrency limit, a disk cache),
+                     standard library only
     python -m verify score --data FILE.jsonl --reward accuracy,format   mean of each reward
 """
