@@ -358,9 +358,11 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 def check_sampling_flags(args, prefix: str) -> None:
     """ValueError for a bad --model/--preset choice or bad --<prefix>-n/-temperature/-top-p/-max-new-tokens,
     --reward-workers, --reward-timeout-s (shared by the eval and generate stages)."""
-    if (args.model is None) == (args.preset is None):
+    if getattr(args, "teacher_url", None) is not None:
+        pass   # the generate stage samples from an endpoint (evaluation/remote.py checks its flags)
+    elif (args.model is None) == (args.preset is None):
         raise ValueError("give exactly one of --model DIR and --preset NAME (with --tokenizer DIR)")
-    if args.model is None and args.tokenizer is None:
+    elif args.model is None and args.tokenizer is None:
         raise ValueError("--preset needs --tokenizer DIR (a fresh model has no tokenizer of its own)")
     n, temperature, top_p, max_new = (getattr(args, f"{prefix}_{k}") for k in ("n", "temperature", "top_p",
                                                                             "max_new_tokens"))

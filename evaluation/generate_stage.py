@@ -92,8 +92,9 @@ def parse_rewards(text: str) -> list[str]:
         raise ValueError(f"--reward {text!r}: expected comma-separated reward names such as accuracy,format")
     if len(set(specs)) != len(specs):
         raise ValueError(f"--reward {text!r}: a reward is named twice")
+    from verify.judge import is_judge, load_template
     for spec in specs:
-        get_reward(spec)
+        load_template(spec) if is_judge(spec) else get_reward(spec)
     return specs
 
 
@@ -179,6 +180,7 @@ class GenerateConfig:
     max_per_prompt: int = 0
     env: object = None                 # an envs.Environment (--tools): multi-turn rollouts
     max_total_tokens: int | None = None  # their budget of model and tool-output tokens
+    judges: dict | None = None         # reward spec -> verify.judge.JudgeReward (--reward judge:...)
 
 
 def generate_batch(sampler, tok, pool, rows: list[dict], indices: list[int], prompts: list[list[int]],
@@ -192,13 +194,23 @@ def generate_batch(sampler, tok, pool, rows: list[dict], indices: list[int], pro
 
     params = [SamplingParams(n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
                              seed=cfg.seed * 1_000_003 + i) for i in indices]
-    if cfg.env is not None:
-        from evaluation.tool_rollout import generate_with_env
-        turns = generate_with_env(sampler, tok, prompts, params, cfg.env, rows, max_total_tokens=cfg.max_total_tokens)
-        outs = [[t.completion for t in group] for group in turns]
+    refused = 0
+    if getattr(sampler, "remote", False):   # a teacher endpoint (evaluation/remote.py): it takes the messages
+        outs = sampler.generate(conversations, params)
+        refused = sum(c is None for comps in outs for c in comps)
+        samples = [[j for j, c in enumerate(comps) if c is not None] for comps in outs]   # refused ones dropped
+        outs = [[c for c in comps if c is not None] for comps in outs]
+        texts = [[c.text for c in comps] for comps in outs]
     else:
-        outs = sampler.generate(prompts, params)
-    texts = [[completion_text(tok, c) for c in comps] for comps in outs]
+        if cfg.env is not None:
+            from evaluation.tool_rollout import generate_with_env
+            turns = generate_with_env(sampler, tok, prompts, params, cfg.env, rows,
+                                      max_total_tokens=cfg.max_total_tokens)
+            outs = [[t.completion for t in group] for group in turns]
+        else:
+            outs = sampler.generate(prompts, params)
+        texts = [[completion_text(tok, c) for c in comps] for comps in outs]
+        samples = [list(range(len(comps))) for comps in outs]
 
     # one scoring call for the whole batch: every completion with its row's columns
     flat_rows = [row for row, comps in zip(rows, outs) for _ in comps]
@@ -208,24 +220,34 @@ def generate_batch(sampler, tok, pool, rows: list[dict], indices: list[int], pro
     columns["prompt"] = [row.get("prompt", row.get("messages")) for row in flat_rows]
     columns["prompts"] = ["\n".join(m["content"] for m in conv if m["role"] == "user")
                           for conv, comps in zip(conversations, outs) for _ in comps]
-    columns["completion_ids"] = [c.token_ids for comps in outs for c in comps]
-    scored = pool.score({spec: spec for spec in cfg.rewards}, [t for ts in texts for t in ts], **columns)
+    ids = [c.token_ids for comps in outs for c in comps]
+    columns["completion_ids"] = ids if all(ids) or not ids else None   # a teacher without a tokenizer: none
+    judges = cfg.judges or {}
+    scored = pool.score({spec: judges.get(spec, spec) for spec in cfg.rewards}, [t for ts in texts for t in ts],
+                        **columns)
 
     written, counts, pos = [], Counter(), 0
-    for row, index, conv, comps, ts in zip(rows, indices, conversations, outs, texts):
+    if refused:
+        counts["teacher_failed"] += refused
+    for row, index, conv, comps, ts, js in zip(rows, indices, conversations, outs, texts, samples):
         scores = [{spec: scored[spec][pos + j] for spec in cfg.rewards} for j in range(len(ts))]
         pos += len(ts)
         kept, why = select(ts, scores, list(cfg.conditions), cfg.max_per_prompt)
         counts.update(why)
         counts["samples"] += len(ts)
-        counts["tokens"] += sum(len(c.token_ids) for c in comps)
+        counts["tokens"] += sum(num_tokens(c) for c in comps)
         for j in kept:
             turns = (trace_messages(tok, comps[j], getattr(cfg.env, "format", None)) if cfg.env is not None
                      else [{"role": "assistant", "content": ts[j]}])
             written.append({"messages": conv + turns,
-                            "prompt_id": row.get("id", index), "sample": j, "scores": scores[j],
-                            "num_tokens": len(comps[j].token_ids), "finish_reason": comps[j].finish_reason})
+                            "prompt_id": row.get("id", index), "sample": js[j], "scores": scores[j],
+                            "num_tokens": num_tokens(comps[j]), "finish_reason": comps[j].finish_reason})
     return written, counts, scored
+
+
+def num_tokens(completion) -> int:
+    """Tokens of a completion: a teacher endpoint's own count (evaluation/remote.py), else its ids."""
+    return getattr(completion, "num_tokens", None) or len(completion.token_ids)
 
 
 def trace_messages(tok, completion, fmt=None) -> list[dict]:
@@ -329,6 +351,11 @@ def check_flags(args, world_size: int) -> list[str]:
     """The generate stage's flags, checked before anything is written (ValueError naming the flag).
     An unset --keep-if becomes default_keep_if of --reward; returns the console line saying so."""
     from evaluation.eval_stage import check_rollout_tp, check_sampling_flags
+    from evaluation.remote import check_judge_flags, check_teacher_flags
+    check_teacher_flags(args)
+    if args.teacher_url is not None and world_size > 1:
+        raise ValueError(f"--teacher-url: the endpoint samples, so --stage generate runs in one process (it got "
+                         f"WORLD_SIZE={world_size})")
     check_rollout_tp(args, world_size)
     if world_size > 1 and args.rollout_tp != world_size:
         raise ValueError(f"--stage generate runs in one process, or in one tensor-parallel group of --rollout-tp "
@@ -343,6 +370,7 @@ def check_flags(args, world_size: int) -> list[str]:
         raise ValueError(f"--gen-batch-prompts must be >= 1 and --max-per-prompt >= 0 (0: no cap), got "
                          f"{args.gen_batch_prompts} and {args.max_per_prompt}")
     rewards = parse_rewards(args.reward)
+    check_judge_flags(args)
     notes = []
     if args.keep_if is None:
         keep = default_keep_if(rewards)
@@ -389,11 +417,24 @@ def run_generate(args, run, info) -> int:
         return _decode_with_group(args, info)
     rewards = parse_rewards(args.reward)
     from evaluation.eval_stage import eval_environment
+    from evaluation.remote import TeacherUnavailable, make_run_judges, make_teacher
+    from verify.judge import judge_metrics
+    from verify.openai_client import APIError
     env, budget = eval_environment(args, args.gen_max_new_tokens)
+    teacher = None
+    try:
+        judges = make_run_judges(args, cache_dir=run.path / "judge_cache")
+        if args.teacher_url is not None:   # the tokenizer, when given, counts the student's tokens
+            from data.tokenizer import load_tokenizer
+            tok = load_tokenizer(args.tokenizer) if args.tokenizer else None
+            teacher = make_teacher(args, tok, cache_dir=run.path / "teacher_cache")
+    except APIError as e:
+        print0(f"generate: {e}")
+        return 1
     cfg = GenerateConfig(n=args.gen_n, temperature=args.gen_temperature, top_p=args.gen_top_p,
                          max_new_tokens=args.gen_max_new_tokens, seed=args.seed, rewards=tuple(rewards),
                          conditions=tuple(parse_keep_if(args.keep_if, rewards)), max_per_prompt=args.max_per_prompt,
-                         env=env, max_total_tokens=budget)
+                         env=env, max_total_tokens=budget, judges=judges)
     rows = load_prompts(args.data, args.prompt_column)
     conversations = [prompt_messages(row, f"{args.data} row {i + 1}") for i, row in enumerate(rows)]
     settings = {"data": str(Path(args.data).resolve()), "num_prompts": len(rows), "model": args.model,
@@ -401,6 +442,8 @@ def run_generate(args, run, info) -> int:
                 "gen_n": args.gen_n, "gen_temperature": args.gen_temperature, "gen_top_p": args.gen_top_p,
                 "gen_max_new_tokens": args.gen_max_new_tokens, "gen_batch_prompts": args.gen_batch_prompts,
                 "reward": rewards, "keep_if": args.keep_if, "max_per_prompt": args.max_per_prompt, "seed": args.seed}
+    if teacher is not None:   # the endpoint may move between a run and its resume; its model may not
+        settings.update(teacher_model=teacher.model)
     if env is not None:   # a run with tools resumes only with the same tools
         settings.update(tools=args.tools, tool_format=args.tool_format, max_tool_calls=args.max_tool_calls,
                         max_rollout_tokens=budget)
@@ -416,44 +459,58 @@ def run_generate(args, run, info) -> int:
 
     sampler = metrics = None
     try:
-        model, tok = load_model_and_tokenizer(args, info.device)
-        prompts = render_prompts(tok, conversations, template_source(args.chat_template))
-        if info.world_size > 1:
-            from runtime.distributed import broadcast_object
-            broadcast_object(max(map(len, prompts)))
-        sampler = Sampler(model, max_batch_size=args.sampler_batch_size,
-                          max_seq_len=max(map(len, prompts)) + (budget or cfg.max_new_tokens), tokenizer=tok,
-                          **engine_options(args))
+        if teacher is not None:
+            sampler, prompts = teacher, [None] * len(rows)   # the endpoint renders the messages itself
+        else:
+            model, tok = load_model_and_tokenizer(args, info.device)
+            prompts = render_prompts(tok, conversations, template_source(args.chat_template))
+            if info.world_size > 1:
+                from runtime.distributed import broadcast_object
+                broadcast_object(max(map(len, prompts)))
+            sampler = Sampler(model, max_batch_size=args.sampler_batch_size,
+                              max_seq_len=max(map(len, prompts)) + (budget or cfg.max_new_tokens), tokenizer=tok,
+                              **engine_options(args))
         metrics = MetricsWriter(run.path / "metrics.jsonl", resume_step=start if run.resumed else None)
         progress = Progress(len(rows), desc="generate", every_s=args.log_every_s, start=start, unit="prompt")
         t0 = time.perf_counter()
         with RewardPool(num_workers=args.reward_workers, timeout_s=args.reward_timeout_s) as pool:
             for lo in range(start, len(rows), args.gen_batch_prompts):
                 hi = min(lo + args.gen_batch_prompts, len(rows))
-                tb, before = time.perf_counter(), sampler.stats.generated_tokens
+                tb = time.perf_counter()
                 written, counts, scored = generate_batch(sampler, tok, pool, rows[lo:hi], list(range(lo, hi)),
                                                          prompts[lo:hi], conversations[lo:hi], cfg)
                 out.write_rows(written)
                 seconds = time.perf_counter() - tb
+                extra = {"teacher_failed": counts["teacher_failed"]} if teacher is not None else {}
                 metrics.log(hi, samples=counts["samples"], kept=counts["kept"], duplicate=counts["duplicate"],
-                            filtered=counts["filtered"], capped=counts["capped"],
+                            filtered=counts["filtered"], capped=counts["capped"], **extra,
                             **{f"reward/{spec}": _mean(scored[spec]) for spec in rewards},
-                            **{"response_length/mean": counts["tokens"] / counts["samples"],
-                               "tokens_per_s": (sampler.stats.generated_tokens - before) / seconds})
+                            **{"response_length/mean": counts["tokens"] / max(counts["samples"], 1),
+                               "tokens_per_s": counts["tokens"] / seconds}, **judge_metrics(judges))
                 # last: a kill before this line redoes the batch, and a resume drops its metrics line
                 out.record(hi, counts)
-                progress.update(hi - lo, rows=out.state["rows"], keep_rate=counts["kept"] / counts["samples"],
+                progress.update(hi - lo, rows=out.state["rows"], keep_rate=counts["kept"] / max(counts["samples"], 1),
                                 batch_s=seconds)
+    except (TeacherUnavailable, APIError) as e:   # nothing of the batch was recorded: --resume redoes it
+        print0(f"generate: stopped at prompt {out.prompts_done}/{len(rows)}: {e}")
+        return 1
     finally:
         out.close()
         if metrics is not None:
             metrics.close()
-        if sampler is not None:
+        if teacher is not None:
+            teacher.client.close()
+        elif sampler is not None:
             sampler.release()
+        for judge in {id(j.client): j for j in judges.values()}.values():
+            judge.client.close()
     counts = out.state["counts"]
     summary = {"prompts": len(rows), "rows": out.state["rows"], "samples": counts.get("samples", 0),
                "keep_rate": out.state["rows"] / max(counts.get("samples", 0), 1),
-               **{k: v for k, v in counts.items() if k != "samples"}, "wall_s_this_process": time.perf_counter() - t0}
+               **{k: v for k, v in counts.items() if k != "samples"}, "wall_s_this_process": time.perf_counter() - t0,
+               **judge_metrics(judges)}
+    if teacher is not None:
+        summary.update({f"teacher/{k}": v for k, v in teacher.client.stats.as_dict().items()}, teacher_model=teacher.model)
     write_json_atomic(run.path / "summary.json", summary)
     print0(f"generate: {summary['rows']} rows from {summary['samples']} samples of {len(rows)} prompts "
            f"(keep rate {summary['keep_rate']:.3f}) in {out.path}")

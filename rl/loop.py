@@ -34,6 +34,7 @@ import torch
 from data.datasets import ShardedBatchSampler, fit_global_batch, load_prompts, read_jsonl
 from data.tokenizer import load_tokenizer
 from evaluation.eval_stage import check_rollout_tp
+from evaluation.remote import check_judge_flags, make_run_judges
 from evaluation.evaluate import check_heldout_flags, evaluate_sharded, heldout_task
 from kernels import token_logprobs
 from model.build import (build_model, build_trained_model, check_length, check_model_flags, export_dtype_of,
@@ -53,6 +54,7 @@ from runtime.optim import build_optimizer, check_training_flags, lr_schedule
 from runtime.rundir import check_rank_multiple, update_run_config, write_json_atomic
 from runtime.train_step import NonFiniteGuard, optimizer_step
 from sampling.sampler import Sampler, SamplingParams, engine_options
+from verify.judge import judge_metrics
 
 
 # ---- log-probs of completions -----------------------------------------------------------------------
@@ -193,7 +195,8 @@ def check_flags(args, world_size: int) -> list[str]:
          f"(0: score in this process) and > 0")
     need(any(spec.strip() for spec in args.reward.split(",")),
          f"--reward {args.reward!r}: expected comma-separated reward names such as accuracy,format")
-    RewardScorer(args.reward, workers=0)  # unknown reward names fail here, listing the known ones
+    RewardScorer(args.reward, workers=0)  # unknown reward names and bad judge templates fail here
+    check_judge_flags(args)
     return notes
 
 
@@ -230,7 +233,8 @@ def train_grpo(args, run, info) -> int:
     per_rank = args.prompts_per_step // info.world_size
     prompt_sampler = ShardedBatchSampler(len(rows), per_rank, rank=info.rank, world_size=info.world_size,
                                          seed=args.seed)
-    scorer = RewardScorer(args.reward, workers=args.reward_workers, timeout_s=args.reward_timeout_s)
+    judges = make_run_judges(args)    # --reward judge:...: LLM judges at --judge-url (verify/judge.py)
+    scorer = RewardScorer(args.reward, workers=args.reward_workers, timeout_s=args.reward_timeout_s, judges=judges)
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             max_new_tokens=args.max_new_tokens)
     env, budget = rollout_environment(args)   # tools: multi-turn rollouts of at most `budget` tokens
@@ -429,6 +433,9 @@ def train_grpo(args, run, info) -> int:
                    skipped=skipped, **{f"time/{k}": v for k, v in (("rollout", t_gen), ("reward", t_rew),
                                                                     ("logprobs", t_logp), ("train", t_train))},
                    step_s=time.perf_counter() - t0, **moe_load_stats(model))
+        if judges:   # the judges' requests so far, all ranks together (a failed or unparsable one gave None)
+            names = list(judge_metrics(judges))
+            row.update(zip(names, all_reduce_floats([judge_metrics(judges)[k] for k in names])))
         # per rank: the weights the rollout sampled with (whole, or this rank's tensor-parallel share), and
         # the rollout phase's memory high-water mark (runtime/memory.py), each the largest over the ranks
         row["memory/rollout_weight_gib"] = all_reduce_floats([rollout.weight_bytes / 2**30], "max")[0]

@@ -185,9 +185,11 @@ class RewardScorer:
     of the functions that gave a value (NaN when all gave None).
     """
 
-    def __init__(self, spec: str, workers: int = 0, timeout_s: float = 30.0):
+    def __init__(self, spec: str, workers: int = 0, timeout_s: float = 30.0, judges: dict | None = None):
+        from verify.judge import is_judge, load_template
         from verify.rewards import get_reward
 
+        self.judges = dict(judges or {})   # judge spec -> verify.judge.JudgeReward (they run in this process)
         self.parts = []
         for part in [p.strip() for p in spec.split(",") if p.strip()]:
             name, _, weight = part.rpartition(":")
@@ -196,7 +198,10 @@ class RewardScorer:
             else:
                 self.parts.append((part, 1.0))
         for name, _ in self.parts:
-            get_reward(name)  # unknown names fail now, listing the known ones
+            if is_judge(name):
+                self.judges.get(name) or load_template(name)   # a bad template fails now, naming its file
+            else:
+                get_reward(name)  # unknown names fail now, listing the known ones
         self.pool = None
         if workers > 0:
             from verify.pool import RewardPool
@@ -212,10 +217,14 @@ class RewardScorer:
                            tool_errors=[st["errors"] + st["timeouts"] for st in batch.tool_stats],
                            tool_malformed=[st["malformed"] for st in batch.tool_stats])
         names = [n for n, _ in self.parts]
+        missing = [n for n in names if n.startswith("judge:") and n not in self.judges]
+        if missing:
+            raise ValueError(f"reward {missing[0]}: a judge needs its endpoint (verify.judge.make_judges, --judge-url)")
+        fns = {n: self.judges.get(n, n) for n in names}
         if self.pool is not None:
-            scored = self.pool.score(names, batch.texts, **columns)
+            scored = self.pool.score(fns, batch.texts, **columns)
         else:
-            scored = {n: get_reward(n)(batch.texts, **columns) for n in names}
+            scored = {n: get_reward(fns[n])(batch.texts, **columns) for n in names}
         batch.reward_columns = {n: list(scored[n]) for n in names}
         total = []
         for i in range(len(batch)):
@@ -227,6 +236,8 @@ class RewardScorer:
         if self.pool is not None:
             self.pool.close()
             self.pool = None
+        for judge in self.judges.values():
+            judge.client.close()
 
 
 def _is_number(s: str) -> bool:

@@ -36,6 +36,9 @@ copy), one duplex pipe per worker, each worker in its own process group so that 
 kills processes the reward started (a sandbox that moves its children into another session must
 clean them up itself). `close()` (or leaving the `with` block) stops every worker; workers are
 daemonic and exit on their own when the parent's pipe closes, so none outlives the parent.
+Rewards that wait on the network rather than the CPU (verify.judge's LLM judges, marked
+`in_parent = True`) are not sent to workers: score() calls them in a thread of the parent while the
+workers run the other rewards' units, and an error they raise is a RewardError as above.
 Rewards given as strings are resolved in the worker with verify.rewards.get_reward (REWARDS
 names, "name:weight,..." sums, "package.module:function"); callables are pickled, so they must be
 module-level functions or instances of importable classes (the factories' dataclasses are), and
@@ -50,6 +53,7 @@ import os
 import pickle
 import signal
 import sys
+import threading
 import time
 import traceback
 import types
@@ -234,9 +238,14 @@ class RewardPool:
                 raise ValueError(f"RewardPool.score: column `{key}` has {len(values)} values for {n} completions")
         columns = {k: list(v) for k, v in columns.items() if v is not None}
 
+        # rewards that wait on the network (LLM judges: `in_parent = True`) run here, in a thread of
+        # their own beside the workers' units: they hold no CPU and bring their own concurrency
+        parent = {name: spec for name, spec in named.items() if getattr(spec, "in_parent", False)}
         # (reward name, spec, completion indices), one per work unit
         units = []
         for name, spec in named.items():
+            if name in parent:
+                continue
             fn = get_reward(spec)   # resolves names here too: unknown ones fail before any work
             if not isinstance(spec, str):
                 if "__main__" in (getattr(spec, "__module__", None), type(spec).__module__):
@@ -251,8 +260,25 @@ class RewardPool:
             groups = prompt_groups(n, columns) if getattr(fn, "groupwise", False) else [[i] for i in range(n)]
             units += [(name, spec, idx) for idx in groups if idx]
         results = {name: [None] * n for name in named}
+        failed: list[BaseException] = []
+
+        def score_in_parent():
+            for name, fn in parent.items():
+                try:
+                    results[name] = list(fn(completions, **columns))
+                except Exception:
+                    failed.append(RewardError(f"reward {name!r} raised:\n{traceback.format_exc()}"))
+
+        thread = threading.Thread(target=score_in_parent, name="rewards-in-parent", daemon=True) if parent else None
+        if thread is not None:
+            thread.start()
         try:
             self._run(units, completions, columns, results)
+            if thread is not None:
+                thread.join()
+            if failed:
+                self.stats.errors += len(failed)
+                raise failed[0]
         except BaseException:
             # Interrupted mid-batch (Ctrl-C, a worker that failed to start): a busy worker would answer
             # a unit of this batch during the next one, so replace every busy worker.

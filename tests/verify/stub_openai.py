@@ -119,7 +119,7 @@ class StubOpenAI:
         class Handler(_Handler):
             pass
         Handler.stub = stub
-        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        server = _Server(("127.0.0.1", 0), Handler)
         server.daemon_threads = True
         server.block_on_close = False
         server.handle_error = lambda request, address: None   # a client that hung up is no news
@@ -211,6 +211,10 @@ class StubOpenAI:
             return 200, {"object": "list", "data": [{"id": self.model, "object": "model", "created": 0,
                                                      "owned_by": "stub"}]}
         return 404, error_body(404, f"no endpoint {request.method} {PREFIX}{request.path}")
+
+
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 128   # the default backlog of 5 drops connections of a burst of concurrent requests
 
 
 class _Handler(BaseHTTPRequestHandler):
