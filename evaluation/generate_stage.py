@@ -48,6 +48,13 @@ Generation runs in one process, or, with --rollout-tp N, in one tensor-parallel 
 (torchrun --nproc_per_node N): the model is split over them (model/tensor_parallel.py, each rank
 reading only its share of the checkpoint), rank 0 does everything above and the other ranks decode
 its batches with it. To use more GPUs than one group, split the prompts file and run one job per part.
+
+A remote teacher (--teacher-url URL, evaluation/remote.py) takes the model's place: the prompts'
+messages go to the endpoint's /chat/completions, one cached request per sample (seed
+(--seed * 1_000_003 + i) * 1000 + j), and everything above applies to its answers; the batch a
+crash or an unreachable endpoint interrupted is asked again on --resume, from the cache for what
+was answered. --reward judge:... scores with an LLM judge at --judge-url (verify/judge.py), its
+answers cached under <run>/judge_cache.
 """
 from __future__ import annotations
 

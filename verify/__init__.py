@@ -15,5 +15,7 @@ run cheaply in worker processes.
     verify.openai_client  OpenAIClient: an OpenAI-compatible HTTP client for remote teachers and LLM
                      judges (timeouts, retries with back-off, a concurrency limit, a disk cache),
                      standard library only
+    verify.judge     LLM judges as rewards (--reward judge:FILE | judge:equivalence): a prompt template
+                     and a verdict or score rule, None when the judge fails or does not parse
     python -m verify score --data FILE.jsonl --reward accuracy,format   mean of each reward
 """

@@ -202,3 +202,30 @@ def test_choice_text_holds_back_a_possible_stop_and_cuts_at_it(tok):
     assert "".join(plain.feed([t]) for t in ids + [tok.eos_id]) + plain.finish() == tok.decode(ids)
     padded = ChoiceText(tok)   # ids past the tokenizer's vocabulary (a padded embedding) decode to nothing
     assert padded.feed([ids[0], tok.vocab_size + 5, ids[1]]) + padded.finish() == tok.decode(ids[:2])
+
+
+def test_stops_come_from_generation_config_then_config_then_tokenizer(tmp_path, tok):
+    from serve.server import generation_stop_ids
+    config = preset_config("tiny", tok)
+    assert generation_stop_ids(None, config, tok) == [tok.eos_id]               # a preset: config.json's
+    (tmp_path / "generation_config.json").write_text('{"eos_token_id": [7, 9]}')   # a chat model's end of turn
+    assert generation_stop_ids(tmp_path, config, tok) == [7, 9]
+    (tmp_path / "generation_config.json").write_text('{"eos_token_id": 4}')
+    assert generation_stop_ids(tmp_path, config, tok) == [4]
+    (tmp_path / "generation_config.json").write_text('{"do_sample": true}')
+    assert generation_stop_ids(tmp_path, config.replace(eos_token_id=None), tok) == [tok.eos_id]
+    (tmp_path / "generation_config.json").write_text('{"eos_token_id": "x"}')
+    with pytest.raises(ValueError, match="generation_config.json: eos_token_id must be an integer"):
+        generation_stop_ids(tmp_path, config, tok)
+
+
+def test_serve_flags_are_checked(tok):
+    from recipes.flags import stage_args
+    from serve.server import check_flags
+    ok = dict(stage="serve", preset="tiny", tokenizer="tok")
+    check_flags(stage_args(ok), 1)
+    for extra, world, message in [({}, 2, "runs in one process"), ({"port": 70000}, 1, "--port 70000"),
+                                  ({"preset": None}, 1, "exactly one of --model DIR and --preset NAME"),
+                                  ({"serve_max_len": 1}, 1, "--serve-max-len 1")]:
+        with pytest.raises(ValueError, match=message):
+            check_flags(stage_args({**ok, **extra}), world)
