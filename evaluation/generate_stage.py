@@ -430,7 +430,7 @@ def run_generate(args, run, info) -> int:
     env, budget = eval_environment(args, args.gen_max_new_tokens)
     teacher = None
     try:
-        judges = make_run_judges(args, cache_dir=run.path / "judge_cache")
+        judges = make_run_judges(args, cache_dir=run.path / "judge_cache", device=info.device)
         if args.teacher_url is not None:   # the tokenizer, when given, counts the student's tokens
             from data.tokenizer import load_tokenizer
             tok = load_tokenizer(args.tokenizer) if args.tokenizer else None

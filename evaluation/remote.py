@@ -153,13 +153,42 @@ def check_judge_flags(args) -> None:
     _check_http_flags(args, "judge")
     for spec in judges:
         load_template(spec)
-    if judges and args.judge_url is None:
-        raise ValueError(f"--reward {judges[0]} needs --judge-url, the OpenAI-compatible endpoint of the judge model")
+    if not judges or args.judge_url is not None:
+        return
+    if args.judge_model is None:
+        raise ValueError(f"--reward {judges[0]} needs --judge-url, the OpenAI-compatible endpoint of the judge model "
+                         f"(or --judge-model DIR, a local checkpoint to judge with in-process)")
+    # in-process (evaluation/local_judge.py): a checkpoint folder with a chat template and room for the replies
+    from pathlib import Path
+
+    from data.tokenizer import load_tokenizer
+    from model.checkpoint import read_config
+    folder = Path(args.judge_model)
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"--judge-model {folder}: no config.json; without --judge-url it must be a checkpoint folder")
+    if load_tokenizer(None, folder).chat_template is None:
+        raise ValueError(f"--judge-model {folder}: its tokenizer has no chat template (tokenizer_config.json "
+                         f"'chat_template' or chat_template.jinja): a judge is asked in chat turns")
+    context = read_config(folder)[0].max_position_embeddings
+    for spec in judges:
+        template = load_template(spec)
+        if template.max_tokens >= context:
+            raise ValueError(f"--reward {spec}: its max_tokens {template.max_tokens} leaves no room for the prompt in "
+                             f"the {context}-token context of --judge-model {folder} (config.json "
+                             f"max_position_embeddings); set max_tokens in the template's header")
 
 
-def make_run_judges(args, cache_dir=None) -> dict:
-    """{spec: JudgeReward} of the run's --reward judge specs ({} without any)."""
-    from verify.judge import make_judges
+def make_run_judges(args, cache_dir=None, device=None) -> dict:
+    """{spec: JudgeReward} of the run's --reward judge specs ({} without any): asking --judge-url, or
+    without it the local --judge-model checkpoint (evaluation/local_judge.py) on `device`."""
+    from verify.judge import JudgeReward, is_judge, make_judges
+    specs = [n for n in reward_names(args.reward) if is_judge(n)]
+    if specs and args.judge_url is None:
+        import torch
+
+        from evaluation.local_judge import load_local_judge_chat
+        chat = load_local_judge_chat(args.judge_model, device or torch.device("cpu"))
+        return {spec: JudgeReward(spec, chat, str(args.judge_model)) for spec in specs}
     return make_judges(reward_names(args.reward), args.judge_url, model=args.judge_model,
                        api_key=api_key(args.judge_api_key_env), timeout_s=args.judge_timeout_s,
                        retries=args.http_retries, concurrency=args.judge_concurrency, cache_dir=cache_dir)

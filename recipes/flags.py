@@ -258,7 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--teacher-timeout-s", type=float, default=600.0, help="seconds one teacher request may take")
     g.add_argument("--judge-url", default=None,
                    help="OpenAI-compatible endpoint of the model that --reward judge:FILE asks, e.g. http://host:8000/v1")
-    g.add_argument("--judge-model", default=None, help="the judge endpoint's model name (default: the one it lists)")
+    g.add_argument("--judge-model", default=None,
+                   help="with --judge-url: the endpoint's model name (default: the one it lists); without it: a local "
+                   "checkpoint folder that judges in-process, greedy and batched on the rollout engine")
     g.add_argument("--judge-api-key-env", default="OPENAI_API_KEY",
                    help="environment variable holding the judge endpoint's API key (unset: no key sent)")
     g.add_argument("--judge-concurrency", type=int, default=16, help="judge requests in flight at once")

@@ -233,7 +233,7 @@ def train_grpo(args, run, info) -> int:
     per_rank = args.prompts_per_step // info.world_size
     prompt_sampler = ShardedBatchSampler(len(rows), per_rank, rank=info.rank, world_size=info.world_size,
                                          seed=args.seed)
-    judges = make_run_judges(args)    # --reward judge:...: LLM judges at --judge-url (verify/judge.py)
+    judges = make_run_judges(args, device=info.device)   # --reward judge:...: LLM judges (verify/judge.py)
     scorer = RewardScorer(args.reward, workers=args.reward_workers, timeout_s=args.reward_timeout_s, judges=judges)
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             max_new_tokens=args.max_new_tokens)

@@ -298,3 +298,88 @@ def test_judge_flags_are_checked_before_anything_runs(workdir, tmp_path):
         done = generate(workdir, "never", *extra, check=False)
         assert done.returncode == 2 and message in done.stderr, done.stderr
         assert not (workdir / "never").exists()
+
+
+# ---- the judge in-process (--judge-model DIR without --judge-url) --------------------------------------
+
+def test_in_process_judge_gives_the_trained_verdicts_and_fails_only_what_does_not_fit(tmp_path):
+    from evaluation.local_judge import LocalChat
+    model, tok = _trained_judge()
+    (tmp_path / "judge.txt").write_text("max_tokens: 8\n---\nReference: {answer}\nAnswer: {extracted}")
+    judge = JudgeReward(f"judge:{tmp_path / 'judge.txt'}", LocalChat(model, tok, max_len=64), "local")
+    completions = [f"The answer is \\boxed{{{b}}}." for _, b in PAIRS] + ["\\boxed{" + "1 " * 80 + "}"]
+    got = judge(completions, answer=[str(a) for a, _ in PAIRS] + ["1"])
+    assert got == [1.0 if a == b else 0.0 for a, b in PAIRS] + [None]   # the last prompt is past the context
+    assert dict(judge.stats) == {"requests": 17, "answered": 16, "failed": 1, "unparsable": 0}
+
+
+class _Scripted:
+    """Stands in for LocalChat's sampler: the i-th prompt of a call gets texts[i], ended by EOS."""
+
+    def __init__(self, tok, texts):
+        self.tok, self.texts, self.seen = tok, texts, []
+
+    def generate(self, prompts, params):
+        from sampling.sampler import Completion
+        self.seen.append((prompts, params))
+        return [[Completion(self.tok.encode(t) + [self.tok.eos_id], [0.0] * (len(self.tok.encode(t)) + 1), "stop")]
+                for t in self.texts[:len(prompts)]]
+
+    def release(self):
+        pass
+
+
+def test_in_process_judge_parse_rule_on_scripted_outputs(workdir):
+    from evaluation.local_judge import LocalChat
+    tok = Tokenizer.from_pretrained(workdir / "tok")
+    torch.manual_seed(0)
+    chat = LocalChat(Transformer(preset_config("tiny", tok, max_position_embeddings=4096)), tok, chat_template="chatml")
+    chat.sampler = _Scripted(tok, ["It is right. EQUIVALENT", "<think>EQUIVALENT?</think> NOT_EQUIVALENT",
+                                   "I cannot tell.", "equivalent"])
+    judge = JudgeReward("judge:equivalence", chat, "local")
+    got = judge(["\\boxed{7}", "\\boxed{8}", "\\boxed{9}", "7"], prompts=["What is 3 + 4?"] * 4, answer=["7"] * 4)
+    assert got == [1.0, 0.0, None, 1.0]
+    assert judge.stats["unparsable"] == 1 and judge.stats["failed"] == 0
+    (prompts, params), = chat.sampler.seen
+    assert all(p.temperature == 0.0 and p.max_new_tokens == 2048 for p in params)   # the template's greedy budget
+    assert "What is 3 + 4?" in tok.decode(prompts[0]) and "<|im_start|>assistant" in tok.decode(prompts[0])
+
+
+def test_a_judge_model_folder_is_checked_at_start(tmp_path):
+    from evaluation.remote import check_judge_flags
+    from model.checkpoint import save_pretrained
+    from recipes.flags import stage_args
+    tok = Tokenizer.train(["What is 1 + 2? 3"] * 4, vocab_size=300)
+    torch.manual_seed(0)
+    save_pretrained(Transformer(preset_config("tiny", tok, max_position_embeddings=256)), tmp_path / "judge")
+    tok.save(tmp_path / "judge")
+    args = stage_args(stage="grpo", reward="judge:equivalence,format", judge_model=str(tmp_path / "judge"))
+    with pytest.raises(ValueError, match="its tokenizer has no chat template"):
+        check_judge_flags(args)
+    Tokenizer.train(["What is 1 + 2? 3"] * 4, vocab_size=300, chat_template="{{ messages[0]['content'] }}").save(
+        tmp_path / "judge")
+    with pytest.raises(ValueError, match="max_tokens 2048 leaves no room for the prompt in the 256-token context"):
+        check_judge_flags(args)
+    (tmp_path / "short.txt").write_text("max_tokens: 16\n---\n{response}")
+    check_judge_flags(stage_args(stage="grpo", reward=f"judge:{tmp_path / 'short.txt'}",
+                                 judge_model=str(tmp_path / "judge")))
+    with pytest.raises(ValueError, match="or --judge-model DIR"):
+        check_judge_flags(stage_args(stage="grpo", reward="judge:equivalence"))
+
+
+def test_grpo_with_an_in_process_judge(tmp_path):
+    import train
+    from model.checkpoint import save_pretrained
+    from tests.rl._grpo_worker import GROUP_SIZE, grpo_argv, make_model_dir, write_prompts
+    make_model_dir(tmp_path / "model")
+    write_prompts(tmp_path / "prompts.jsonl", 8)
+    model, tok = _trained_judge()
+    save_pretrained(model, tmp_path / "judge")
+    tok.save(tmp_path / "judge")
+    (tmp_path / "j.txt").write_text("max_tokens: 4\n---\nReference: {answer}\nAnswer: {extracted}")
+    spec = f"judge:{tmp_path / 'j.txt'}"
+    assert train.main(grpo_argv(tmp_path / "model", tmp_path / "prompts.jsonl", tmp_path / "run", "--reward",
+                                f"{spec},format:0.5", "--judge-model", str(tmp_path / "judge"))) == 0
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1][f"judge/{spec}/requests"] == 2 * 4 * GROUP_SIZE
+    assert rows[-1][f"judge/{spec}/failed"] == 0
