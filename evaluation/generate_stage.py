@@ -101,7 +101,10 @@ def parse_rewards(text: str) -> list[str]:
         raise ValueError(f"--reward {text!r}: a reward is named twice")
     from verify.judge import is_judge, load_template
     for spec in specs:
-        load_template(spec) if is_judge(spec) else get_reward(spec)
+        if is_judge(spec):
+            load_template(spec)
+        elif not spec.startswith("rm:"):   # reward models: evaluation.reward_model checks their folders
+            get_reward(spec)
     return specs
 
 
@@ -187,7 +190,7 @@ class GenerateConfig:
     max_per_prompt: int = 0
     env: object = None                 # an envs.Environment (--tools): multi-turn rollouts
     max_total_tokens: int | None = None  # their budget of model and tool-output tokens
-    judges: dict | None = None         # reward spec -> verify.judge.JudgeReward (--reward judge:...)
+    judges: dict | None = None         # reward spec -> its callable: LLM judges (judge:...), reward models (rm:DIR)
 
 
 def generate_batch(sampler, tok, pool, rows: list[dict], indices: list[int], prompts: list[list[int]],
@@ -232,6 +235,8 @@ def generate_batch(sampler, tok, pool, rows: list[dict], indices: list[int], pro
     judges = cfg.judges or {}
     scored = pool.score({spec: judges.get(spec, spec) for spec in cfg.rewards}, [t for ts in texts for t in ts],
                         **columns)
+    from evaluation.reward_model import route   # rows' reward_kind: rule rewards or reward models
+    scored = {spec: route(spec, values, flat_rows) for spec, values in scored.items()}
 
     written, counts, pos = [], Counter(), 0
     if refused:
@@ -378,6 +383,8 @@ def check_flags(args, world_size: int) -> list[str]:
                          f"{args.gen_batch_prompts} and {args.max_per_prompt}")
     rewards = parse_rewards(args.reward)
     check_judge_flags(args)
+    from evaluation.reward_model import check_reward_model_flags
+    check_reward_model_flags(args)
     notes = []
     if args.keep_if is None:
         keep = default_keep_if(rewards)
@@ -431,6 +438,8 @@ def run_generate(args, run, info) -> int:
     teacher = None
     try:
         judges = make_run_judges(args, cache_dir=run.path / "judge_cache", device=info.device)
+        from evaluation.reward_model import make_reward_models
+        rms = make_reward_models(args, info.device)
         if args.teacher_url is not None:   # the tokenizer, when given, counts the student's tokens
             from data.tokenizer import load_tokenizer
             tok = load_tokenizer(args.tokenizer) if args.tokenizer else None
@@ -441,7 +450,7 @@ def run_generate(args, run, info) -> int:
     cfg = GenerateConfig(n=args.gen_n, temperature=args.gen_temperature, top_p=args.gen_top_p,
                          max_new_tokens=args.gen_max_new_tokens, seed=args.seed, rewards=tuple(rewards),
                          conditions=tuple(parse_keep_if(args.keep_if, rewards)), max_per_prompt=args.max_per_prompt,
-                         env=env, max_total_tokens=budget, judges=judges)
+                         env=env, max_total_tokens=budget, judges={**judges, **rms})
     rows = load_prompts(args.data, args.prompt_column)
     conversations = [prompt_messages(row, f"{args.data} row {i + 1}") for i, row in enumerate(rows)]
     settings = {"data": str(Path(args.data).resolve()), "num_prompts": len(rows), "model": args.model,

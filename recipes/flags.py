@@ -268,6 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds one judge request may take; after the retries a judge that does not answer gives "
                    "no signal (None)")
     g.add_argument("--http-retries", type=int, default=3, help="retries of a failed teacher or judge request")
+    g.add_argument("--rm-normalize", choices=("none", "sigmoid", "batch"), default="none",
+                   help="--reward rm:DIR (a sequence-classification reward model): the raw score, its sigmoid, or "
+                   "z-scored over the scored batch")
     g.add_argument("--reward-workers", type=int, default=2, help="reward scoring processes")
     g.add_argument("--reward-timeout-s", type=float, default=30.0,
                    help="seconds one scoring item may take before it counts as wrong (a code sandbox run needs "

@@ -35,6 +35,7 @@ from data.datasets import ShardedBatchSampler, fit_global_batch, load_prompts, r
 from data.tokenizer import load_tokenizer
 from evaluation.eval_stage import check_rollout_tp
 from evaluation.remote import check_judge_flags, make_run_judges
+from evaluation.reward_model import check_reward_model_flags, make_reward_models
 from evaluation.evaluate import check_heldout_flags, evaluate_sharded, heldout_task
 from kernels import token_logprobs
 from model.build import (build_model, build_trained_model, check_length, check_model_flags, export_dtype_of,
@@ -197,6 +198,7 @@ def check_flags(args, world_size: int) -> list[str]:
          f"--reward {args.reward!r}: expected comma-separated reward names such as accuracy,format")
     RewardScorer(args.reward, workers=0)  # unknown reward names and bad judge templates fail here
     check_judge_flags(args)
+    check_reward_model_flags(args)        # --reward rm:DIR: a score head and a chat template
     return notes
 
 
@@ -234,7 +236,10 @@ def train_grpo(args, run, info) -> int:
     prompt_sampler = ShardedBatchSampler(len(rows), per_rank, rank=info.rank, world_size=info.world_size,
                                          seed=args.seed)
     judges = make_run_judges(args, device=info.device)   # --reward judge:...: LLM judges (verify/judge.py)
-    scorer = RewardScorer(args.reward, workers=args.reward_workers, timeout_s=args.reward_timeout_s, judges=judges)
+    # --reward rm:DIR: reward models, sharded like the reference model and never trained
+    rms = make_reward_models(args, device, fsdp=None if fsdp is None else {"param_dtype": None, "reduce_dtype": None})
+    scorer = RewardScorer(args.reward, workers=args.reward_workers, timeout_s=args.reward_timeout_s,
+                          judges={**judges, **rms})
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             max_new_tokens=args.max_new_tokens)
     env, budget = rollout_environment(args)   # tools: multi-turn rollouts of at most `budget` tokens

@@ -28,6 +28,7 @@ import torch
 
 from data.chat import render
 from evaluation.evaluate import problem_text
+from evaluation.reward_model import route
 from sampling.sampler import SamplingParams
 
 
@@ -200,7 +201,7 @@ class RewardScorer:
         for name, _ in self.parts:
             if is_judge(name):
                 self.judges.get(name) or load_template(name)   # a bad template fails now, naming its file
-            else:
+            elif not name.startswith("rm:"):                   # reward models: checked by their loader
                 get_reward(name)  # unknown names fail now, listing the known ones
         self.pool = None
         if workers > 0:
@@ -217,18 +218,20 @@ class RewardScorer:
                            tool_errors=[st["errors"] + st["timeouts"] for st in batch.tool_stats],
                            tool_malformed=[st["malformed"] for st in batch.tool_stats])
         names = [n for n, _ in self.parts]
-        missing = [n for n in names if n.startswith("judge:") and n not in self.judges]
+        missing = [n for n in names if n.startswith(("judge:", "rm:")) and n not in self.judges]
         if missing:
-            raise ValueError(f"reward {missing[0]}: a judge needs its endpoint (verify.judge.make_judges, --judge-url)")
+            raise ValueError(f"reward {missing[0]}: a model-backed reward must be built by the stage (a judge "
+                             f"needs its endpoint or model, a reward model its weights)")
         fns = {n: self.judges.get(n, n) for n in names}
         if self.pool is not None:
             scored = self.pool.score(fns, batch.texts, **columns)
         else:
             scored = {n: get_reward(fns[n])(batch.texts, **columns) for n in names}
-        batch.reward_columns = {n: list(scored[n]) for n in names}
+        batch.reward_columns = {n: route(n, list(scored[n]), batch.rows) for n in names}
         total = []
         for i in range(len(batch)):
-            vals = [scored[n][i] * w for n, w in self.parts if scored[n][i] is not None]
+            cols = batch.reward_columns
+            vals = [cols[n][i] * w for n, w in self.parts if cols[n][i] is not None]
             total.append(sum(vals) if vals else math.nan)
         batch.rewards = torch.tensor(total, dtype=torch.float32)
 
@@ -237,7 +240,8 @@ class RewardScorer:
             self.pool.close()
             self.pool = None
         for judge in self.judges.values():
-            judge.client.close()
+            if hasattr(judge, "client"):
+                judge.client.close()
 
 
 def _is_number(s: str) -> bool:
