@@ -127,10 +127,17 @@ def build_parser() -> argparse.ArgumentParser:
     # an explicit flag overrides the variant's value. Defaults without a variant: DAPO's token-mean
     # aggregation, eps 0.2 both sides, beta 0 (TRL's defaults).
     g = p.add_argument_group("GRPO")
-    g.add_argument("--variant", choices=("grpo", "dapo", "dr_grpo", "gspo"), default=None,
+    g.add_argument("--variant", choices=("grpo", "dapo", "dr_grpo", "gspo", "opd"), default=None,
                    help="a paper's option set: grpo (DeepSeekMath: seq-mean-token-mean, beta 0.04, k3), dapo "
                    "(token-mean, eps_high 0.28), dr_grpo (token-sum / (B * max_new_tokens), no std scaling), "
-                   "gspo (sequence ratio, eps 3e-4/4e-4)")
+                   "gspo (sequence ratio, eps 3e-4/4e-4), opd (on-policy distillation from --teacher: the per-token reverse KL "
+                   "as the only advantage)")
+    g.add_argument("--teacher", default=None,
+                   help="on-policy distillation: a frozen teacher checkpoint (the student's tokenizer) that scores "
+                   "every sampled token; its log-prob minus the student's is each token's advantage (rl/distill.py)")
+    g.add_argument("--distill-coef", type=float, default=0.0,
+                   help="weight of the per-token distillation advantage added to GRPO's (with --teacher; "
+                   "--variant opd uses it alone)")
     g.add_argument("--group-size", type=int, default=8, help="completions per prompt (G)")
     g.add_argument("--prompts-per-step", type=int, default=None,
                    help="prompts per RL step, all ranks together (default: 16 rounded up to a multiple of the "

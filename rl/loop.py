@@ -26,6 +26,7 @@ overlong filtering); the soft overlong reward is a reward function (verify.rewar
 """
 from __future__ import annotations
 
+import argparse
 import math
 import time
 
@@ -44,6 +45,7 @@ from model.moe import moe_aux_loss, moe_load_stats, update_moe_biases
 from model.parallel import gathered
 from model.tensor_parallel import TensorParallelRollout
 from rl.advantage import group_advantages, group_reward_stats
+from rl.distill import check_teacher, distill_advantages, reverse_kl_sums
 from rl.loss import VARIANTS, all_reduce_metrics, combine_metrics, policy_loss
 from rl.rollout import (RewardScorer, RolloutBatch, encode_prompt, generate_rollouts, rollout_environment,
                         select_for_dynamic_sampling)
@@ -132,8 +134,9 @@ def rollout_seed(seed: int, step: int, round_: int, rank: int) -> int:
 
 def loss_options(args) -> tuple[dict, dict]:
     """(policy_loss options, group_advantages options) from a --variant and the explicit flags."""
-    loss = dict(VARIANTS[args.variant]["loss"]) if args.variant else {}
-    adv = dict(VARIANTS[args.variant]["advantage"]) if args.variant else {}
+    paper = args.variant in VARIANTS   # opd (on-policy distillation, rl/distill.py) keeps the defaults
+    loss = dict(VARIANTS[args.variant]["loss"]) if paper else {}
+    adv = dict(VARIANTS[args.variant]["advantage"]) if paper else {}
     for flag, key in (("eps_low", "eps_low"), ("eps_high", "eps_high"), ("beta", "beta"), ("kl", "kl"),
                       ("loss_agg", "agg"), ("ratio_level", "ratio_level"), ("dual_clip", "dual_clip")):
         value = getattr(args, flag)
@@ -199,6 +202,7 @@ def check_flags(args, world_size: int) -> list[str]:
     RewardScorer(args.reward, workers=0)  # unknown reward names and bad judge templates fail here
     check_judge_flags(args)
     check_reward_model_flags(args)        # --reward rm:DIR: a score head and a chat template
+    check_teacher(args)                   # --teacher / --variant opd / --distill-coef: one tokenizer
     return notes
 
 
@@ -221,6 +225,14 @@ def train_grpo(args, run, info) -> int:
         ref_fsdp = None if fsdp is None else {"param_dtype": None, "reduce_dtype": None}
         ref_model = build_model(args, tok, device=device, dtype=param_dtype, fsdp=ref_fsdp, compile=compiled)
         ref_model.requires_grad_(False).eval()
+    teacher = None   # on-policy distillation: built like the reference model, from --teacher
+    if args.teacher is not None:
+        teacher_args = argparse.Namespace(**{**vars(args), "model": args.teacher, "preset": None,
+                                             "max_position_embeddings": None, "rope_theta": None, "rope_scaling": None})
+        teacher = build_model(teacher_args, tok, device=device, dtype=param_dtype,
+                              fsdp=None if fsdp is None else {"param_dtype": None, "reduce_dtype": None},
+                              compile=compiled)
+        teacher.requires_grad_(False).eval()
     export_dtype = export_dtype_of(args)
     optimizer = build_optimizer(model, lr=args.lr, weight_decay=args.weight_decay)
     guard = NonFiniteGuard(max_in_a_row=args.max_nonfinite)
@@ -387,6 +399,13 @@ def train_grpo(args, run, info) -> int:
         need_old = args.mu > 1 or args.recompute_old_logp
         old_all = no_grad_logps(model) if need_old else rollout_logp_all
         ref_all = no_grad_logps(ref_model) if beta > 0 else None
+        distill = None
+        if teacher is not None:   # per-token advantages: the teacher's log-prob minus the student's (rl/distill.py)
+            teacher_all = no_grad_logps(teacher)
+            advantages = distill_advantages(teacher_all, old_all, mask_all,
+                                            None if args.variant == "opd" else advantages,
+                                            coef=1.0 if args.variant == "opd" else args.distill_coef)
+            distill = reverse_kl_sums(teacher_all, old_all, mask_all)
         t_logp = time.perf_counter() - t_logp
 
         # ---- 3. train: mu passes x minibatches (one optimizer step each) x token-budget micro-batches -
@@ -406,7 +425,8 @@ def train_grpo(args, run, info) -> int:
                     Tm = logp.shape[1]
                     msk = mask_all[idx, :Tm] * (0.0 if dummy else 1.0)
                     loss, lm = policy_loss(
-                        logp, old_all[idx, :Tm] if need_old else None, advantages[idx], msk,
+                        logp, old_all[idx, :Tm] if need_old else None,
+                        advantages[idx, :Tm] if advantages.dim() == 2 else advantages[idx], msk,
                         ref_all[idx, :Tm] if ref_all is not None else None,
                         num_tokens=max(num_tokens, 1.0), num_seqs=max(num_seqs, 1.0), entropy=ent,
                         rollout_logp=rollout_logp_all[idx, :Tm] if args.tis_cap else None,
@@ -438,6 +458,9 @@ def train_grpo(args, run, info) -> int:
                    skipped=skipped, **{f"time/{k}": v for k, v in (("rollout", t_gen), ("reward", t_rew),
                                                                     ("logprobs", t_logp), ("train", t_train))},
                    step_s=time.perf_counter() - t0, **moe_load_stats(model))
+        if distill is not None:   # the sampled reverse KL to the teacher over the trained tokens, all ranks
+            kl_sum, teacher_sum, count = all_reduce_floats(distill)
+            row.update({"distill/reverse_kl": kl_sum / max(count, 1.0), "distill/teacher_logp": teacher_sum / max(count, 1.0)})
         if judges:   # the judges' requests so far, all ranks together (a failed or unparsable one gave None)
             names = list(judge_metrics(judges))
             row.update(zip(names, all_reduce_floats([judge_metrics(judges)[k] for k in names])))
@@ -452,7 +475,7 @@ def train_grpo(args, run, info) -> int:
         if (args.eval_every and step % args.eval_every == 0) or step == args.max_steps:
             last_eval = held_out(step)
             row.update(last_eval)
-        if row.get("reward/mean") == 0.0 and step > 1:
+        if row.get("reward/mean") == 0.0 and step > 1 and args.variant != "opd":
             print0(f"warning: step {step}: mean reward is 0; every advantage is 0 and nothing is learned "
                    f"(learning rate too high? format collapsed?)")
         metrics.log(step, **row)

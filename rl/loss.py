@@ -110,9 +110,9 @@ def _check_inputs(logp, old_logp, advantages, mask, ref_logp, entropy, is_weight
                     ("rollout_logp", rollout_logp)):
         if t is not None and _shape(t) != shape:
             raise ValueError(f"rl.loss.policy_loss: {name} has shape {_shape(t)}; expected logp's shape [B, T] = {shape}")
-    if _shape(advantages) != shape[:1]:
+    if _shape(advantages) not in (shape[:1], shape):
         raise ValueError(f"rl.loss.policy_loss: advantages has shape {_shape(advantages)}; expected one per "
-                         f"sequence, [B] = {shape[:1]}")
+                         f"sequence, [B] = {shape[:1]}, or one per token, [B, T] = {shape}")
     if is_weight is not None and _shape(is_weight) not in (shape, shape[:1]):
         raise ValueError(f"rl.loss.policy_loss: is_weight has shape {_shape(is_weight)}; expected [B, T] = {shape} "
                          f"or [B] = {shape[:1]}")
@@ -195,7 +195,8 @@ def policy_loss(logp, old_logp, advantages, mask, ref_logp=None, *, eps_low=0.2,
     Inputs ([B, T] is completions x token positions; formulas and normalisers in the module docstring):
       logp [B, T]          log pi_theta of the sampled tokens (differentiable)
       old_logp [B, T]      log pi_old at sampling time; None means logp.detach() (one update per batch)
-      advantages [B]       one per completion (rl.advantage.group_advantages)
+      advantages [B]       one per completion (rl.advantage.group_advantages), or [B, T] one per
+                           token (on-policy distillation's per-token reverse KL: rl/distill.py)
       mask [B, T]          1 on completion tokens to train on (bool or float weights)
       ref_logp [B, T]      reference model log-probs for the KL term (needed when beta > 0)
       eps_low, eps_high    clip range [1 - eps_low, 1 + eps_high] of the ratio

@@ -478,6 +478,9 @@ SPLIT_CASES = {
     "seq_mean_token_sum_norm": dict(agg="seq_mean_token_sum_norm", max_tokens=7),
     "gspo": dict(agg="seq_mean_token_mean", ratio_level="sequence", eps_low=0.05, eps_high=0.08),
     "everything": dict(agg="token_mean", beta=0.05, dual_clip=3.0, entropy_coef=0.01, is_cap=2.0, eps_high=0.28),
+    # on-policy distillation: per-token advantages, the teacher's log-prob minus the student's (rl/distill.py)
+    "opd": dict(agg="token_mean", per_token=True),
+    "grpo_plus_distill": dict(agg="seq_mean_token_mean", per_token=True, with_sequence_advantages=True),
 }
 
 
@@ -485,6 +488,12 @@ def grad_of_part(p, rows, opts, num_tokens=None, num_seqs=None):
     """dL/dW of the loss over sequences `rows`, with the step's counts given (None: the part's own)."""
     W = p["W"].clone().requires_grad_(True)
     logp, entropy = model_logp(W, p["x"][rows], p["targets"][rows])
+    opts = dict(opts)
+    adv = p["adv"][rows]
+    if opts.pop("per_token", False):
+        from rl.distill import distill_advantages
+        seq = adv if opts.pop("with_sequence_advantages", False) else None
+        adv = distill_advantages(p["ref"][rows], p["old"][rows], p["mask"][rows], seq, coef=0.5 if seq is not None else 1.0)
     extra = {}
     if opts.get("beta"):
         extra["ref_logp"] = p["ref"][rows]
@@ -492,7 +501,7 @@ def grad_of_part(p, rows, opts, num_tokens=None, num_seqs=None):
         extra["rollout_logp"] = p["rollout"][rows]
     if opts.get("entropy_coef"):
         extra["entropy"] = entropy
-    loss, metrics = policy_loss(logp, p["old"][rows], p["adv"][rows], p["mask"][rows], num_tokens=num_tokens,
+    loss, metrics = policy_loss(logp, p["old"][rows], adv, p["mask"][rows], num_tokens=num_tokens,
                                 num_seqs=num_seqs, **opts, **extra)
     (g,) = torch.autograd.grad(loss, W)
     return g, loss.detach(), metrics
@@ -619,8 +628,9 @@ def test_bad_input_raises():
     logp, old = example(BASE)
     with pytest.raises(ValueError, match=r"advantages has shape \(3,\); expected one per sequence"):
         policy_loss(logp, old, torch.zeros(3), MASK)
-    with pytest.raises(ValueError, match=r"advantages has shape \(2, 3\)"):
-        policy_loss(logp, old, torch.zeros(2, 3), MASK)
+    with pytest.raises(ValueError, match=r"advantages has shape \(2, 4\).*or one per token, \[B, T\] = \(2, 3\)"):
+        policy_loss(logp, old, torch.zeros(2, 4), MASK)
+    policy_loss(logp, old, torch.zeros(2, 3), MASK)   # one per token (on-policy distillation) is fine
     with pytest.raises(ValueError, match=r"mask has shape \(3, 2\)"):
         policy_loss(logp, old, ADV, MASK.T)
     with pytest.raises(ValueError, match=r"old_logp has shape \(2, 4\)"):
