@@ -37,9 +37,14 @@ def _tool_tiny(args, run, info):
     return run_tool_tiny(args, run, info)
 
 
+def _opd_tiny(args, run, info):
+    from recipes.opd_tiny import run_opd_tiny
+    return run_opd_tiny(args, run, info)
+
+
 # recipe name -> function(args, run_dir, dist_info); a name absent here is not built yet. Stages are
 # run by recipes.stages (stages.RUNNERS), the same runner the recipes use for each of their stages.
-RECIPE_RUNNERS: dict[str, Callable] = {"r1-tiny": _r1_tiny, "tool-tiny": _tool_tiny}
+RECIPE_RUNNERS: dict[str, Callable] = {"r1-tiny": _r1_tiny, "tool-tiny": _tool_tiny, "opd-tiny": _opd_tiny}
 assert set(RECIPE_RUNNERS) <= set(RECIPES)
 
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import argparse
 
 STAGES = ("pretrain", "sft", "grpo", "generate", "eval", "serve")
-RECIPES = ("r1-tiny", "tool-tiny")
+RECIPES = ("r1-tiny", "tool-tiny", "opd-tiny")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run one stage; without it the --recipe runs")
     g.add_argument("--recipe", choices=RECIPES, default="r1-tiny",
                    help="a named chain of stages (used when --stage is not given)")
+    g.add_argument("--from-run", default="runs/r1-tiny",
+                   help="--recipe opd-tiny: the finished r1-tiny run whose data, final_rl teacher and traces it uses")
     g.add_argument("--recipe-smoke", action="store_true",
                    help="run every stage of the recipe for a step or two on small data: checks that the stages "
                    "chain and the summary is written, not the figures")
