@@ -104,3 +104,25 @@ def test_teacher_flags_are_checked_at_start(dirs, tmp_path):
     (other / "config.json").write_text(json.dumps({**config, "vocab_size": student_vocab + 64}))
     with pytest.raises(ValueError, match=f"has vocab_size {student_vocab + 64} but the student's .* has {student_vocab}"):
         check_teacher(stage_args(base, teacher=str(other), distill_coef=0.5))
+
+
+@pytest.mark.distributed
+def test_opd_on_two_ranks_with_the_teacher_sharded(dirs, tmp_path):
+    """torchrun, 2 gloo ranks: the student and the teacher both sharded by FSDP2. The teacher equal to
+    the student scores every sampled token as the student does (reverse KL 0 up to rounding, no
+    gradient), and a different teacher trains."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    for teacher, out in ((dirs / "student", tmp_path / "same"), (dirs / "teacher", tmp_path / "other")):
+        argv = grpo_argv(dirs / "student", dirs / "prompts.jsonl", out, "--variant", "opd", "--teacher", str(teacher),
+                         "--beta", "0", "--recompute-old-logp", "--max-steps", "1")
+        p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                            str(root / "train.py"), *argv], env=env, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    (same,), (other,) = _metrics(tmp_path / "same"), _metrics(tmp_path / "other")
+    assert abs(same["distill/reverse_kl"]) < 1e-5 and same["grad_norm"] < 1e-4
+    assert other["distill/reverse_kl"] > 1e-3 and other["grad_norm"] > 0
