@@ -28,7 +28,8 @@ setup(
     extras_require={
         # transformers is a test oracle only: no package code imports it
         # matplotlib: the recipe test checks its plots; openai: the server's tests use the real client
-        "test": ["pytest>=8", "transformers>=4.50", "matplotlib>=3.8", "openai>=1.40"],
+        # peft: the LoRA tests' oracle
+        "test": ["pytest>=8", "transformers>=4.50", "matplotlib>=3.8", "openai>=1.40", "peft>=0.13"],
         # side-by-side comparisons in bench/
         "bench": ["transformers>=4.50", "trl>=0.20"],
         "plot": ["matplotlib>=3.8"],

@@ -454,11 +454,12 @@ def save_pretrained(model, path, tokenizer=None, *, max_shard_bytes: int = DEFAU
 
 
 def _tensors_to_save(model, config: ModelConfig) -> dict[str, torch.Tensor]:
-    """The state dict as written: every tensor once (lm_head.weight dropped when tied)."""
+    """The state dict as written: every tensor once (lm_head.weight dropped when tied), without LoRA
+    adapters (model/lora.py: a Hugging Face folder holds the base, or the merged weights)."""
     state = model.state_dict(keep_vars=True)
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
-    return state
+    return {k: v for k, v in state.items() if not k.endswith((".lora_A", ".lora_B"))}
 
 
 def _saved_dtype(name: str, t: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
