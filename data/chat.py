@@ -57,6 +57,7 @@ import json
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import lru_cache
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import jinja2
@@ -173,6 +174,16 @@ def _render(source: str, messages: list[dict], add_generation_prompt: bool, tool
             template_vars: dict) -> str:
     return compile_template(source).render(messages=messages, tools=tools, documents=documents,
                                            add_generation_prompt=add_generation_prompt, **template_vars)
+
+
+def template_source(value: str | None) -> str | None:
+    """--chat-template as the renderer takes it: None (the tokenizer's), a built-in name, Jinja source,
+    or the path of a file holding Jinja source (read here)."""
+    if value is None:
+        return None
+    if "{" not in value and Path(value).is_file():
+        return Path(value).read_text(encoding="utf-8")
+    return value
 
 
 def render(messages: list[dict], template: str, add_generation_prompt: bool = False, tools=None,

@@ -54,6 +54,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
+from data.chat import template_source  # noqa: F401  (the stages' --chat-template reader, re-exported)
 from evaluation.metrics import group_answers, maj_at_k, pass_at_k
 from verify.math import extract_answer
 from verify.rewards import extract_code
@@ -62,16 +63,6 @@ CORRECTNESS_REWARD = {"math": "accuracy", "code": "code"}  # other kinds: the re
 
 
 # ---- chat template, model and completions (shared with the generate stage) ----------------------
-
-def template_source(value: str | None) -> str | None:
-    """--chat-template as the renderer takes it: None (the tokenizer's), a built-in name, Jinja source,
-    or the path of a file holding Jinja source (read here)."""
-    if value is None:
-        return None
-    if "{" not in value and Path(value).is_file():
-        return Path(value).read_text(encoding="utf-8")
-    return value
-
 
 def load_model_and_tokenizer(args, device):
     """The tokenizer (--tokenizer, else the --model folder's) and the model (--model or --preset) in

@@ -120,17 +120,8 @@ def api_key(env_name: str | None) -> str | None:
 
 def reward_names(spec: str) -> list[str]:
     """The reward names of a --reward spec ("name" or "name:weight", comma-separated)."""
-    names = []
-    for part in (p.strip() for p in spec.split(",")):
-        if not part:
-            continue
-        name, _, weight = part.rpartition(":")
-        try:
-            float(weight)
-            names.append(name or part)
-        except ValueError:
-            names.append(part)
-    return names
+    from verify.rewards import split_weight
+    return [split_weight(part)[0] for part in (p.strip() for p in spec.split(",")) if part]
 
 
 def _check_http_flags(args, kind: str) -> None:

@@ -47,9 +47,9 @@ from recipes.flags import stage_args
 from recipes.r1_tiny import RECIPE as R1
 from recipes.r1_tiny import SMOKE as R1_SMOKE
 from recipes.r1_tiny import TEMPLATE, _evaluate, _hf_dir, _settings
-from recipes.stages import check_stage, run_stage
+from recipes.stages import run_recipe_stage
 from runtime.distributed import DistInfo, print0
-from runtime.rundir import prepare_run_dir, write_json_atomic, write_run_config
+from runtime.rundir import write_json_atomic
 
 RECIPE = {
     "student_base": dict(R1["base"], preset="tiny-sft"),
@@ -93,15 +93,10 @@ def run_opd_tiny(args, run, info: DistInfo) -> int:
 
     def stage(name: str, stage_flags, tokens) -> Path:
         t0 = time.perf_counter()
-        check_stage(stage_flags, info)
-        sub = prepare_run_dir(root / name, log=print0)
-        write_run_config(sub, vars(stage_flags))
-        print0(f"== {name} ({stage_flags.stage}) ==")
-        run_stage(stage_flags, sub, info)
+        path, model_dir = run_recipe_stage(name, stage_flags, root, info)
         wall = time.perf_counter() - t0
-        model_dir = _hf_dir(sub.path)
         figures = _evaluate(model_dir, tok, heldout, info, R)
-        entry = {"name": name, **figures, "wall_s": wall, "student_tokens": tokens(sub.path), "model": str(model_dir)}
+        entry = {"name": name, **figures, "wall_s": wall, "student_tokens": tokens(path), "model": str(model_dir)}
         summary["stages"].append(entry)
         print0(f"{name}: accuracy {figures['accuracy']:.3f} (greedy {figures['greedy_accuracy']:.3f}), "
                f"{entry['student_tokens']} student tokens trained, {wall:.0f}s")

@@ -48,9 +48,9 @@ from pathlib import Path
 import torch
 
 from recipes.flags import stage_args
-from recipes.stages import check_stage, run_stage
+from recipes.stages import check_stage, run_recipe_stage, run_stage
 from runtime.distributed import DistInfo, barrier, print0
-from runtime.rundir import RunDir, prepare_run_dir, write_json_atomic, write_run_config
+from runtime.rundir import RunDir, write_json_atomic
 
 # The prompt: R1-Zero's template with a one-line system text (data.templates.R1_ZERO_SHORT_SYSTEM). R1's
 # own system prompt is about 85 of the ~145 tokens of an example here, and every stage pays for it.
@@ -200,12 +200,7 @@ def run_r1_tiny(args, run, info: DistInfo) -> int:
 
     def stage(name: str, args) -> Path:
         t0 = time.perf_counter()
-        check_stage(args, info)
-        sub = prepare_run_dir(root / name, log=print0)
-        write_run_config(sub, vars(args))
-        print0(f"== {name} ({args.stage}) ==")
-        run_stage(args, sub, info)
-        model_dir = _hf_dir(sub.path)
+        _, model_dir = run_recipe_stage(name, args, root, info)
         figures = _evaluate(model_dir, tok, heldout, info, R)
         entry = {"name": name, **figures, "wall_s": time.perf_counter() - t0, "model": str(model_dir)}
         summary["stages"].append(entry)

@@ -21,6 +21,7 @@ from typing import Callable
 from recipes.flags import STAGES
 from runtime.distributed import DistInfo, print0
 from runtime.host_memory import keep_freed_host_memory
+from runtime.rundir import prepare_run_dir, write_run_config
 
 
 def _sft(args, run, info):
@@ -99,3 +100,20 @@ def run_stage(args, run, info: DistInfo) -> int:
         raise ValueError(f"stage {args.stage!r} is not built yet (built: {', '.join(sorted(RUNNERS))})")
     keep_freed_host_memory()  # activations are not faulted in afresh every step (runtime/host_memory.py)
     return RUNNERS[args.stage](args, run, info) or 0
+
+
+def run_recipe_stage(name: str, args, root, info: DistInfo, log=print0):
+    """One stage of a recipe, in root/name: its flags checked (check_stage), its run directory
+    prepared and its flags written, the stage run. Returns (the run directory's path, the Hugging
+    Face folder of its last checkpoint)."""
+    from runtime.checkpoint import latest_checkpoint
+
+    check_stage(args, info, log)
+    sub = prepare_run_dir(root / name, log=log)
+    write_run_config(sub, vars(args))
+    log(f"== {name} ({args.stage}) ==")
+    run_stage(args, sub, info)
+    ckpt = latest_checkpoint(sub.path)
+    if ckpt is None:
+        raise RuntimeError(f"{sub.path}: the stage finished without a checkpoint")
+    return sub.path, ckpt / "hf"

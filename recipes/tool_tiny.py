@@ -51,9 +51,9 @@ import time
 from pathlib import Path
 
 from recipes.flags import stage_args
-from recipes.stages import check_stage, run_stage
+from recipes.stages import run_recipe_stage
 from runtime.distributed import DistInfo, barrier, print0
-from runtime.rundir import prepare_run_dir, write_json_atomic, write_run_config
+from runtime.rundir import write_json_atomic
 
 TEMPLATE = "r1-zero-short"
 TOOLS = "calculator"
@@ -126,7 +126,6 @@ def _evaluate(model_dir: Path, tok, rows, info: DistInfo, R: dict) -> dict:
 def run_tool_tiny(args, run, info: DistInfo) -> int:
     from data.datasets import read_jsonl
     from data.tokenizer import load_tokenizer
-    from runtime.checkpoint import latest_checkpoint
 
     root, seed = run.path, args.seed
     R = _settings(args.recipe_smoke)
@@ -139,22 +138,15 @@ def run_tool_tiny(args, run, info: DistInfo) -> int:
 
     def stage(name: str, args) -> Path:
         t0 = time.perf_counter()
-        check_stage(args, info)
-        sub = prepare_run_dir(root / name, log=print0)
-        write_run_config(sub, vars(args))
-        print0(f"== {name} ({args.stage}) ==")
-        run_stage(args, sub, info)
-        ckpt = latest_checkpoint(sub.path)
-        if ckpt is None:
-            raise RuntimeError(f"{sub.path}: the stage finished without a checkpoint")
-        figures = _evaluate(ckpt / "hf", tok, heldout, info, R)
-        entry = {"name": name, **figures, "wall_s": time.perf_counter() - t0, "model": str(ckpt / "hf")}
+        _, model_dir = run_recipe_stage(name, args, root, info)
+        figures = _evaluate(model_dir, tok, heldout, info, R)
+        entry = {"name": name, **figures, "wall_s": time.perf_counter() - t0, "model": str(model_dir)}
         summary["stages"].append(entry)
         print0(f"{name}: accuracy {figures['accuracy']:.3f} (greedy {figures['greedy_accuracy']:.3f}, lenient "
                f"{figures['lenient_accuracy']:.3f}), tool share {figures['tool_share']:.3f}, {entry['wall_s']:.0f}s")
         if info.rank == 0:
             write_json_atomic(root / "summary.json", {**summary, "wall_s": time.perf_counter() - t_start})
-        return ckpt / "hf"
+        return model_dir
 
     base = stage("base", stage_args(R["base"], data=str(paths["corpus"]), **common))
     stage("tool_rl", stage_args(R["tool_rl"], model=str(base), data=str(paths["prompts"]), **common))

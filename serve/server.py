@@ -244,9 +244,9 @@ class Service:
                 ev = item
                 i = index.setdefault(ev.seq, job.seqs.index(ev.seq))
                 delta = texts[i].feed(ev.token_ids)
-                toks = [self._token_text(t) for t in ev.token_ids]
+                toks = [self._token_text(t) for t in ev.token_ids] if req.logprobs else []   # only when asked
                 pieces[i]["tokens"] += toks
-                pieces[i]["logprobs"] += ev.logprobs
+                pieces[i]["logprobs"] += ev.logprobs if req.logprobs else []
                 if ev.kind == "finished":
                     delta += texts[i].finish()
                     finish[i] = ev.completion.finish_reason
@@ -260,7 +260,7 @@ class Service:
         except BaseException:
             self.loop.cancel(job)
             raise
-        done_tokens = sum(len(p["tokens"]) for p in pieces)
+        done_tokens = sum(len(t.ids) for t in texts)
         use = usage(len(job.prompt_ids), done_tokens)
         self.count("completion_tokens", done_tokens)
         self.count("prompt_tokens", len(job.prompt_ids))
@@ -485,6 +485,7 @@ def run_serve(args, run, info) -> int:
     """--stage serve (module docstring): load, listen, serve until SIGINT / SIGTERM."""
     import torch
 
+    from data.chat import template_source
     from data.tokenizer import load_tokenizer
     from model.build import build_model
     from runtime.distributed import print0
@@ -500,9 +501,7 @@ def run_serve(args, run, info) -> int:
     stop_ids = generation_stop_ids(args.model, model.config, tok)
     sampler = Sampler(model, max_batch_size=args.sampler_batch_size, max_seq_len=max_len, tokenizer=tok,
                       **engine_options(args))
-    template = args.chat_template
-    if template is not None and "{" not in template and Path(template).is_file():
-        template = Path(template).read_text(encoding="utf-8")
+    template = template_source(args.chat_template)
     stopped = threading.Event()
     previous = {s: signal.signal(s, lambda signum, frame: stopped.set()) for s in (signal.SIGINT, signal.SIGTERM)}
     srv = RunningServer(sampler, tok, model_name(args), max_len, stop_ids, template, api_key=args.api_key,
