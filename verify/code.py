@@ -682,8 +682,11 @@ def _run_asserts(plan, code, test: AssertTest, timeout_s, memory_mb, deadline) -
     if failure:
         return CodeResult("error", 0, total, message=failure, cases=[False] * total, **out)
     msgs = [m for m in msgs if isinstance(m, dict)]
+    timed_out = _timed_out(cand, finished) or _timed_out(judge, finished)
+    # A candidate killed at the deadline reads to the judge as one that "did not start properly":
+    # the deadline is the cause, and is reported as such below.
     error = next((m for m in msgs if m.get("verdict") in ("error", "fail")), None)
-    if error is not None:
+    if error is not None and not timed_out:
         return CodeResult(error["verdict"], 0, total, message=str(error.get("message", "")),
                           cases=[False] * total, **out)
     runs = {m["case"]: m for m in msgs if type(m.get("case")) is int}
@@ -695,7 +698,6 @@ def _run_asserts(plan, code, test: AssertTest, timeout_s, memory_mb, deadline) -
             why = str(run.get("message", "")) if run else "not run (time limit exceeded or the judge stopped)"
             message = f"assert {i} failed: {source[:300]}\n{why}"
     passed = sum(cases)
-    timed_out = _timed_out(cand, finished) or _timed_out(judge, finished)
     if passed == total:
         status = "pass"
     elif timed_out:
