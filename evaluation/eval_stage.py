@@ -72,7 +72,7 @@ def load_model_and_tokenizer(args, device):
     import torch
 
     from data.tokenizer import load_tokenizer
-    from model.build import build_model, build_tensor_parallel_model
+    from model.build import build_sampling_model, build_tensor_parallel_model
 
     tok = load_tokenizer(args.tokenizer, args.model)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -81,7 +81,7 @@ def load_model_and_tokenizer(args, device):
         from runtime.distributed import subgroup
         model = build_tensor_parallel_model(args, tok, subgroup(tp_size), device=device, dtype=dtype)
     else:
-        model = build_model(args, tok, device=device, dtype=dtype)
+        model = build_sampling_model(args, tok, device=device, dtype=dtype)   # --lora-init folded in
     return model.eval(), tok
 
 
@@ -355,6 +355,8 @@ def check_sampling_flags(args, prefix: str) -> None:
         raise ValueError("give exactly one of --model DIR and --preset NAME (with --tokenizer DIR)")
     elif args.model is None and args.tokenizer is None:
         raise ValueError("--preset needs --tokenizer DIR (a fresh model has no tokenizer of its own)")
+    from model.build import check_lora_targets
+    check_lora_targets(args, sampling=True)   # --lora-init: sample base + adapter
     n, temperature, top_p, max_new = (getattr(args, f"{prefix}_{k}") for k in ("n", "temperature", "top_p",
                                                                             "max_new_tokens"))
     flag = f"--{prefix}"

@@ -223,11 +223,11 @@ def evaluate_sharded(model, tok, problems: list[dict], kind: str, rank: int = 0,
     TensorParallelRollout of `model`, whose weights() the generation samples with instead (each
     tensor-parallel group samples its ranks' shares together).
     """
-    from model.parallel import gathered
+    from model.lora import sampling_weights
     from runtime.distributed import all_reduce_floats
 
     mine = problems[rank::world_size]
-    with (rollout.weights() if rollout is not None else gathered(model)) as policy:
+    with (rollout.weights() if rollout is not None else sampling_weights(model)) as policy:
         r = evaluate(policy, tok, mine, kind, **kwargs)
     if world_size == 1:
         return r

@@ -60,8 +60,28 @@ def check_model_flags(args) -> None:
     need(tokenizer is not None, "no tokenizer: give --tokenizer DIR (or --model DIR holding tokenizer files)")
     need((Path(tokenizer) / "tokenizer.json").is_file(), f"--tokenizer {tokenizer}: no tokenizer.json there")
     config_overrides(args)                       # unreadable --rope-scaling and the like
+    check_lora_targets(args)                     # --lora-*: values, targets and --lora-init's adapter
     param_dtype_of(getattr(args, "param_dtype", "auto"),
                    torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+
+
+def check_lora_targets(args, sampling: bool = False) -> None:
+    """The --lora-* flags (model.lora.check_lora_flags), then the targets (or --lora-init's adapter)
+    against the model they will adapt, built on the meta device from its config alone: a pattern
+    that matches nothing, or an adapter made for another base, fails here, before the run directory
+    is touched (ValueError naming the pattern or the tensor)."""
+    from model.lora import adapter_updates, apply_lora, check_lora_flags, lora_settings
+    from model.transformer import Transformer
+
+    check_lora_flags(args, sampling)
+    settings = lora_settings(args)
+    if settings is None or (getattr(args, "model", None) is None and getattr(args, "preset", None) is None):
+        return
+    with torch.device("meta"):
+        model = Transformer(model_config(args))
+    apply_lora(model, **settings)
+    if getattr(args, "lora_init", None) is not None:
+        adapter_updates(model, args.lora_init)
 
 
 def config_overrides(args) -> dict:
@@ -140,7 +160,7 @@ def export_dtype_of(args) -> torch.dtype:
 
 def build_model(args, tok, device="cpu", dtype=torch.float32, seed: int | None = None, *,
                 fsdp: dict | None = None, activation_checkpointing: bool = False, compile: bool = False,
-                **overrides):
+                lora: bool = False, **overrides):
     """The model of `args.model` (a folder) or `args.preset` (fresh weights seeded with `seed`, or
     args.seed), its parameters stored in `dtype` on `device` (see the module docstring).
 
@@ -148,6 +168,12 @@ def build_model(args, tok, device="cpu", dtype=torch.float32, seed: int | None =
     compile then compiles each block's forward (model.parallel.apply_compile); fsdp, when given, is apply_fsdp's keyword arguments (param_dtype, reduce_dtype, mesh): the
     model is sharded before any weight is allocated. `overrides` are ModelConfig fields, on top of
     the flags' (config_overrides).
+
+    lora: give the model the adapters of the --lora-* flags (model/lora.py; nothing when they are
+    off), before activation checkpointing and FSDP see the module tree. The frozen base is then
+    stored in the dtype it computes in (`dtype` stays the adapters' master dtype, fp32), and the
+    adapters are filled once the weights are in place: from --lora-init's PEFT adapter, or seeded
+    with args.seed (model.lora.init_adapters), the same on every rank and any world size.
     """
     from model.checkpoint import load_into, plan_load, read_config
     from model.parallel import apply_activation_checkpointing, apply_compile, apply_fsdp
@@ -156,6 +182,10 @@ def build_model(args, tok, device="cpu", dtype=torch.float32, seed: int | None =
     model_dir, preset = getattr(args, "model", None), getattr(args, "preset", None)
     if (model_dir is None) == (preset is None):
         raise ValueError("give exactly one of --model DIR and --preset NAME")
+    from model.lora import apply_lora, init_adapters, load_adapter_weights, lora_settings
+
+    settings = lora_settings(args) if lora else None
+    frozen_dtype = (fsdp or {}).get("param_dtype") or dtype   # what a frozen base computes in
     overrides = {**config_overrides(args), **overrides}
     if model_dir is not None:
         config, raw = read_config(model_dir, overrides)
@@ -165,6 +195,8 @@ def build_model(args, tok, device="cpu", dtype=torch.float32, seed: int | None =
         with torch.device("meta"):
             model = Transformer(config)
         model.to(dtype)
+        if settings is not None:
+            _store_frozen_in(model, frozen_dtype)
         plan = plan_load(model_dir, model, raw)
     else:
         config = preset_config(preset, tok, **overrides)
@@ -173,6 +205,10 @@ def build_model(args, tok, device="cpu", dtype=torch.float32, seed: int | None =
             torch.manual_seed(seed)
             model = Transformer(config)
         model.to(device=device, dtype=dtype)
+        if settings is not None:
+            _store_frozen_in(model, frozen_dtype)
+    if settings is not None:
+        apply_lora(model, **settings)
     if activation_checkpointing:
         apply_activation_checkpointing(model)
     if compile:
@@ -182,26 +218,50 @@ def build_model(args, tok, device="cpu", dtype=torch.float32, seed: int | None =
     if model_dir is not None:
         model.to_empty(device=device)
         load_into(model, plan)
+    if settings is not None:
+        if getattr(args, "lora_init", None) is not None:
+            load_adapter_weights(model, args.lora_init)
+        else:
+            init_adapters(model, getattr(args, "seed", 0))
     return model
+
+
+def _store_frozen_in(model, dtype: torch.dtype) -> None:
+    """A LoRA model's base weights in the dtype they compute in (they are never updated, so they
+    need no fp32 master); the MoE router's stay fp32 (model/parallel.py)."""
+    from model.moe import Router
+
+    routers = {id(t) for m in model.modules() if isinstance(m, Router) for t in [*m.parameters(), *m.buffers()]}
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.is_floating_point() and id(t) not in routers and t.dtype != dtype:
+            t.data = t.data.to(dtype)
+
+
+def build_sampling_model(args, tok, device="cpu", dtype=torch.float32):
+    """The model a sampling-only stage (eval, generate, serve) samples from: build_model's, with
+    --lora-init's adapter folded into the weights for good (model.lora.fold_adapters)."""
+    from model.lora import fold_adapters
+
+    return fold_adapters(build_model(args, tok, device=device, dtype=dtype, lora=True))
 
 
 def build_tensor_parallel_model(args, tok, tp, device="cpu", dtype=torch.float32):
     """This rank's tensor-parallel share (model/tensor_parallel.py) of the model build_model would
     give, for sampling alone (evaluation, generation): a --model folder is read tensor by tensor,
-    keeping only this rank's slices; a --preset is built whole on the CPU (seeded the same on every
-    rank), cut, and dropped."""
+    keeping only this rank's slices (--lora-init's adapter merged into each weight as it is read);
+    a --preset is built whole on the CPU (seeded the same on every rank), cut, and dropped."""
     from model.tensor_parallel import load_tensor_parallel, share_of
 
     model_dir = getattr(args, "model", None)
     if model_dir is None:
-        return share_of(build_model(args, tok, device="cpu", dtype=torch.float32), tp, dtype, device)
+        return share_of(build_sampling_model(args, tok, device="cpu", dtype=torch.float32), tp, dtype, device)
     from model.checkpoint import read_config
     overrides = config_overrides(args)
     config, _ = read_config(model_dir, overrides)
     if tok is not None and tok.vocab_size > config.vocab_size:
         raise ValueError(f"{model_dir}: the tokenizer has {tok.vocab_size} tokens but the model's vocab_size is "
                          f"{config.vocab_size}; they do not belong together")
-    return load_tensor_parallel(model_dir, tp, dtype, device, overrides)
+    return load_tensor_parallel(model_dir, tp, dtype, device, overrides, adapter=getattr(args, "lora_init", None))
 
 
 # --compile auto: the widths and run lengths where compiling was measured to pay for itself
@@ -245,12 +305,22 @@ def build_trained_model(args, tok, info, device):
         info = ensure_process_group(info)
     compiled = compile_enabled(getattr(args, "compile", "off"), device, model_config(args, tok), args.max_steps)
     model = build_model(args, tok, device=device, fsdp=fsdp, activation_checkpointing=args.activation_checkpointing,
-                        compile=compiled)
+                        compile=compiled, lora=True)
     print0(model_summary(model) + f"; computing in {str(param_dtype).removeprefix('torch.')}"
+           + (f"; {lora_summary(model)}" if getattr(model, "lora", None) else "")
            + (", sharded over FSDP2" if fsdp is not None else "")
            + (", activation checkpointing" if args.activation_checkpointing else "")
            + (", compiled blocks" if compiled else ""))
     return model, info, param_dtype, fsdp, compiled
+
+
+def lora_summary(model) -> str:
+    from model.lora import lora_layers
+
+    o, n = model.lora, len(lora_layers(model))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return (f"LoRA rank {o['rank']}, alpha {o['alpha']:g}{', rsLoRA' if o['rslora'] else ''} on {n} layers "
+            f"({', '.join(o['targets'])}): {trainable / 1e6:.3f}M trainable parameters, the base frozen")
 
 
 def model_summary(model) -> str:
@@ -262,11 +332,16 @@ def model_summary(model) -> str:
             f"{counts.total / 1e6:.2f}M parameters ({counts.active / 1e6:.2f}M active per token)")
 
 
-def save_model_fn(model, tok, dtype: torch.dtype | None = None):
+def save_model_fn(model, tok, dtype: torch.dtype | None = None, base_model: str | None = None):
     """The callback runtime.checkpoint calls to write the HF folder of a checkpoint, tensor by
-    tensor from rank 0 (gathered one at a time when sharded), in `dtype` (None: as stored)."""
+    tensor from rank 0 (gathered one at a time when sharded), in `dtype` (None: as stored). A LoRA
+    model's folder holds the merged weights, and its adapters go beside it in PEFT's format:
+    `<checkpoint>/adapter/` (adapter_config.json naming `base_model`, adapter_model.safetensors)."""
     from model.checkpoint import save_pretrained
+    from model.lora import save_adapter
 
     def save(path):
         save_pretrained(model, path, tokenizer=tok, dtype=dtype)
+        if getattr(model, "lora", None):
+            save_adapter(model, Path(path).parent / "adapter", base_model=base_model)
     return save

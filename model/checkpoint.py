@@ -372,7 +372,7 @@ def _finish(model) -> None:
 # ================================================================================================
 
 def save_pretrained(model, path, tokenizer=None, *, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                    dtype: torch.dtype | None = None, overwrite: bool = False) -> Path:
+                    dtype: torch.dtype | None = None, overwrite: bool = False, adapters: str = "merge") -> Path:
     """Write `model` as a Hugging Face folder at `path` that transformers (and load_pretrained) load.
 
     Writes config.json (with `torch_dtype`/`dtype` set to what is stored), generation_config.json,
@@ -388,7 +388,15 @@ def save_pretrained(model, path, tokenizer=None, *, max_shard_bytes: int = DEFAU
     error unless `overwrite=True`; it is then moved aside and the new folder renamed into place
     before the old one is deleted, so `path` never holds a half-written checkpoint. With DTensor parameters (FSDP2) every rank must call this; only rank 0
     writes. Returns `path`.
+
+    A model with LoRA adapters (model/lora.py) is written merged by default: each adapted weight
+    gathered, W + s B A added in fp32, then cast; `adapters="drop"` writes the base weights alone.
+    Adapter tensors are never written into the folder (model.lora.save_adapter writes them apart).
     """
+    from model.lora import merge_into, weight_deltas
+
+    if adapters not in ("merge", "drop"):
+        raise ValueError(f"save_pretrained: adapters={adapters!r}, expected 'merge' or 'drop'")
     path = Path(path)
     model = getattr(model, "_orig_mod", model)  # torch.compile wrapper
     config: ModelConfig = model.config
@@ -405,6 +413,13 @@ def save_pretrained(model, path, tokenizer=None, *, max_shard_bytes: int = DEFAU
         raise FileExistsError(problem)
 
     state = _tensors_to_save(model, config)
+    deltas = weight_deltas(model) if adapters == "merge" else {}
+
+    def whole(name, dt):
+        if name not in deltas:
+            return _gathered(state[name], dt)
+        return merge_into(deltas[name], _gathered(state[name], state[name].dtype)).to(dt)
+
     specs = [(name, _saved_dtype(name, t, dtype), tuple(t.shape)) for name, t in state.items()]
     shards = _shard(specs, max_shard_bytes)
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
@@ -421,7 +436,7 @@ def save_pretrained(model, path, tokenizer=None, *, max_shard_bytes: int = DEFAU
     weight_map, total = {}, 0
     for i, shard in enumerate(shards):
         fname = SINGLE_FILE if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        tensors = (_gathered(state[name], dt) for name, dt, _ in shard)
+        tensors = (whole(name, dt) for name, dt, _ in shard)
         if rank == 0 and error is None:
             try:
                 total += write_safetensors(tmp / fname, shard, tensors)

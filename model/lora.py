@@ -95,17 +95,22 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for m in lora_layers(model).values() for p in (m.lora_A, m.lora_B)]
 
 
-def apply_lora(model: nn.Module, targets=DEFAULT_TARGETS, rank: int = 16, alpha: float = 32.0, dropout: float = 0.0,
+def apply_lora(model: nn.Module, targets=None, rank: int = 16, alpha: float = 32.0, dropout: float = 0.0,
                rslora: bool = False) -> dict[str, LoRALinear]:
     """Give every nn.Linear whose name ends in one of `targets` an adapter and freeze everything
-    else; returns {name: layer}. ValueError for a target that matches nothing, naming it and the
-    linear layers' names it could match."""
+    else; returns {name: layer}. targets None (or "all-linear"): every DEFAULT_TARGETS name this
+    model has (the attention's and the dense MLPs', MLA's included). ValueError for a given target
+    that matches nothing, naming it and the linear layers' names it could match."""
     if rank < 1 or not alpha > 0 or not 0 <= dropout < 1:
         raise ValueError(f"LoRA: rank must be >= 1, alpha > 0 and dropout in [0, 1), got {rank}, {alpha}, {dropout}")
-    targets = [t.strip() for t in (targets.split(",") if isinstance(targets, str) else targets) if t.strip()]
     linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and not isinstance(m, LoRALinear)
                and not name.endswith("lm_head")}
     kinds = sorted({name.rsplit(".", 1)[-1] for name in linears})
+    if targets is None or targets == "all-linear":
+        targets = [t for t in DEFAULT_TARGETS if t in kinds]
+    targets = [t.strip() for t in (targets.split(",") if isinstance(targets, str) else targets) if t.strip()]
+    if not targets:
+        raise ValueError(f"--lora-targets: no target given; this model's linear layers are named {', '.join(kinds)}")
     chosen = {}
     for t in targets:
         hits = {n: m for n, m in linears.items() if n == t or n.endswith("." + t)}
@@ -124,27 +129,116 @@ def apply_lora(model: nn.Module, targets=DEFAULT_TARGETS, rank: int = 16, alpha:
 @torch.no_grad()
 def merged(model: nn.Module):
     """Inside: every LoRA layer's weight is W + s B A and its forward uses it alone. On exit the
-    original weights are copied back exactly (a no-op for a model without adapters)."""
+    original weights are copied back exactly (a no-op for a model without adapters).
+
+    An FSDP2 model must be inside model.parallel.gathered: its weights are then the unsharded
+    copies FSDP all-gathered from the sharded masters, thrown away when the context ends, so they
+    are merged in place and nothing is kept (no second copy of the model in memory); the masters
+    are never touched. A sharded (DTensor) weight outside gathered is refused."""
+    from model.parallel import is_sharded
+    from torch.distributed.tensor import DTensor
+
     layers = list(lora_layers(model).values())
+    transient = is_sharded(model)
     kept = []
     try:
         for m in layers:
-            kept.append(m.weight.detach().clone())
+            if isinstance(m.weight, DTensor):
+                raise RuntimeError("lora.merged: the weights are still sharded; merge inside "
+                                   "model.parallel.gathered(model)")
+            if not transient:
+                kept.append(m.weight.detach().clone())
             m.weight.copy_((m.weight.float() + m.delta()).to(m.weight.dtype))
             m.merged = True
         yield model
     finally:
         for m, w in zip(layers, kept):
             m.weight.copy_(w)
+        for m in layers:
             m.merged = False
 
 
+@contextlib.contextmanager
+def sampling_weights(model: nn.Module):
+    """What a sampler reads: the model gathered (model.parallel.gathered, a no-op unsharded) with
+    its adapters merged into the weights, so MLA's absorbed decode and model.parallel.decode_view
+    (which builds plain modules over the weights) sample from base + adapter, never the base alone."""
+    from model.parallel import gathered
+
+    with gathered(model), merged(model):
+        yield model
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module):
+    """Inside: the model computes as its base (every adapter's term left out), e.g. the frozen GRPO
+    reference of a LoRA policy without a second copy of the model."""
+    layers = list(lora_layers(model).values())
+    if any(m.merged for m in layers):
+        raise RuntimeError("lora.adapters_disabled: the adapters are merged into the weights (inside lora.merged)")
+    try:
+        for m in layers:
+            m.merged = True     # the forward's adapter term is skipped; the weights are the base's
+        yield model
+    finally:
+        for m in layers:
+            m.merged = False
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """t whole (a DTensor all-gathered: a collective every rank takes part in), fp32."""
+    t = t.detach()
+    if hasattr(t, "full_tensor"):
+        t = t.full_tensor()
+    return t.float()
+
+
+def weight_deltas(model: nn.Module) -> dict[str, LoRALinear]:
+    """{state-dict name of a LoRA layer's weight: the layer}: the weights a reader of whole tensors
+    (a Hugging Face export, the tensor-parallel redistribution) must merge with merge_into."""
+    return {f"{name}.weight": m for name, m in lora_layers(model).items()}
+
+
+def merge_into(layer: LoRALinear, weight: torch.Tensor) -> torch.Tensor:
+    """The whole `weight` of `layer` (as read: gathered, maybe cast) plus its adapter's update,
+    added in fp32 and cast back to weight's dtype. Gathers the adapter when it is sharded: every
+    rank calls it for the same layers in the same order."""
+    a, b = _full(layer.lora_A), _full(layer.lora_B)
+    delta = layer.scaling * (b @ a)
+    return (weight.float() + delta.to(weight.device)).to(weight.dtype)
+
+
+def _set_whole(p: torch.Tensor, value: torch.Tensor) -> None:
+    """Copy a whole tensor into p, a plain parameter or this rank's shard of a DTensor (sliced
+    here, as FSDP2 shards, with no communication)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(p, DTensor):
+        local = distribute_tensor(value.to(p.dtype), p.device_mesh, p.placements, src_data_rank=None).to_local()
+        p.to_local().copy_(local.to(p.to_local().device))
+    else:
+        p.copy_(value.to(device=p.device, dtype=p.dtype))
+
+
+@torch.no_grad()
+def init_adapters(model: nn.Module, seed: int) -> None:
+    """A from kaiming-uniform (as PEFT and nn.Linear initialise), B = 0, drawn from one generator
+    seeded with `seed` in module order: the same adapters on every rank and any world size, sharded
+    or not, so training starts from the base exactly and a 2-rank run from a 1-process run's start."""
+    g = torch.Generator().manual_seed(seed)
+    for m in lora_layers(model).values():
+        a = torch.empty(tuple(m.lora_A.shape), dtype=torch.float32)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=g)
+        _set_whole(m.lora_A, a)
+        _set_whole(m.lora_B, torch.zeros(tuple(m.lora_B.shape)))
+
+
 def save_merged(model: nn.Module, path, tokenizer=None, **kwargs) -> Path:
-    """The merged model (W + s B A) as a Hugging Face folder (model.checkpoint.save_pretrained; no
-    adapter files in it, which transformers with peft installed would pick up)."""
+    """The merged model (W + s B A) as a Hugging Face folder: model.checkpoint.save_pretrained,
+    which merges the adapters of a LoRA model by default (and writes no adapter files, which
+    transformers with peft installed would pick up)."""
     from model.checkpoint import save_pretrained
-    with merged(model):
-        return save_pretrained(model, path, tokenizer, **kwargs)
+    return save_pretrained(model, path, tokenizer, **kwargs)
 
 
 # ---- PEFT's adapter format ---------------------------------------------------------------------------
@@ -163,45 +257,60 @@ def adapter_config(model: nn.Module, base_model: str | None = None) -> dict:
 
 
 def save_adapter(model: nn.Module, path, base_model: str | None = None) -> Path:
-    """Write the adapters as PEFT writes them (keys base_model.model.<name>.lora_A.weight, ...)."""
+    """Write the adapters as PEFT writes them (keys base_model.model.<name>.lora_A.weight, ...).
+    Sharded adapters (FSDP2) are gathered one at a time: every rank calls it, rank 0 writes."""
     from safetensors.torch import save_file
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    rank = torch.distributed.get_rank() if distributed else 0
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for name, m in lora_layers(model).items():
-        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_A.detach().float().contiguous().cpu()
-        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = m.lora_B.detach().float().contiguous().cpu()
-    save_file(tensors, str(path / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    (path / ADAPTER_CONFIG).write_text(json.dumps(adapter_config(model, base_model), indent=2) + "\n")
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = _full(m.lora_A).contiguous().cpu()
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = _full(m.lora_B).contiguous().cpu()
+    if rank == 0:
+        path.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(path / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        (path / ADAPTER_CONFIG).write_text(json.dumps(adapter_config(model, base_model), indent=2) + "\n")
     return path
 
 
-def load_adapter(model: nn.Module, path) -> dict[str, LoRALinear]:
-    """Apply the PEFT adapter in folder `path` to `model` (its config's targets, rank, alpha, rsLoRA)
-    and load its weights; ValueError naming the tensor when the adapter was made for another base."""
-    from safetensors.torch import load_file
+def read_adapter_config(path) -> dict:
+    """apply_lora's settings (targets, rank, alpha, dropout, rslora) from the PEFT adapter folder
+    `path`; FileNotFoundError / ValueError naming the file for what is not a LoRA adapter here."""
     path = Path(path)
     config_file, weights_file = path / ADAPTER_CONFIG, path / ADAPTER_WEIGHTS
     for f in (config_file, weights_file):
         if not f.is_file():
             raise FileNotFoundError(f"--lora-init {path}: no {f.name} (a PEFT adapter folder holds {ADAPTER_CONFIG} "
                                     f"and {ADAPTER_WEIGHTS})")
-    cfg = json.loads(config_file.read_text())
+    try:
+        cfg = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config_file}: not JSON ({e.msg}, line {e.lineno})") from None
     if cfg.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{config_file}: peft_type {cfg.get('peft_type')!r}; only LORA adapters load here")
     targets = cfg.get("target_modules")
-    if isinstance(targets, str):
+    if isinstance(targets, str) and targets != "all-linear":
         raise ValueError(f"{config_file}: target_modules as a regular expression ({targets!r}) is not supported; "
                          f"give a list of module names")
-    rank = cfg.get("r", 8)
-    apply_lora(model, targets, rank=rank, alpha=cfg.get("lora_alpha", 8), dropout=cfg.get("lora_dropout", 0.0),
-               rslora=bool(cfg.get("use_rslora", False)))
-    layers = lora_layers(model)
+    for key in ("use_dora", "modules_to_save", "target_parameters", "layers_to_transform"):
+        if cfg.get(key):
+            raise ValueError(f"{config_file}: {key} = {cfg[key]!r} is not supported here (plain LoRA on linear "
+                             f"layers only)")
+    return {"targets": targets, "rank": cfg.get("r", 8), "alpha": cfg.get("lora_alpha", 8),
+            "dropout": cfg.get("lora_dropout", 0.0), "rslora": bool(cfg.get("use_rslora", False))}
+
+
+def read_adapter_tensors(model: nn.Module, path) -> dict[str, torch.Tensor]:
+    """The tensors of the PEFT adapter in folder `path`, checked against the LoRA layers apply_lora
+    gave `model` (a meta model will do: only names and shapes are read), keyed by PEFT's names.
+    ValueError naming the tensor when the adapter was made for another base (a name or a shape
+    this model does not have)."""
+    from safetensors.torch import load_file
+    weights_file = Path(path) / ADAPTER_WEIGHTS
     tensors = load_file(str(weights_file))
-    want = {}
-    for name, m in layers.items():
-        for part, p in (("lora_A", m.lora_A), ("lora_B", m.lora_B)):
-            want[f"{PEFT_PREFIX}{name}.{part}.weight"] = p
+    want = {f"{PEFT_PREFIX}{name}.{part}.weight": tuple(getattr(m, part).shape)
+            for name, m in lora_layers(model).items() for part in ("lora_A", "lora_B")}
     unknown = sorted(set(tensors) - set(want))
     if unknown:
         raise ValueError(f"{weights_file}: tensor {unknown[0]!r} names no LoRA layer of this model (made for another "
@@ -210,11 +319,95 @@ def load_adapter(model: nn.Module, path) -> dict[str, LoRALinear]:
     if missing:
         raise ValueError(f"{weights_file}: no tensor {missing[0]!r} for a target layer of this model "
                          f"({len(missing)} missing)")
-    with torch.no_grad():
-        for key, p in want.items():
-            t = tensors[key]
-            if tuple(t.shape) != tuple(p.shape):
-                raise ValueError(f"{weights_file}: tensor {key!r} has shape {list(t.shape)} but this model's layer "
-                                 f"needs {list(p.shape)} (an adapter for another base)")
-            p.copy_(t.to(p.dtype))
-    return layers
+    for key, shape in want.items():
+        if tuple(tensors[key].shape) != shape:
+            raise ValueError(f"{weights_file}: tensor {key!r} has shape {list(tensors[key].shape)} but this model's "
+                             f"layer needs {list(shape)} (an adapter for another base)")
+    return {k: t.float() for k, t in tensors.items()}
+
+
+@torch.no_grad()
+def load_adapter_weights(model: nn.Module, path) -> None:
+    """Fill the adapters apply_lora made (from read_adapter_config(path)) with the tensors of the
+    PEFT adapter in folder `path` (read_adapter_tensors); sharded adapters take this rank's rows."""
+    tensors = read_adapter_tensors(model, path)
+    for name, m in lora_layers(model).items():
+        for part in ("lora_A", "lora_B"):
+            _set_whole(getattr(m, part), tensors[f"{PEFT_PREFIX}{name}.{part}.weight"])
+
+
+def adapter_updates(model: nn.Module, path) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """{weight name: (A, B, scaling)} of the PEFT adapter in `path` for `model` (adapted by
+    apply_lora(**read_adapter_config(path)), maybe on the meta device): for loaders that merge
+    while reading whole tensors (model.tensor_parallel.load_tensor_parallel)."""
+    tensors = read_adapter_tensors(model, path)
+    return {f"{name}.weight": (tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"],
+                               tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"], m.scaling)
+            for name, m in lora_layers(model).items()}
+
+
+@torch.no_grad()
+def fold_adapters(model: nn.Module) -> nn.Module:
+    """Merge every adapter into its weight for good and turn the layer back into a plain
+    nn.Linear (sampling-only stages: nothing to restore, no adapter term left in the forward).
+    An unsharded model only."""
+    for m in lora_layers(model).values():
+        m.weight.copy_((m.weight.float() + m.delta()).to(m.weight.dtype))
+        for key in ("lora_A", "lora_B"):
+            del m._parameters[key]
+        del m.lora_dropout
+        m.__class__ = nn.Linear
+    if hasattr(model, "lora"):
+        del model.lora
+    return model
+
+
+def load_adapter(model: nn.Module, path) -> dict[str, LoRALinear]:
+    """Apply the PEFT adapter in folder `path` to `model` (its config's targets, rank, alpha, rsLoRA)
+    and load its weights; ValueError naming the tensor when the adapter was made for another base."""
+    apply_lora(model, **read_adapter_config(path))
+    load_adapter_weights(model, path)
+    return lora_layers(model)
+
+
+# ---- the --lora-* flags ----------------------------------------------------------------------------------
+
+def lora_settings(args) -> dict | None:
+    """apply_lora's keyword arguments from the --lora-* flags (--lora-init: the adapter's own
+    config), or None when the run trains every weight (--lora-rank 0 and no --lora-init)."""
+    init = getattr(args, "lora_init", None)
+    if init is not None:
+        return read_adapter_config(init)
+    rank = getattr(args, "lora_rank", 0) or 0
+    if rank <= 0:
+        return None
+    alpha = args.lora_alpha if args.lora_alpha is not None else 2.0 * rank
+    return {"targets": args.lora_targets, "rank": rank, "alpha": alpha, "dropout": args.lora_dropout,
+            "rslora": bool(args.lora_rslora)}
+
+
+def check_lora_flags(args, sampling: bool = False) -> None:
+    """The --lora-* flags: values in range, no --lora-rank beside --lora-init (the adapter sets its
+    own), an adapter folder that is one; ValueError naming the flag. `sampling`: a stage that only
+    samples (eval, generate, serve) takes --lora-init alone."""
+    rank = getattr(args, "lora_rank", 0) or 0
+    if sampling and rank:
+        raise ValueError(f"--lora-rank {rank} trains adapters; --stage {getattr(args, 'stage', None)} only samples: "
+                         f"give --lora-init ADAPTER_DIR to sample base + adapter")
+    if rank < 0:
+        raise ValueError(f"--lora-rank {rank}: expected >= 1 (0: no LoRA, every weight trained)")
+    init = getattr(args, "lora_init", None)
+    if init is not None and rank:
+        raise ValueError(f"--lora-init {init} sets the rank, alpha and targets from its adapter_config.json; "
+                         f"leave out --lora-rank")
+    if rank == 0 and init is None:
+        given = [f for f in ("lora_alpha", "lora_targets") if getattr(args, f, None) not in (None, "all-linear")]
+        if given or getattr(args, "lora_rslora", False) or getattr(args, "lora_dropout", 0.0):
+            raise ValueError("--lora-alpha / --lora-targets / --lora-dropout / --lora-rslora need --lora-rank N "
+                             "(LoRA is off without it)")
+        return
+    settings = lora_settings(args)
+    if not settings["alpha"] > 0:
+        raise ValueError(f"--lora-alpha {settings['alpha']}: expected > 0")
+    if not 0 <= settings["dropout"] < 1:
+        raise ValueError(f"--lora-dropout {settings['dropout']}: expected a probability in [0, 1)")

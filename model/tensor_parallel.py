@@ -378,17 +378,25 @@ class TensorParallelRollout:
 
         from model.parallel import gathered
 
+        from model.lora import merge_into, sampling_weights, weight_deltas
+
         if self.local is None:
-            with gathered(self.model):
+            with sampling_weights(self.model):   # gathered, LoRA adapters merged into the weights
                 self.weight_bytes = weight_bytes(self.model)
                 yield self.model
             return
-        sources = dict(_tensors(self.model))
+        # LoRA: each adapted weight is merged as it is read whole, before it is cut into shares
+        deltas = weight_deltas(self.model)
+        sources = {n: t for n, t in _tensors(self.model) if not n.endswith((".lora_A", ".lora_B"))}
         first = next(iter(sources.values()))
         device = (first.to_local() if hasattr(first, "to_local") else first).device
         dtype = self.dtype or _compute_dtype(self.model)
 
         def read(name, needed):
+            full = read_whole(name, needed)
+            return merge_into(deltas[name], full) if name in deltas and full is not None else full
+
+        def read_whole(name, needed):
             t = sources[name]
             if not hasattr(t, "full_tensor"):
                 return t if needed else None
@@ -445,11 +453,12 @@ def _is_mtp(name: str, config: ModelConfig) -> bool:
 
 
 def load_tensor_parallel(path, tp: Subgroup, dtype: torch.dtype = torch.float32, device="cpu",
-                         config_overrides: dict | None = None):
+                         config_overrides: dict | None = None, adapter=None):
     """This rank's share of the checkpoint folder `path` (build_local_model, in eval mode), read
     tensor by tensor: every name and shape is checked first (model.checkpoint.plan_load), then each
     tensor this rank needs is read whole into a buffer, cut, and dropped (experts of other ranks are
-    not read). Peak memory: the share plus one whole tensor."""
+    not read). Peak memory: the share plus one whole tensor. `adapter`: a PEFT LoRA adapter folder
+    (model/lora.py), merged into each adapted weight as it is read, before it is cut."""
     from model.checkpoint import plan_load, read_config, read_tensor
     from model.transformer import Transformer
 
@@ -459,6 +468,11 @@ def load_tensor_parallel(path, tp: Subgroup, dtype: torch.dtype = torch.float32,
         full = Transformer(config)
     full.to(dtype)
     load = plan_load(path, full, raw)
+    updates = {}
+    if adapter is not None:
+        from model.lora import adapter_updates, apply_lora, read_adapter_config
+        apply_lora(full, **read_adapter_config(adapter))
+        updates = adapter_updates(full, adapter)
     stored = {name: file for file, names in load.by_file.items() for name in names}
     alias = {}
     if config.tie_word_embeddings and "lm_head.weight" not in stored:
@@ -470,7 +484,11 @@ def load_tensor_parallel(path, tp: Subgroup, dtype: torch.dtype = torch.float32,
         if not needed:
             return None
         source = alias.get(name, name)
-        return read_tensor(load, stored[source], source, torch.float32 if _keeps_fp32(name) else dtype)
+        t = read_tensor(load, stored[source], source, torch.float32 if _keeps_fp32(name) else dtype)
+        if name in updates:
+            a, b, scaling = updates[name]
+            t = (t.float() + scaling * (b @ a)).to(t.dtype)
+        return t
 
     fill(local, pieces, read, list(dict.fromkeys(p.source for p in pieces)), dtype, torch.device(device))
     local.rope = RotaryEmbedding(local.config)

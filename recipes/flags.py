@@ -125,6 +125,23 @@ def build_parser() -> argparse.ArgumentParser:
                    "(the sampler stays eager). auto: on where it was measured to win within a run "
                    "(model.build.compile_enabled)")
 
+    # LoRA (model/lora.py): adapters on chosen linear layers, the base frozen
+    g = p.add_argument_group("LoRA")
+    g.add_argument("--lora-rank", type=int, default=0,
+                   help="train low-rank adapters of this rank instead of every weight (sft, grpo; 0: full "
+                   "fine-tuning). Checkpoints then hold the merged model in hf/ and a PEFT adapter in adapter/")
+    g.add_argument("--lora-alpha", type=float, default=None, help="LoRA scaling numerator (default: 2 x --lora-rank)")
+    g.add_argument("--lora-targets", default="all-linear",
+                   help="comma-separated linear layer names to adapt, e.g. q_proj,k_proj,v_proj,o_proj,gate_proj,"
+                   "up_proj,down_proj or MLA's q_a_proj,q_b_proj,kv_a_proj_with_mqa,kv_b_proj,o_proj. all-linear: "
+                   "every one of those the model has (not the output head, not routed experts)")
+    g.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapters' input")
+    g.add_argument("--lora-rslora", action="store_true", help="rsLoRA scaling: alpha / sqrt(rank) instead of alpha / rank")
+    g.add_argument("--lora-init", default=None,
+                   help="a PEFT LoRA adapter folder (adapter_config.json + adapter_model.safetensors, made by peft or "
+                   "by a run here) to start from (sft, grpo) or to sample with (eval, generate, serve); its config "
+                   "sets the rank, alpha and targets")
+
     # GRPO (--stage grpo). Paper option sets: --variant grpo|dapo|dr_grpo|gspo (rl/loss.py VARIANTS);
     # an explicit flag overrides the variant's value. Defaults without a variant: DAPO's token-mean
     # aggregation, eps 0.2 both sides, beta 0 (TRL's defaults).

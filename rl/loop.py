@@ -12,7 +12,10 @@ One step:
     sampler's KV cache is released before training.
  2. log-probs: old log-probs are the sampler's when on-policy (mu = 1: the policy has not moved
     since it sampled; the ratio is 1 in value and only its gradient matters), else recomputed
-    before the first update; the frozen reference model's when beta > 0.
+    before the first update; the frozen reference model's when beta > 0 (with LoRA: the policy
+    with its adapters switched off, model.lora.adapters_disabled, so no second model is held).
+    With --lora-rank, rollouts sample base + adapter: the adapters are merged into the gathered
+    weights (or into each whole tensor before the --rollout-tp cut) for the rollout and gone after.
  3. train: mu passes over the batch, each split into --num-minibatches optimizer steps; each
     optimizer step's sequences run in token-budget micro-batches (prompt + completion packed end to
     end, no padding), log-probs through kernels.token_logprobs on the final hidden states (no
@@ -42,6 +45,7 @@ from kernels import token_logprobs
 from model.build import (build_model, build_trained_model, check_length, check_model_flags, export_dtype_of,
                          model_config, save_model_fn)
 from model.moe import moe_aux_loss, moe_load_stats, update_moe_biases
+from model.lora import adapters_disabled
 from model.parallel import gathered
 from model.tensor_parallel import TensorParallelRollout
 from rl.advantage import group_advantages, group_reward_stats
@@ -51,7 +55,7 @@ from rl.rollout import (RewardScorer, RolloutBatch, encode_prompt, generate_roll
                         select_for_dynamic_sampling)
 from runtime.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from runtime.distributed import all_reduce_floats, print0, subgroup
-from runtime.memory import peak_bytes, reset_peak
+from runtime.memory import peak_bytes, reset_peak, training_state_sizes
 from runtime.metrics import MetricsWriter, Progress
 from runtime.optim import build_optimizer, check_training_flags, lr_schedule
 from runtime.rundir import check_rank_multiple, update_run_config, write_json_atomic
@@ -194,6 +198,9 @@ def check_flags(args, world_size: int) -> list[str]:
     rollout_environment(args)   # --tools, --tool-format, --max-tool-calls, --max-rollout-tokens
     need(args.max_sampling_tries >= 1, f"--max-sampling-tries {args.max_sampling_tries}: expected >= 1")
     need(args.ref_refresh_every >= 0, f"--ref-refresh-every {args.ref_refresh_every}: expected >= 0 (0: never)")
+    need(not (args.ref_refresh_every and (args.lora_rank or args.lora_init)),
+         f"--ref-refresh-every {args.ref_refresh_every} with LoRA: a LoRA policy's reference is its frozen base "
+         f"(the adapters switched off), which never moves; train every weight to refresh the reference")
     need(args.reward_workers >= 0 and args.reward_timeout_s > 0,
          f"--reward-workers {args.reward_workers} / --reward-timeout-s {args.reward_timeout_s}: expected >= 0 "
          f"(0: score in this process) and > 0")
@@ -221,7 +228,8 @@ def train_grpo(args, run, info) -> int:
     loss_opts, adv_opts = loss_options(args)
     beta = loss_opts.get("beta", 0.0)
     ref_model = None
-    if beta > 0:
+    lora = getattr(model, "lora", None) is not None
+    if beta > 0 and not lora:   # a LoRA policy's reference is its own base: the adapters switched off
         ref_fsdp = None if fsdp is None else {"param_dtype": None, "reduce_dtype": None}
         ref_model = build_model(args, tok, device=device, dtype=param_dtype, fsdp=ref_fsdp, compile=compiled)
         ref_model.requires_grad_(False).eval()
@@ -301,7 +309,7 @@ def train_grpo(args, run, info) -> int:
         save_checkpoint(run.path, at_step, model=model, optimizer=optimizer, keep_last=args.keep_last,
                         trainer_state={"step": at_step, "sampler": prompt_sampler.state_dict(),
                                        "guard": guard.state_dict()},
-                        save_model_fn=save_model_fn(model, tok, export_dtype))
+                        save_model_fn=save_model_fn(model, tok, export_dtype, base_model=args.model or args.preset))
 
     first_eval = held_out(step) if (eval_rows and not run.resumed) else {}
     if first_eval:
@@ -309,6 +317,7 @@ def train_grpo(args, run, info) -> int:
         write_json_atomic(run.path / "initial_eval.json", first_eval) if info.rank == 0 else None
     t_start = time.perf_counter()
     last_eval = first_eval
+    run_peak = 0.0   # the largest step's memory high-water mark (GiB, the largest rank)
     model.train()
     while step < args.max_steps:
         t0 = time.perf_counter()
@@ -398,7 +407,11 @@ def train_grpo(args, run, info) -> int:
         t_logp = time.perf_counter()
         need_old = args.mu > 1 or args.recompute_old_logp
         old_all = no_grad_logps(model) if need_old else rollout_logp_all
-        ref_all = no_grad_logps(ref_model) if beta > 0 else None
+        if beta > 0 and lora:
+            with adapters_disabled(model):
+                ref_all = no_grad_logps(model)
+        else:
+            ref_all = no_grad_logps(ref_model) if beta > 0 else None
         distill = None
         if teacher is not None:   # per-token advantages: the teacher's log-prob minus the student's (rl/distill.py)
             teacher_all = no_grad_logps(teacher)
@@ -469,6 +482,10 @@ def train_grpo(args, run, info) -> int:
         row["memory/rollout_weight_gib"] = all_reduce_floats([rollout.weight_bytes / 2**30], "max")[0]
         if rollout_peak is not None:
             row["memory/rollout_peak_gib"] = all_reduce_floats([rollout_peak / 2**30], "max")[0]
+        step_peak = peak_bytes(device)   # since the rollout began: the rollout, log-prob and training phases
+        if step_peak is not None:
+            row["memory/step_peak_gib"] = all_reduce_floats([step_peak / 2**30], "max")[0]
+            run_peak = max(run_peak, row["memory/step_peak_gib"])
         row["tokens_per_s"] = row["tokens"] / row["step_s"] if "tokens" in row else 0.0
         if args.ref_refresh_every and ref_model is not None and step % args.ref_refresh_every == 0:
             ref_model.load_state_dict(model.state_dict())  # R1 refreshed its reference model periodically
@@ -485,7 +502,8 @@ def train_grpo(args, run, info) -> int:
             checkpoint(step)
     scorer.close()
     checkpoint(step)
-    summary = {"stage": "grpo", "steps": step, "wall_s": time.perf_counter() - t_start,
+    summary = {**training_state_sizes(model, optimizer), "peak_memory_gib": run_peak or None,
+               "stage": "grpo", "steps": step, "wall_s": time.perf_counter() - t_start,
                "initial_eval": first_eval, "final_eval": last_eval, "skipped_steps": guard.skipped_total}
     if info.rank == 0:
         write_json_atomic(run.path / "summary.json", summary)

@@ -12,7 +12,13 @@ Layout, one directory per saved step (8-digit step numbers sort as text):
         model_dcp/        sharded: the model state dict, written with torch.distributed.checkpoint
         optim/            sharded: the optimizer state dict, likewise (__0_0.distcp, __1_0.distcp, ...)
         hf/               optional: the caller's save_model_fn(dir) output (HF folder, maybe bf16)
+        adapter/          optional: what save_model_fn writes beside hf/ (a LoRA run's PEFT adapter)
         COMPLETE          written last
+
+Frozen parameters (requires_grad=False: a LoRA run's base weights) are not written to model.pt /
+model_dcp/: nothing changes them, and resume rebuilds them from the run's --model or --preset
+before loading, so a LoRA checkpoint's resumable state is the adapters, the buffers and the
+optimizer, not another copy of the base.
 
 The HF folder is for people and other tools; resume reads model.pt / model_dcp/, because the HF
 copy may be in a lower precision and exact resume needs the fp32 master weights. "Sharded" means
@@ -60,6 +66,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
+    StateDictOptions,
     get_optimizer_state_dict,
     set_model_state_dict,
     set_optimizer_state_dict,
@@ -193,6 +200,12 @@ def _uses_dcp(model: nn.Module) -> bool:
     return get_world_size() > 1 or any(isinstance(p, DTensor) for p in model.parameters())
 
 
+def _trained_state(model: nn.Module, state_dict: dict) -> dict:
+    """state_dict without the frozen parameters (the module docstring)."""
+    frozen = {name for name, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    return {k: v for k, v in state_dict.items() if k not in frozen} if frozen else state_dict
+
+
 def _state_dict_shapes(state_dict: dict) -> dict[str, list[int]]:
     # DTensor.shape is the global shape, so the record is the same on every rank and world size
     return {k: list(v.shape) for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
@@ -238,7 +251,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model: nn.Module,
 
     # every rank writes its own part
     _torch_save(capture_rng_state(), tmp / f"rng-rank{rank}.pt")
-    model_sd = get_model_state_dict(model) if sharded else model.state_dict()
+    model_sd = _trained_state(model, get_model_state_dict(model) if sharded else model.state_dict())
     if sharded:
         dcp.save(model_sd, checkpoint_id=tmp / "model_dcp")
     else:
@@ -384,7 +397,7 @@ def load_checkpoint(path: str | os.PathLike, *, model: nn.Module, optimizer: tor
                          f"Resume sharded (FSDP) checkpoints under torchrun with the model sharded, and "
                          f"single-process ones in a single process (the hf/ folder loads anywhere).")
 
-    model_sd = get_model_state_dict(model) if sharded else model.state_dict()
+    model_sd = _trained_state(model, get_model_state_dict(model) if sharded else model.state_dict())
     msg = _mismatch_message(path, meta["model_keys"], _state_dict_shapes(model_sd), "model")
     if msg:
         raise ValueError(msg)
@@ -404,11 +417,12 @@ def load_checkpoint(path: str | os.PathLike, *, model: nn.Module, optimizer: tor
         log(f"checkpoint: {path.name} holds no optimizer state (saved before the first update); "
             f"the optimizer starts fresh")
 
+    partial = len(model_sd) < len(model.state_dict())   # frozen parameters: rebuilt, not saved
     if sharded:
         dcp.load(model_sd, checkpoint_id=path / "model_dcp")
-        set_model_state_dict(model, model_sd)
+        set_model_state_dict(model, model_sd, options=StateDictOptions(strict=not partial))
     else:
-        model.load_state_dict(torch.load(path / "model.pt", map_location="cpu", weights_only=True))
+        model.load_state_dict(torch.load(path / "model.pt", map_location="cpu", weights_only=True), strict=not partial)
 
     rng_file = path / f"rng-rank{get_rank()}.pt"
     if meta["world_size"] == world:

@@ -51,3 +51,21 @@ def resident_bytes() -> int | None:
     """The process's resident memory now (VmRSS), None where /proc cannot be read."""
     kib = _status_kib("VmRSS")
     return None if kib is None else kib * 1024
+
+
+def training_state_sizes(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """What a training run holds besides activations, all ranks together: trainable and total
+    parameters (global counts: a sharded parameter counts once) and the optimizer state's bytes
+    (summed over the ranks' shards). Collective: every rank calls it."""
+    from runtime.distributed import all_reduce_floats
+
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    local = 0
+    for state in optimizer.state.values():
+        for t in state.values():
+            if isinstance(t, torch.Tensor):
+                t = t.to_local() if hasattr(t, "to_local") else t
+                local += t.numel() * t.element_size()
+    return {"trainable_params": trainable, "params": total,
+            "optimizer_state_bytes": int(all_reduce_floats([float(local)])[0])}

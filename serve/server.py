@@ -432,6 +432,8 @@ def check_flags(args, world_size: int) -> list[str]:
                          f"GPU and balance requests over them")
     if (args.model is None) == (args.preset is None):
         raise ValueError("--stage serve needs exactly one of --model DIR and --preset NAME")
+    from model.build import check_lora_targets
+    check_lora_targets(args, sampling=True)   # --lora-init: serve base + adapter
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port {args.port}: expected 0..65535 (0: any free port)")
     if args.serve_max_len is not None and args.serve_max_len < 2:
@@ -487,7 +489,7 @@ def run_serve(args, run, info) -> int:
 
     from data.chat import template_source
     from data.tokenizer import load_tokenizer
-    from model.build import build_model
+    from model.build import build_sampling_model
     from runtime.distributed import print0
     from runtime.rundir import write_json_atomic
     from sampling.sampler import Sampler, engine_options
@@ -496,7 +498,7 @@ def run_serve(args, run, info) -> int:
     device = info.device
     tok = load_tokenizer(args.tokenizer, args.model)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = build_model(args, tok, device=device, dtype=dtype).eval()
+    model = build_sampling_model(args, tok, device=device, dtype=dtype).eval()   # --lora-init folded in
     max_len = args.serve_max_len or model.config.max_position_embeddings
     stop_ids = generation_stop_ids(args.model, model.config, tok)
     sampler = Sampler(model, max_batch_size=args.sampler_batch_size, max_seq_len=max_len, tokenizer=tok,

@@ -40,6 +40,7 @@ from model.build import build_trained_model, check_length, check_model_flags, ex
 from model.moe import moe_aux_loss, moe_load_stats, update_moe_biases
 from runtime.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from runtime.distributed import all_gather_object, all_reduce_floats, print0
+from runtime.memory import peak_bytes, training_state_sizes
 from runtime.metrics import MetricsWriter, Progress
 from runtime.optim import build_optimizer, check_training_flags, lr_schedule
 from runtime.rundir import check_rank_multiple, update_run_config, write_json_atomic
@@ -185,11 +186,14 @@ def train_sft(args, run, info) -> int:
         save_checkpoint(run.path, at_step, model=model, optimizer=optimizer, keep_last=args.keep_last,
                         trainer_state={"step": at_step, "tokens_seen": tokens_seen,
                                        "sampler": sampler.state_dict(), "guard": guard.state_dict()},
-                        save_model_fn=save_model_fn(model, tok, export_dtype))
+                        save_model_fn=save_model_fn(model, tok, export_dtype, base_model=args.model or args.preset))
 
     def finish(at_step, stopped: str | None = None) -> int:
         """Write summary.json (rank 0) and close the metrics; exit status 0, or 3 for a stopped run."""
-        summary = {**final_eval, "stage": stage, "steps": at_step,
+        sizes = training_state_sizes(model, optimizer)   # trainable parameters, optimizer bytes (all ranks)
+        peak = peak_bytes(device)
+        sizes["peak_memory_gib"] = all_reduce_floats([peak / 2**30], "max")[0] if peak is not None else None
+        summary = {**final_eval, **sizes, "stage": stage, "steps": at_step,
                    "final_loss": step_loss if args.max_steps else None, "tokens_seen": tokens_seen,
                    "wall_s": time.perf_counter() - t_start, "skipped_steps": guard.skipped_total,
                    "documents": report.kept, "dropped_overlong": report.dropped,

@@ -26,7 +26,7 @@ STEP_KEYS = step_metric_keys([PARITY_REWARD, "format", "task"])
 # what differs between two runs that compute the same thing
 # measured, not computed: times and the rollout's resident-memory high-water mark
 TIMING_KEYS = ("time/rollout", "time/reward", "time/logprobs", "time/train", "step_s", "tokens_per_s",
-               "memory/rollout_peak_gib")
+               "memory/rollout_peak_gib", "memory/step_peak_gib")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/rl/conftest.py

@@ -39,8 +39,8 @@ def _kill_during_save(step: int, point: str) -> None:
     if point == "hf":
         real_fn = sft.loop.save_model_fn
 
-        def save_model_fn(model, tok, dtype=None):
-            save = real_fn(model, tok, dtype)
+        def save_model_fn(model, tok, dtype=None, **kwargs):
+            save = real_fn(model, tok, dtype, **kwargs)
 
             def save_then_die(path):
                 save(path)
