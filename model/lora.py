@@ -1,12 +1,27 @@
 """LoRA: low-rank adapters on chosen linear layers, applied from outside the model (like FSDP).
 
-    from model.lora import apply_lora, lora_parameters, merged, save_adapter, load_adapter
+    from model.lora import apply_lora, init_adapters, lora_parameters, sampling_weights, save_adapter
     apply_lora(model, targets=["q_proj", "v_proj"], rank=16, alpha=32)   # base weights frozen
+    init_adapters(model, seed=0)         # A kaiming-uniform, B = 0: the base exactly, on every rank
     opt = AdamW(lora_parameters(model))                                   # state for the adapters only
-    with merged(model):          # W + s * B @ A in place, for a sampler that reads weights (MLA decode)
-        ...                      # on exit every base weight is restored bit for bit (kept, not un-merged)
+    with sampling_weights(model):        # gathered (FSDP2) and W + s B A in the weights, for a sampler
+        ...                              # on exit the weights are what they were, bit for bit
+    with adapters_disabled(model): ...   # the base alone (a LoRA policy's GRPO reference)
+    save_pretrained(model, "hf/")        # model.checkpoint: the merged model (adapters="drop": the base)
     save_adapter(model, "adapter/")      # PEFT's layout: adapter_config.json + adapter_model.safetensors
     load_adapter(model, "adapter/")      # a PEFT adapter (made by peft or by us) onto our model
+    fold_adapters(model)                 # merge for good, plain nn.Linear again (sampling-only stages)
+
+In the stages (model.build): `--lora-rank N` (with --lora-alpha, --lora-targets, --lora-dropout,
+--lora-rslora) or `--lora-init DIR` makes build_model apply the adapters after the meta model is
+checked against the checkpoint and before activation checkpointing and FSDP2 see the module tree;
+the frozen base is stored in its compute dtype (bf16 on GPU) beside fp32 adapter masters, and the
+adapters are filled once the base is loaded (seeded, or from the adapter folder; sharded adapters
+take their own rows). Rollouts merge the adapters into the gathered weights
+(model.tensor_parallel.TensorParallelRollout.weights, via sampling_weights) or into each whole
+tensor before it is cut for --rollout-tp (merge_into); checkpoints write the merged model in hf/
+and the adapter in adapter/, and their resumable state holds the adapters, not the frozen base
+(runtime/checkpoint.py).
 
 A LoRA layer (Hu et al. 2021) adds a trained low-rank update to a frozen weight W [out, in]:
 
@@ -23,13 +38,19 @@ The adapters are fp32 whatever the base's dtype: frozen bf16 weights beside fp32
 Targets are module names' last parts: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj,
 down_proj, and MLA's q_a_proj, q_b_proj, kv_a_proj_with_mqa, kv_b_proj (and o_proj). A target
 that matches no linear layer is refused, naming it and listing the names it could match. Routed
-experts are stacked 3-D weights here (model/moe.py), not linear layers, so they are not targets;
-a shared expert's MLP is (`mlp.shared_experts.gate_proj` ...).
+experts are never targets: their projections are nn.Linear modules here, but the MoE's sorted
+dispatch runs their weights through one grouped kernel (model/moe.py GroupedSwiGLU) rather than
+each module's forward, so an adapter there would be skipped in training, and transformers fuses
+routed experts into 3-D parameters that PEFT cannot target anyway. The dense MLPs and the shared
+experts (`mlp.shared_experts.gate_proj` ...) are targets.
 
 Merging. MLA's absorbed decode reads kv_b_proj.weight directly, not through the layer's forward,
-so a sampler must see W + s B A as the weight: `merged(model)` writes it into each base weight (the
-product in fp32, cast to the weight's dtype), keeps the original, and on exit copies the original
-back. Restoring by subtraction in bf16 would drift a little every rollout; the copy is exact.
+and model.parallel.decode_view builds plain modules over the weights, so a sampler must see
+W + s B A as the weight: `merged(model)` writes it into each base weight (the product in fp32,
+cast to the weight's dtype). On exit the original comes back by copy, never by subtraction (which
+in bf16 would drift a little every rollout). An unsharded model keeps a copy of each adapted weight
+for that; an FSDP2 model inside `gathered` keeps none, since its unsharded weights are copies
+all-gathered from the sharded masters and dropped when the context ends.
 """
 from __future__ import annotations
 
@@ -87,6 +108,11 @@ class LoRALinear(nn.Linear):
         return f"{super().extra_repr()}, lora rank={self.rank}, alpha={self.alpha}, rslora={self.rslora}"
 
 
+def _routed_expert(name: str) -> bool:
+    """A routed expert's projection (`...mlp.experts.3.gate_proj`): never a target (module docstring)."""
+    return ".mlp.experts." in name
+
+
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
@@ -104,7 +130,7 @@ def apply_lora(model: nn.Module, targets=None, rank: int = 16, alpha: float = 32
     if rank < 1 or not alpha > 0 or not 0 <= dropout < 1:
         raise ValueError(f"LoRA: rank must be >= 1, alpha > 0 and dropout in [0, 1), got {rank}, {alpha}, {dropout}")
     linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and not isinstance(m, LoRALinear)
-               and not name.endswith("lm_head")}
+               and not name.endswith("lm_head") and not _routed_expert(name)}
     kinds = sorted({name.rsplit(".", 1)[-1] for name in linears})
     if targets is None or targets == "all-linear":
         targets = [t for t in DEFAULT_TARGETS if t in kinds]
@@ -231,14 +257,6 @@ def init_adapters(model: nn.Module, seed: int) -> None:
         nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=g)
         _set_whole(m.lora_A, a)
         _set_whole(m.lora_B, torch.zeros(tuple(m.lora_B.shape)))
-
-
-def save_merged(model: nn.Module, path, tokenizer=None, **kwargs) -> Path:
-    """The merged model (W + s B A) as a Hugging Face folder: model.checkpoint.save_pretrained,
-    which merges the adapters of a LoRA model by default (and writes no adapter files, which
-    transformers with peft installed would pick up)."""
-    from model.checkpoint import save_pretrained
-    return save_pretrained(model, path, tokenizer, **kwargs)
 
 
 # ---- PEFT's adapter format ---------------------------------------------------------------------------

@@ -134,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lora-targets", default="all-linear",
                    help="comma-separated linear layer names to adapt, e.g. q_proj,k_proj,v_proj,o_proj,gate_proj,"
                    "up_proj,down_proj or MLA's q_a_proj,q_b_proj,kv_a_proj_with_mqa,kv_b_proj,o_proj. all-linear: "
-                   "every one of those the model has (not the output head, not routed experts)")
+                   "every one of those the model has. Never the output head or routed experts (their weights run "
+                   "through the MoE's grouped kernel); a shared expert's projections are targets")
     g.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapters' input")
     g.add_argument("--lora-rslora", action="store_true", help="rsLoRA scaling: alpha / sqrt(rank) instead of alpha / rank")
     g.add_argument("--lora-init", default=None,

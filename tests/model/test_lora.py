@@ -10,8 +10,7 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft", reason="peft is the LoRA tests' oracle (the test extra)")
 
 from model.checkpoint import save_pretrained  # noqa: E402
-from model.lora import (LoRALinear, apply_lora, load_adapter, lora_parameters, merged, save_adapter,  # noqa: E402
-                        save_merged)
+from model.lora import LoRALinear, apply_lora, load_adapter, lora_parameters, merged, save_adapter  # noqa: E402
 from tests.model.conftest import random_model, tiny_config  # noqa: E402
 
 # peft rewrites DeepSeek-V3's gate_proj / up_proj / down_proj targets into its fused-expert
@@ -50,7 +49,7 @@ def test_merged_export_and_peft_adapter_give_our_logits(kind, rslora, tmp_path):
         ours = model(ids)
     assert not torch.allclose(ours, _base_logits(model, ids), atol=1e-3)   # the adapter changes the model
 
-    save_merged(model, tmp_path / "merged")
+    save_pretrained(model, tmp_path / "merged")   # merged by default
     assert not list((tmp_path / "merged").glob("adapter*"))              # no adapter files beside the merged model
     with torch.no_grad():
         torch.testing.assert_close(_hf(tmp_path / "merged")(ids).logits, ours, atol=1e-4, rtol=0)
@@ -65,7 +64,7 @@ def test_merged_export_and_peft_adapter_give_our_logits(kind, rslora, tmp_path):
 def test_merged_export_with_the_mlp_targeted(tmp_path):
     config, model = _adapted("deepseek_v3", targets=TARGETS["deepseek_v3"] + ",gate_proj,up_proj,down_proj")
     ids = _ids(config)
-    save_merged(model, tmp_path / "merged")
+    save_pretrained(model, tmp_path / "merged")   # merged by default
     with torch.no_grad():
         torch.testing.assert_close(_hf(tmp_path / "merged")(ids).logits, model(ids), atol=1e-4, rtol=0)
 

@@ -130,6 +130,31 @@ def grpo_argv(model_dir, prompts, out, *extra) -> list[str]:
             "--sampler-batch-size", "16", "--log-every-s", "1000", *map(str, extra)]
 
 
+def crash_at_step_3_then_resume(monkeypatch, argv: list[str]) -> None:
+    """train.main(argv) crashing in the rollout of step 3 (one rollout round per step without dynamic
+    sampling), then train.main(argv + --resume) in the same process, with the global generator
+    disturbed in between (the resume restores it from the checkpoint)."""
+    import pytest
+
+    import train
+    from rl import loop
+
+    real, calls = loop.generate_rollouts, []
+
+    def crash_at_step_3(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("simulated crash")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "generate_rollouts", crash_at_step_3)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train.main(argv)
+    monkeypatch.setattr(loop, "generate_rollouts", real)
+    torch.manual_seed(12345)
+    assert train.main([*argv, "--resume"]) == 0
+
+
 # ---- the two-rank worker ------------------------------------------------------------------------
 
 def main() -> int:

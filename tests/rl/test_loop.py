@@ -19,8 +19,9 @@ from model.config import ModelConfig
 from model.transformer import Transformer
 from rl import loop
 from rl.loss import policy_loss
-from tests.rl._grpo_worker import (FIXED_REWARD, GROUP_SIZE, MAX_NEW_TOKENS, PARITY_REWARD, grpo_argv,
-                                   make_model_dir, step_metric_keys, write_prompts)
+from tests.rl._grpo_worker import (FIXED_REWARD, GROUP_SIZE, MAX_NEW_TOKENS, PARITY_REWARD,
+                                   crash_at_step_3_then_resume, grpo_argv, make_model_dir, step_metric_keys,
+                                   write_prompts)
 
 STEP_KEYS = step_metric_keys([PARITY_REWARD, "format", "task"])
 # what differs between two runs that compute the same thing
@@ -111,21 +112,7 @@ def test_resume_after_a_crash_ends_with_the_uninterrupted_weights(assets, tmp_pa
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert train.main(grpo_argv(assets / "model", assets / "prompts.jsonl", straight, *common)) == 0
 
-    real = loop.generate_rollouts
-    calls = []
-
-    def crash_at_step_3(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:  # one rollout round per step without dynamic sampling
-            raise RuntimeError("simulated crash")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(loop, "generate_rollouts", crash_at_step_3)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        train.main(grpo_argv(assets / "model", assets / "prompts.jsonl", split, *common))
-    monkeypatch.setattr(loop, "generate_rollouts", real)
-    torch.manual_seed(12345)  # disturb the global generator: the resume restores it from the checkpoint
-    assert train.main(grpo_argv(assets / "model", assets / "prompts.jsonl", split, *common, "--resume")) == 0
+    crash_at_step_3_then_resume(monkeypatch, grpo_argv(assets / "model", assets / "prompts.jsonl", split, *common))
 
     end_straight = weights(straight / "checkpoints" / "step-00000004" / "hf")
     end_split = weights(split / "checkpoints" / "step-00000004" / "hf")
@@ -253,10 +240,12 @@ def test_training_step_never_builds_batch_by_vocab_logits(tmp_path):
     assert largest_forward >= (P + C) * V * 4
 
 
-def test_activation_checkpointing_is_applied_and_computes_the_same(assets, tmp_path, capsys):
+@pytest.mark.parametrize("lora", [(), ("--lora-rank", 4)], ids=["full", "lora"])
+def test_activation_checkpointing_is_applied_and_computes_the_same(assets, tmp_path, capsys, lora):
     """--activation-checkpointing reaches the GRPO stage (it was accepted and ignored) and recomputes
-    the same losses; its memory saving is measured by bench/activation_checkpointing.py."""
-    common = ("--max-steps", 2, "--beta", 0)
+    the same losses, with every weight trained or LoRA adapters; its memory saving is measured by
+    bench/activation_checkpointing.py."""
+    common = ("--max-steps", 2, "--beta", 0, *lora)
     assert train.main(grpo_argv(assets / "model", assets / "prompts.jsonl", tmp_path / "plain", *common)) == 0
     assert train.main(grpo_argv(assets / "model", assets / "prompts.jsonl", tmp_path / "ac", *common,
                                 "--activation-checkpointing")) == 0

@@ -23,8 +23,7 @@ import torch
 import train
 from recipes.flags import build_parser
 from recipes.stages import check_stage
-from rl import loop
-from tests.rl._grpo_worker import grpo_argv, make_model_dir, write_prompts
+from tests.rl._grpo_worker import crash_at_step_3_then_resume, grpo_argv, make_model_dir, write_prompts
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft", reason="peft is the LoRA tests' oracle (the test extra)")
@@ -108,7 +107,8 @@ def _adapted_linears(model_dir, targets):
 def test_grpo_with_lora_trains_the_adapters_and_exports_merged_and_peft(assets, tmp_path, capsys):
     run = tmp_path / "run"
     assert train.main(grpo_argv(assets / "model", assets / "prompts.jsonl", run, "--lora-rank", 4,
-                                "--lora-alpha", 16, "--beta", 0.04)) == 0
+                                "--lora-alpha", 16, "--beta", 0.04, "--eval-data", assets / "prompts.jsonl",
+                                "--eval-problems", 4, "--eval-max-new-tokens", 8, "--eval-samples", 1)) == 0
     out = capsys.readouterr().out
     assert "LoRA rank 4, alpha 16 on 14 layers" in out
     targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -121,8 +121,10 @@ def test_grpo_with_lora_trains_the_adapters_and_exports_merged_and_peft(assets, 
     assert summary["optimizer_state_bytes"] == 8 * trainable + 4 * 2 * len(linears)
     config = json.loads((run / "config.json").read_text())
     assert config["lora_rank"] == 4 and config["lora_alpha"] == 16 and config["lora_targets"] == "all-linear"
-    rows = _metrics(run)
+    rows = [r for r in _metrics(run) if r["step"] > 0]                      # (step 0: the initial evaluation)
+    assert [r["step"] for r in rows] == [1, 2]
     assert rows[-1]["kl"] > 0 and all(r["kl"] == r["kl"] for r in rows)   # the reference: the base
+    assert 0.0 <= rows[-1]["eval/greedy_accuracy"] <= 1.0                    # held-out sampling, adapters merged
 
     ckpt = run / "checkpoints" / "step-00000002"
     assert not list((ckpt / "hf").glob("adapter*"))              # nothing there for peft to pick up
@@ -147,20 +149,7 @@ def test_grpo_with_lora_resumes_exactly(assets, tmp_path, monkeypatch):
     common = ("--max-steps", 4, "--save-every", 2, "--keep-last", 3, "--lora-rank", 4, "--beta", 0.04)
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert train.main(grpo_argv(assets / "model", assets / "prompts.jsonl", straight, *common)) == 0
-    real, calls = loop.generate_rollouts, []
-
-    def crash_at_step_3(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("simulated crash")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(loop, "generate_rollouts", crash_at_step_3)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        train.main(grpo_argv(assets / "model", assets / "prompts.jsonl", split, *common))
-    monkeypatch.setattr(loop, "generate_rollouts", real)
-    torch.manual_seed(12345)
-    assert train.main(grpo_argv(assets / "model", assets / "prompts.jsonl", split, *common, "--resume")) == 0
+    crash_at_step_3_then_resume(monkeypatch, grpo_argv(assets / "model", assets / "prompts.jsonl", split, *common))
     for sub in ("hf/model.safetensors", "adapter/adapter_model.safetensors"):
         from safetensors.torch import load_file
         a = load_file(straight / "checkpoints" / "step-00000004" / sub)
@@ -228,10 +217,10 @@ def test_generate_samples_base_plus_adapter_as_peft_merges_it(assets, tmp_path):
 
 def _check(argv):
     args = build_parser().parse_args(argv)
-    check_stage(args, loop_world_size(), log=lambda *_: None)
+    check_stage(args, _one_process(), log=lambda *_: None)
 
 
-def loop_world_size():
+def _one_process():
     from runtime.distributed import DistInfo
     return DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend=None)
 
