@@ -4,8 +4,8 @@ Letters: B batch, T tokens, D model dim.
 
     h' = h + Attn(RMSNorm(h));   out = h' + FFN(RMSNorm(h'))
 
-Attn is GQA (qwen2, llama, qwen3) or MLA (deepseek_v3), FFN a SwiGLU MLP or DeepSeekMoE
-(`config.is_moe_layer(i)`). The main layers (model/transformer.py) and DeepSeek-V3's MTP modules
+Attn is GQA (qwen2, llama, qwen3, qwen3_moe) or MLA (deepseek_v3), FFN a SwiGLU MLP or the MoE
+layer (DeepSeekMoE or Qwen3-MoE, model/moe.py; `config.is_moe_layer(i)`). The main layers (model/transformer.py) and DeepSeek-V3's MTP modules
 (model/mtp.py, which add their own parts around one) are both Blocks, so it lives below both.
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """ModelConfig: one flat dataclass for every network in model/, grouped by subsystem.
 
 `from_hf_config(d)` translates a Hugging Face `config.json` (model_type deepseek_v3, qwen2, llama,
-qwen3) into it in one place; `to_hf_config()` writes it back so transformers can load what
+qwen3, qwen3_moe) into it in one place; `to_hf_config()` writes it back so transformers can load what
 `save_pretrained` writes. Presets (`tiny`, `tiny-moe`, ...) are plain dicts of overrides.
 
 Rope settings: published checkpoints keep them under `rope_scaling` (with `rope_theta` beside);
@@ -13,13 +13,19 @@ Which fields are used by which family:
   (q/k/v biases: always on for qwen2), `o_bias`, `mlp_bias`, `qk_norm` (qwen3).
 - deepseek_v3: the `# mla`, `# moe` and `# mtp` groups; `rope_interleave` (DeepSeek's HF weights
   store the rope dimensions as interleaved pairs; Qwen/Llama use rotate-half).
+- qwen3_moe: Qwen3's attention (q/k RMSNorm, GQA, its own head_dim) and the `# moe` group read
+  from Qwen's keys: `num_experts` routed experts, softmax scores over all of them, top-k with or
+  without `norm_topk_prob`, no shared expert and no correction bias; a layer is MoE unless it is in
+  `mlp_only_layers` or (i + 1) is not a multiple of `decoder_sparse_step`. With
+  `output_router_logits`, training adds the Switch load-balancing loss weighted by
+  `router_aux_loss_coef` (model/moe.py switch_balance_loss), as transformers does.
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
 
-MODEL_TYPES = ("deepseek_v3", "qwen2", "llama", "qwen3")
+MODEL_TYPES = ("deepseek_v3", "qwen2", "llama", "qwen3", "qwen3_moe")
 ROPE_TYPES = ("default", "linear", "yarn", "llama3")
 
 
@@ -55,7 +61,7 @@ class ModelConfig:
     qk_nope_head_dim: int = 0
     qk_rope_head_dim: int = 0
     v_head_dim: int = 0
-    # moe (deepseek_v3)
+    # moe (deepseek_v3, qwen3_moe)
     n_routed_experts: int = 0  # 0: every layer dense
     n_shared_experts: int = 0
     num_experts_per_tok: int = 0
@@ -69,6 +75,10 @@ class ModelConfig:
     routed_scaling_factor: float = 1.0
     bias_update_speed: float = 0.0  # gamma of aux-loss-free balancing; 0 for inference
     aux_loss_alpha: float = 0.0  # sequence-wise auxiliary balance loss weight (0: off)
+    decoder_sparse_step: int = 1  # qwen3_moe: layer i is MoE when (i + 1) % decoder_sparse_step == 0 ...
+    mlp_only_layers: list = field(default_factory=list)  # ... and i is not one of these
+    output_router_logits: bool = False  # qwen3_moe: add the Switch balance loss in training ...
+    router_aux_loss_coef: float = 0.0  # ... with this weight
     # mtp (deepseek_v3)
     num_nextn_predict_layers: int = 0
     mtp_loss_weight: float = 0.0  # weight of the next-next-token loss in training
@@ -82,6 +92,13 @@ class ModelConfig:
     def __post_init__(self):
         if self.model_type not in MODEL_TYPES:
             raise ValueError(f"model_type {self.model_type!r} is not supported; expected one of {MODEL_TYPES}")
+        if self.model_type == "qwen3_moe":   # Qwen3's attention, softmax routing, no shared expert
+            self.qk_norm, self.scoring_func = True, "softmax"
+            if self.n_shared_experts or self.n_group != 1:
+                raise ValueError(f"qwen3_moe has no shared experts and no expert groups (got n_shared_experts "
+                                 f"{self.n_shared_experts}, n_group {self.n_group})")
+            if self.decoder_sparse_step < 1:
+                raise ValueError(f"decoder_sparse_step {self.decoder_sparse_step}: expected >= 1")
         if self.head_dim is None and self.model_type != "deepseek_v3":
             if self.hidden_size % self.num_attention_heads:
                 raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
@@ -110,6 +127,9 @@ class ModelConfig:
                 raise ValueError(f"n_routed_experts {self.n_routed_experts} is not divisible by n_group {self.n_group}")
             if not 0 < self.topk_group <= self.n_group:
                 raise ValueError(f"topk_group {self.topk_group} must be in 1..n_group ({self.n_group})")
+            if self.bias_update_speed and not self.router_correction_bias:
+                raise ValueError(f"bias_update_speed {self.bias_update_speed}: aux-loss-free balancing needs the "
+                                 f"router's correction bias, which only deepseek_v3 has (not {self.model_type})")
             if self.scoring_func not in ("sigmoid", "softmax"):
                 raise ValueError(f"scoring_func {self.scoring_func!r}: expected 'sigmoid' or 'softmax'")
 
@@ -128,8 +148,20 @@ class ModelConfig:
         return self.qk_rope_head_dim if self.is_mla else self.head_dim
 
     def is_moe_layer(self, layer_idx: int) -> bool:
+        if self.model_type == "qwen3_moe":
+            return (self.n_routed_experts > 0 and layer_idx not in self.mlp_only_layers
+                    and (layer_idx + 1) % self.decoder_sparse_step == 0)
         return (self.n_routed_experts > 0 and layer_idx >= self.first_k_dense_replace
                 and layer_idx % self.moe_layer_freq == 0)
+
+    @property
+    def router_correction_bias(self) -> bool:
+        """Whether the MoE router carries DeepSeek-V3's e_score_correction_bias (aux-loss-free balancing)."""
+        return self.model_type == "deepseek_v3"
+
+    @property
+    def num_moe_layers(self) -> int:
+        return sum(self.is_moe_layer(i) for i in range(self.num_hidden_layers))
 
     @property
     def eos_token_ids(self) -> list[int]:
@@ -183,6 +215,27 @@ class ModelConfig:
         elif mt == "qwen3":
             bias = d.get("attention_bias", False)  # Qwen3's attention_bias covers o_proj too
             kw.update(attention_bias=bias, o_bias=bias, head_dim=d.get("head_dim", 128), qk_norm=True)
+        elif mt == "qwen3_moe":
+            bias = d.get("attention_bias", False)
+            sparse_step = d.get("decoder_sparse_step", 1)
+            if not isinstance(sparse_step, int) or sparse_step < 1:
+                raise ValueError(f"{source}: decoder_sparse_step {sparse_step!r}: expected an integer >= 1")
+            only = d.get("mlp_only_layers") or []
+            bad = [i for i in only if not isinstance(i, int) or not 0 <= i < kw["num_hidden_layers"]]
+            if bad:
+                raise ValueError(f"{source}: mlp_only_layers {only}: {bad[0]!r} is not a layer index "
+                                 f"(0..{kw['num_hidden_layers'] - 1})")
+            kw.update(attention_bias=bias, o_bias=bias, head_dim=d.get("head_dim", 128), qk_norm=True,
+                      # published configs say num_experts; transformers v5 writes its alias num_local_experts
+                      n_routed_experts=d.get("num_experts", d.get("num_local_experts")) or 0,
+                      num_experts_per_tok=d.get("num_experts_per_tok") or 0,
+                      moe_intermediate_size=d.get("moe_intermediate_size") or 0, scoring_func="softmax",
+                      norm_topk_prob=d.get("norm_topk_prob", False), decoder_sparse_step=sparse_step,
+                      mlp_only_layers=list(only), output_router_logits=bool(d.get("output_router_logits", False)),
+                      router_aux_loss_coef=d.get("router_aux_loss_coef", 0.001))
+            if kw["n_routed_experts"]:
+                for key in ("num_experts_per_tok", "moe_intermediate_size"):
+                    need(key)
         elif mt == "deepseek_v3":
             kw.update(
                 head_dim=None,
@@ -210,14 +263,15 @@ class ModelConfig:
             if kw["n_routed_experts"]:
                 for key in ("num_experts_per_tok", "moe_intermediate_size"):
                     need(key)
-        known = set(kw) | {"rope_parameters", "rope_scaling", "architectures", "model_type", "qk_head_dim"}
+        known = set(kw) | {"rope_parameters", "rope_scaling", "architectures", "model_type", "qk_head_dim", "num_experts",
+                            "num_local_experts"}
         kw["extra"] = {k: v for k, v in d.items() if k not in known and k in _CARRIED_KEYS}
         return cls(**kw)
 
     def to_hf_config(self) -> dict:
         """The config.json that transformers (v4.4x published layout, read by v5 too) loads."""
-        arch = {"deepseek_v3": "DeepseekV3ForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                "llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}[self.model_type]
+        arch = {"deepseek_v3": "DeepseekV3ForCausalLM", "qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM",
+                "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}[self.model_type]
         d = dict(
             architectures=[arch], model_type=self.model_type, vocab_size=self.vocab_size,
             hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
@@ -228,12 +282,17 @@ class ModelConfig:
             rope_theta=self.rope_theta, rope_scaling=dict(self.rope_scaling) if self.rope_scaling else None,
             bos_token_id=self.bos_token_id, eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
         )
-        if self.model_type in ("qwen2", "llama", "qwen3"):
+        if self.model_type in ("qwen2", "llama", "qwen3", "qwen3_moe"):
             d["head_dim"] = self.head_dim
         if self.model_type == "llama":
             d.update(attention_bias=self.attention_bias, mlp_bias=self.mlp_bias)
-        if self.model_type == "qwen3":
+        if self.model_type in ("qwen3", "qwen3_moe"):
             d.update(attention_bias=self.attention_bias)
+        if self.model_type == "qwen3_moe":
+            d.update(num_experts=self.n_routed_experts, num_experts_per_tok=self.num_experts_per_tok,
+                     moe_intermediate_size=self.moe_intermediate_size, norm_topk_prob=self.norm_topk_prob,
+                     decoder_sparse_step=self.decoder_sparse_step, mlp_only_layers=list(self.mlp_only_layers),
+                     output_router_logits=self.output_router_logits, router_aux_loss_coef=self.router_aux_loss_coef)
         if self.model_type == "deepseek_v3":
             d.update(
                 rope_interleave=self.rope_interleave, attention_bias=self.attention_bias,
@@ -312,4 +371,11 @@ PRESETS: dict[str, dict] = {
                      num_experts_per_tok=2, moe_intermediate_size=96, first_k_dense_replace=1,
                      n_group=2, topk_group=1, routed_scaling_factor=1.0, bias_update_speed=1e-3,
                      num_nextn_predict_layers=1, mtp_loss_weight=0.0, max_position_embeddings=1024),
+    # a tiny Qwen3-MoE: q/k norms, softmax top-2 of 8 experts renormalised, the first layer dense,
+    # Switch balance loss in training
+    "tiny-qwen3-moe": dict(model_type="qwen3_moe", vocab_size=512, hidden_size=128, intermediate_size=384,
+                           num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                           n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=96, norm_topk_prob=True,
+                           mlp_only_layers=[0], output_router_logits=True, router_aux_loss_coef=0.01,
+                           tie_word_embeddings=True, max_position_embeddings=1024),
 }

@@ -83,7 +83,8 @@ def ffn_params(c: ModelConfig, layer_idx: int) -> tuple[int, int]:
         return n, n
     expert = _mlp(D, c.moe_intermediate_size)
     shared = _mlp(D, c.moe_intermediate_size * c.n_shared_experts) if c.n_shared_experts else 0
-    router = c.n_routed_experts * D + c.n_routed_experts  # gate.weight and e_score_correction_bias
+    # gate.weight, and DeepSeek-V3's e_score_correction_bias
+    router = c.n_routed_experts * D + (c.n_routed_experts if c.router_correction_bias else 0)
     total = router + shared + c.n_routed_experts * expert
     return total, router + shared + c.num_experts_per_tok * expert
 

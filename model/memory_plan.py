@@ -148,7 +148,7 @@ class _Layout:
     root: int                      # embedding, untied head, final norm, MTP modules less their routers
     mtp: int                       # the MTP modules' own parameters (never run by the training loops)
     routers: int                   # every Router.weight (main layers and MTP): fp32 in every copy
-    buffers: int                   # e_score_correction_bias [E] per MoE layer: fp32, whole on every rank
+    buffers: int                   # e_score_correction_bias [E] per DeepSeek-V3 MoE layer: fp32, whole on every rank
     largest: int                   # elements of the largest parameter
 
     @property
@@ -169,7 +169,7 @@ def _layout(c: ModelConfig) -> _Layout:
     for i in range(c.num_hidden_layers + c.num_nextn_predict_layers):
         total, _ = block_params(c, i)
         moe = c.is_moe_layer(i)
-        router, bias = (E * D, E) if moe else (0, 0)
+        router, bias = (E * D, E if c.router_correction_bias else 0) if moe else (0, 0)
         buffers += bias
         if i < c.num_hidden_layers:
             blocks.append((total - router - bias, router))
@@ -213,7 +213,7 @@ def tp_share_elements(c: ModelConfig, k: int) -> tuple[int, int]:
         if c.is_moe_layer(i):
             E, Im = c.n_routed_experts, c.moe_intermediate_size
             low += E // k * 3 * D * Im + 3 * D * Im * c.n_shared_experts // k
-            fp32 += E * D + E                                      # router weight and balancing bias
+            fp32 += E * D + (E if c.router_correction_bias else 0)  # router weight and balancing bias
         else:
             I = c.intermediate_size
             low += 3 * D * I // k + (2 * I // k + D if c.mlp_bias else 0)
@@ -268,9 +268,11 @@ def layer_activation_bytes(c: ModelConfig, layer_idx: int, b: int, cpu: bool) ->
             s += H * Dh * b                            # SDPA's output and o_proj's contiguous copy
     if b != 4:
         s += 2 * R * b                                 # cos and sin cast per apply_rope call (q and k)
-    s += _norm(D, b, cpu) + D * b                      # post_attention_layernorm; its output feeds the FFN
-    if not c.is_moe_layer(layer_idx):
-        return s + 4 * c.intermediate_size * b         # gate out, silu(gate), up out, their product
+    s += _norm(D, b, cpu)                              # post_attention_layernorm
+    if not c.is_moe_layer(layer_idx):                  # its output, then gate out, silu(gate), up out, product
+        return s + D * b + 4 * c.intermediate_size * b
+    if b == 4 or c.n_shared_experts:                   # its output, kept by an fp32 router's matmul or the
+        s += D * b                                     # shared experts' (a low-precision router keeps its copy)
     E, K, I = c.n_routed_experts, c.num_experts_per_tok, c.moe_intermediate_size
     s += (4 * D if b != 4 else 0) + 4 * E + 4 * (K + 1) + 8 * K   # router: fp32 input, scores, weights
     s += (2 * K * D + 3 * K * I + K) * b + 16 * K      # GroupedSwiGLU: xs, g, u, hw, w; index_add source

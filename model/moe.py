@@ -1,4 +1,5 @@
-"""DeepSeekMoE: fine-grained routed experts plus shared experts, with auxiliary-loss-free balancing.
+"""DeepSeekMoE: fine-grained routed experts plus shared experts, with auxiliary-loss-free balancing;
+Qwen3-MoE is the same layer with other settings (below).
 
 Letters: B batch, T tokens per sequence, N = B·T tokens, D model dim, E routed experts,
 K experts per token (top-k), G expert groups, I expert intermediate dim, A = N·K assignments.
@@ -28,6 +29,16 @@ The optional sequence-wise balance loss (V3 eqs. 17-20), per sequence of T token
 averaged over the B sequences of the batch (rows of a [B, T, D] input; a [N, D] input is one
 sequence). α = config.aux_loss_alpha; `moe.aux_loss` after a training forward, `moe_aux_loss(model)`
 sums the layers'.
+
+Qwen3-MoE is the same layer with other settings (model/config.py): softmax scores over all E
+experts, plain top-K (no correction bias, no groups), the combine weights renormalised only with
+norm_topk_prob, no shared expert. Its optional balance loss is Switch Transformer's over the
+batch's N tokens (config.output_router_logits, weight α = config.router_aux_loss_coef):
+
+    L_switch = α · E Σ_i f_i P_i,   f_i = 1/N Σ_t 1(token t chose i),   P_i = 1/N Σ_t s_{i,t}
+
+taken per layer and averaged over the MoE layers (transformers pools every layer's tokens into one
+f and P instead; the two agree when the layers route alike).
 
 Dispatch: the A (token, expert) assignments are sorted by expert, the tokens gathered into one
 contiguous [A, D] buffer, each expert runs on its contiguous slice (a loop over experts, not over
@@ -91,13 +102,16 @@ class Router(nn.Module):
         self.routed_scaling_factor = config.routed_scaling_factor
         self.init_std = config.initializer_range
         self.weight = nn.Parameter(torch.empty(self.n_experts, config.hidden_size, dtype=torch.float32))
-        self.register_buffer("e_score_correction_bias", torch.empty(self.n_experts, dtype=torch.float32))
+        # DeepSeek-V3's selection bias; Qwen3-MoE selects on the scores alone (no such tensor on disk)
+        self.register_buffer("e_score_correction_bias", torch.empty(self.n_experts, dtype=torch.float32)
+                             if config.router_correction_bias else None)
         self.reset_parameters()
 
     def reset_parameters(self):
         nn.init.normal_(self.weight, std=self.init_std)
-        with torch.no_grad():
-            self.e_score_correction_bias.zero_()
+        if self.e_score_correction_bias is not None:
+            with torch.no_grad():
+                self.e_score_correction_bias.zero_()
 
     def _apply(self, fn, recurse=True):
         # Casts to fp16/bf16 are undone for the router's own tensors; device moves and fp64 pass.
@@ -125,7 +139,8 @@ class Router(nn.Module):
     def select(self, scores: torch.Tensor) -> torch.Tensor:
         """scores [N, E] -> topk_idx [N, K]: top-K of the biased scores within the best topk_group groups."""
         n, e = scores.shape
-        choice = scores + self.e_score_correction_bias  # [N, E]
+        bias = self.e_score_correction_bias
+        choice = scores if bias is None else scores + bias  # [N, E]
         if self.n_group > 1:
             grouped = choice.view(n, self.n_group, e // self.n_group)  # [N, G, E/G]
             if self.scoring_func == "sigmoid":
@@ -139,7 +154,7 @@ class Router(nn.Module):
 
 
 class MoE(nn.Module):
-    """DeepSeekMoE feed-forward: x [B, T, D] or [N, D] -> the same shape (without the residual).
+    """DeepSeekMoE (or Qwen3-MoE) feed-forward: x [B, T, D] or [N, D] -> the same shape (without the residual).
 
     Children (HF names under `model.layers.{i}.mlp.`): `gate` (Router), `experts.{e}` (MLP with
     gate_proj/up_proj/down_proj [I, D]/[I, D]/[D, I]), `shared_experts` (one MLP of intermediate
@@ -161,6 +176,9 @@ class MoE(nn.Module):
         self.n_experts, self.top_k = config.n_routed_experts, config.num_experts_per_tok
         self.bias_update_speed = config.bias_update_speed
         self.aux_loss_alpha = config.aux_loss_alpha
+        # Qwen3-MoE's Switch loss, weighted so that the layers' terms sum to the mean over layers
+        self.switch_loss_coef = (config.router_aux_loss_coef / max(config.num_moe_layers, 1)
+                                 if config.output_router_logits else 0.0)
         self.gate = Router(config)
         self.experts = nn.ModuleList(
             MLP(config.hidden_size, config.moe_intermediate_size) for _ in range(self.n_experts))
@@ -250,6 +268,9 @@ class MoE(nn.Module):
         if self.aux_loss_alpha > 0:
             b = x.shape[0] if x.dim() == 3 else 1
             self.aux_loss = sequence_balance_loss(routing.scores, routing.topk_idx, b, self.aux_loss_alpha)
+        if self.switch_loss_coef > 0:
+            switch = switch_balance_loss(routing.scores, counts, self.switch_loss_coef)
+            self.aux_loss = switch if self.aux_loss is None else self.aux_loss + switch
 
     def update_bias(self, group=None):
         """b += γ·sign(mean_load − load) from the loads counted since the last call (summed over the
@@ -355,6 +376,16 @@ def sequence_balance_loss(scores: torch.Tensor, topk_idx: torch.Tensor, n_seq: i
     f = torch.zeros(n_seq, e, dtype=scores.dtype, device=scores.device)
     f.scatter_add_(1, chosen, torch.ones_like(chosen, dtype=scores.dtype)).mul_(e / (k * t))  # [B, E]
     return alpha * (f * p).sum(dim=-1).mean()
+
+
+def switch_balance_loss(scores: torch.Tensor, counts: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Switch Transformer's balance loss over N tokens: α · E Σ_i f_i P_i with f_i the share of the
+    tokens that chose expert i (counts [E] of the top-K assignments / N) and P_i the mean score of
+    expert i (scores [N, E], softmax over the E experts). Differentiable through P (f is a count);
+    balanced routing gives K."""
+    n, e = scores.shape
+    f = counts.to(scores.dtype) / max(n, 1)  # [E]
+    return alpha * e * (f * scores.mean(dim=0)).sum()
 
 
 @torch.no_grad()

@@ -6,8 +6,8 @@ Letters: B batch, T tokens, D model dim, V vocab, N slots of a KV cache, L cache
     h_l = h'_l + FFN_l(RMSNorm(h'_l)),  h'_l = h_{l-1} + Attn_l(RMSNorm(h_{l-1}))     (pre-norm)
     logits = W_out RMSNorm(h_n)
 
-Attn is GQA (qwen2, llama, qwen3) or MLA (deepseek_v3), FFN a SwiGLU MLP or DeepSeekMoE
-(`config.is_moe_layer(i)`). The module tree is Hugging Face's checkpoint layout, so the state
+Attn is GQA (qwen2, llama, qwen3, qwen3_moe) or MLA (deepseek_v3), FFN a SwiGLU MLP or the MoE
+layer of model/moe.py (DeepSeekMoE, or Qwen3-MoE's settings of it; `config.is_moe_layer(i)`). The module tree is Hugging Face's checkpoint layout, so the state
 dict names are the on-disk names: `model.embed_tokens`, `model.layers.{i}.{input_layernorm,
 self_attn.*, post_attention_layernorm, mlp.*}`, `model.norm`, `lm_head`; DeepSeek-V3's MTP modules
 follow the main layers in `model.layers` (model/mtp.py), as in the published checkpoints.

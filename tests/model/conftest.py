@@ -43,6 +43,10 @@ TINY = {
                             n_routed_experts=6, n_shared_experts=1, num_experts_per_tok=2,
                             moe_intermediate_size=26, first_k_dense_replace=1, n_group=3, topk_group=2,
                             routed_scaling_factor=2.5, norm_topk_prob=True),
+    # Qwen3-MoE: Qwen3's attention, softmax top-2 of 6 experts renormalised, layer 1 dense (mlp_only_layers)
+    "qwen3_moe": dict(_BASE, model_type="qwen3_moe", num_hidden_layers=3, head_dim=16, num_key_value_heads=3,
+                      n_routed_experts=6, num_experts_per_tok=2, moe_intermediate_size=26, norm_topk_prob=True,
+                      mlp_only_layers=[1]),
 }
 
 

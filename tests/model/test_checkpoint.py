@@ -89,7 +89,7 @@ def test_truncated_file_is_reported_with_its_name(tmp_path, cut):
 # tiny models of every family
 # ------------------------------------------------------------------------------------------------
 
-KINDS = ["qwen2", "qwen2-tied", "llama", "qwen3", "deepseek_v3", "deepseek_v3-moe"]
+KINDS = ["qwen2", "qwen2-tied", "llama", "qwen3", "deepseek_v3", "deepseek_v3-moe", "qwen3_moe"]
 
 
 def _config(kind: str, **overrides) -> ModelConfig:

@@ -486,3 +486,47 @@ def test_errors_name_the_layer_and_the_shape():
         Router(make_config())(torch.randn(2, 3, 37))
     with pytest.raises(ValueError, match="do not split into 2 sequences"):
         sequence_balance_loss(torch.rand(5, 4), torch.zeros(5, 2, dtype=torch.long), 2, 0.1)
+
+
+# ---- Qwen3-MoE's settings of the layer ------------------------------------------------------------
+
+def test_qwen3_moe_switch_loss_equals_transformers_per_layer_and_averages_over_layers():
+    """With output_router_logits, each Qwen3-MoE layer's training forward leaves the Switch balance
+    loss of its own tokens: E Σ_i f_i P_i as transformers' load_balancing_loss_func computes it for
+    that layer's router logits, times router_aux_loss_coef / the number of MoE layers (so the model
+    sum is the coefficient times the layers' mean); it is differentiable through the router; the
+    router of a bf16 model stays fp32; nothing is computed in eval mode or without the flag."""
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
+
+    from model.transformer import Transformer
+    from tests.model.conftest import randomize_, tiny_config
+
+    config = tiny_config("qwen3_moe", output_router_logits=True, router_aux_loss_coef=0.05)
+    model = randomize_(Transformer(config), 3).train()
+    logits = {}
+    hooks = [layer.mlp.gate.register_forward_hook(
+        lambda mod, args, out, i=i: logits.__setitem__(i, args[0].float() @ mod.weight.T))
+        for i, layer in enumerate(model.layers) if config.is_moe_layer(i)]
+    ids = torch.randint(0, config.vocab_size, (2, 13), generator=torch.Generator().manual_seed(0))
+    model(ids)
+    for h in hooks:
+        h.remove()
+    assert sorted(logits) == [0, 2]
+    per_layer = {i: float(load_balancing_loss_func((lg.detach(),), config.n_routed_experts, config.num_experts_per_tok))
+                 for i, lg in logits.items()}
+    for i in logits:
+        got = model.layers[i].mlp.aux_loss
+        assert abs(float(got) - 0.05 / 2 * per_layer[i]) < 1e-6, (i, float(got), per_layer[i])
+    total = moe_aux_loss(model)
+    assert abs(float(total) - 0.05 * sum(per_layer.values()) / 2) < 1e-6
+    total.backward()
+    assert model.layers[0].mlp.gate.weight.grad.abs().sum() > 0
+    model.eval()
+    model(ids)
+    assert moe_aux_loss(model) is None
+    off = Transformer(tiny_config("qwen3_moe", router_aux_loss_coef=0.05)).train()   # output_router_logits off
+    off(ids)
+    assert moe_aux_loss(off) is None
+    bf16 = Transformer(config).to(torch.bfloat16)
+    assert bf16.layers[0].mlp.gate.weight.dtype == torch.float32
+    assert bf16.layers[0].mlp.gate.e_score_correction_bias is None

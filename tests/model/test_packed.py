@@ -19,7 +19,7 @@ def _packed(vocab):
     return docs, ids, cu, pos
 
 
-@pytest.mark.parametrize("kind", ["qwen2", "qwen3", "deepseek_v3-moe"])
+@pytest.mark.parametrize("kind", ["qwen2", "qwen3", "deepseek_v3-moe", "qwen3_moe"])
 def test_packed_forward_equals_separate_forwards(kind):
     config = tiny_config(kind)
     model = random_model(config, seed=3)

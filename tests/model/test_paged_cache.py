@@ -8,7 +8,7 @@ from model.paged_cache import OutOfPages, PagedKVCache, PagePool
 from tests.model.conftest import random_model, tiny_config
 
 TOL = 1e-5
-KINDS = ["qwen2", "qwen3", "deepseek_v3", "deepseek_v3-moe"]
+KINDS = ["qwen2", "qwen3", "deepseek_v3", "deepseek_v3-moe", "qwen3_moe"]
 
 
 def _last_logits(model, seq):

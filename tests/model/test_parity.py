@@ -33,6 +33,10 @@ CASES = {
     "qwen3-bias": dict(kind="qwen3", attention_bias=True, o_bias=True),
     "llama-yarn": dict(kind="llama", rope_scaling=dict(rope_type="yarn", factor=3.0,
                                                        original_max_position_embeddings=64)),
+    "qwen3_moe": {},  # norm_topk_prob, untied, layer 1 MLP-only
+    # the combine weights as the softmax gives them, tied embeddings, every other layer MoE
+    "qwen3_moe-plain-tied": dict(kind="qwen3_moe", norm_topk_prob=False, tie_word_embeddings=True, mlp_only_layers=[],
+                                 decoder_sparse_step=2, num_hidden_layers=4),
 }
 
 
@@ -113,13 +117,36 @@ def test_unsupported_model_type_and_missing_key_are_named():
         ModelConfig.from_hf_config(d)
 
 
-def test_sliding_window_configs_are_refused():
-    d = tiny_config("qwen2").to_hf_config()
+@pytest.mark.parametrize("kind", ["qwen2", "qwen3_moe"])
+def test_sliding_window_configs_are_refused(kind):
+    d = tiny_config(kind).to_hf_config()
     d.update(use_sliding_window=True, sliding_window=16)
     with pytest.raises(ValueError, match="use_sliding_window=true: sliding-window attention is not supported"):
         Transformer(ModelConfig.from_hf_config(d))
-    d["use_sliding_window"] = False  # what Qwen2/2.5 checkpoints ship
+    d["use_sliding_window"] = False  # what Qwen2/2.5 and Qwen3-MoE checkpoints ship
     Transformer(ModelConfig.from_hf_config(d))
+
+
+def test_qwen3_moe_config_keys_are_read_checked_and_written_back():
+    d = tiny_config("qwen3_moe").to_hf_config()
+    assert d["architectures"] == ["Qwen3MoeForCausalLM"] and d["num_experts"] == 6 and d["mlp_only_layers"] == [1]
+    c = ModelConfig.from_hf_config({**d, "output_router_logits": True, "router_aux_loss_coef": 0.01})
+    assert (c.n_routed_experts, c.scoring_func, c.qk_norm, c.norm_topk_prob) == (6, "softmax", True, True)
+    assert [c.is_moe_layer(i) for i in range(3)] == [True, False, True] and c.num_moe_layers == 2
+    assert c.output_router_logits and c.router_aux_loss_coef == 0.01 and not c.router_correction_bias
+    assert ModelConfig.from_hf_config(c.to_hf_config()) == c                       # a round trip loses nothing
+    every_other = ModelConfig.from_hf_config({**d, "mlp_only_layers": [], "decoder_sparse_step": 2})
+    assert [every_other.is_moe_layer(i) for i in range(3)] == [False, True, False]
+    with pytest.raises(ValueError, match=r"config.json: mlp_only_layers \[1, 7\]: 7 is not a layer index \(0..2\)"):
+        ModelConfig.from_hf_config({**d, "mlp_only_layers": [1, 7]})
+    with pytest.raises(ValueError, match="decoder_sparse_step 0: expected an integer >= 1"):
+        ModelConfig.from_hf_config({**d, "decoder_sparse_step": 0})
+    with pytest.raises(ValueError, match="missing config key 'moe_intermediate_size'"):
+        ModelConfig.from_hf_config({k: v for k, v in d.items() if k != "moe_intermediate_size"})
+    with pytest.raises(ValueError, match="aux-loss-free balancing needs the router's correction bias"):
+        tiny_config("qwen3_moe", bias_update_speed=1e-3)
+    # no correction bias on the router: nothing of the kind in the state dict (transformers has none)
+    assert not any("e_score_correction_bias" in k for k in Transformer(c).state_dict())
 
 
 def test_out_of_vocab_ids_name_the_max_id_and_vocab_size():
@@ -135,7 +162,7 @@ def test_out_of_vocab_ids_name_the_max_id_and_vocab_size():
 def test_every_case_config_is_a_family_we_cover():
     kinds = {CASES[n].get("kind", n) for n in CASES}
     assert kinds == set(TINY)
-    assert {tiny_config(k).model_type for k in kinds} == {"deepseek_v3", "qwen2", "llama", "qwen3"}
+    assert {tiny_config(k).model_type for k in kinds} == {"deepseek_v3", "qwen2", "llama", "qwen3", "qwen3_moe"}
 
 
 def test_init_is_seeded_and_follows_the_config():

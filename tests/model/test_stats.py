@@ -77,6 +77,21 @@ def test_deepseek_v3_published_sizes():
     assert n.mtp == pytest.approx(11.5e9, rel=0.05)              # README_WEIGHTS: 11.5B unique MTP parameters
 
 
+def test_qwen3_30b_a3b_published_sizes():
+    """Qwen3-30B-A3B's config.json (the keys that decide its size): "30.5B total, 3.3B activated"."""
+    q = ModelConfig.from_hf_config(dict(
+        architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", vocab_size=151936, hidden_size=2048,
+        intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=48, num_attention_heads=32,
+        num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True,
+        decoder_sparse_step=1, mlp_only_layers=[], tie_word_embeddings=False, max_position_embeddings=40960,
+        rope_theta=1000000.0, rms_norm_eps=1e-6, router_aux_loss_coef=0.001, output_router_logits=False,
+        use_sliding_window=False, sliding_window=None, hidden_act="silu", torch_dtype="bfloat16"))
+    assert q.num_moe_layers == 48 and q.head_dim == 128 and q.scoring_func == "softmax"
+    n = count_params(q)
+    assert n.total == pytest.approx(30.5e9, rel=0.005)
+    assert n.active == pytest.approx(3.3e9, rel=0.02)
+
+
 # ---- the memory planner ----------------------------------------------------------------------------
 
 # config.json of the published checkpoints the README's recipes use (the keys that decide memory), and
@@ -272,6 +287,7 @@ def test_tp_share_elements_equal_the_share_module_tree():
     checked = 0
     cases = [(tiny_config(kind), k) for kind in TINY for k in (2, 3)]
     cases += [(ModelConfig.from_preset("tiny-moe"), 2), (ModelConfig.from_preset("tiny"), 2),
+              (ModelConfig.from_preset("tiny-qwen3-moe"), 2),
               (published("Qwen2.5-32B").replace(num_hidden_layers=2), 8)]
     for c, k in cases:
         try:

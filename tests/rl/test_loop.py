@@ -271,3 +271,26 @@ def test_bf16_policy_with_a_reference_model_in_one_process(assets, tmp_path, cap
     for r in rows:
         assert math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) and r["kl"] >= 0.0
     assert rows[1]["kl"] > 0.0    # the policy moved away from its bf16 reference
+
+
+def test_grpo_trains_a_qwen3_moe_preset(assets, tmp_path):
+    """GRPO on the tiny Qwen3-MoE preset (with the reference model and the Switch balance loss):
+    rollouts on the engine, finite losses and gradients, expert loads in the metrics, an HF export
+    transformers reads."""
+    argv = grpo_argv(assets / "model", assets / "prompts.jsonl", tmp_path / "run")
+    i = argv.index("--model")
+    argv[i:i + 2] = ["--preset", "tiny-qwen3-moe", "--tokenizer", str(assets / "model")]
+    assert train.main(argv) == 0
+    rows = metrics_of(tmp_path / "run")
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        assert math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0
+        assert r["moe/imbalance"] >= 1.0 and "moe/layer1/max_load_ratio" in r and "moe/layer0/max_load_ratio" not in r
+    hf = tmp_path / "run" / "checkpoints" / "step-00000002" / "hf"
+    assert json.loads((hf / "config.json").read_text())["architectures"] == ["Qwen3MoeForCausalLM"]
+    transformers = pytest.importorskip("transformers")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
+    ours = load_pretrained(hf).eval()
+    ids = torch.tensor([[1, 5, 9, 33, 2, 70]])
+    with torch.no_grad():
+        assert (theirs(ids).logits - ours(ids)).abs().max() <= 1e-4

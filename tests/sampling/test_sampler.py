@@ -17,6 +17,11 @@ CONFIGS = {
                         kv_lora_rank=20, qk_nope_head_dim=14, qk_rope_head_dim=6, v_head_dim=10,
                         n_routed_experts=6, n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=40,
                         first_k_dense_replace=1, n_group=2, topk_group=1, max_position_embeddings=256),
+    # Qwen3-MoE: q/k norms, head_dim 16 apart from hidden / heads, softmax top-2 of 6 experts, layer 1 dense
+    "qwen3_moe": dict(model_type="qwen3_moe", vocab_size=211, hidden_size=72, intermediate_size=100, num_hidden_layers=3,
+                      num_attention_heads=6, num_key_value_heads=2, head_dim=16, n_routed_experts=6,
+                      num_experts_per_tok=2, moe_intermediate_size=40, norm_topk_prob=True, mlp_only_layers=[1],
+                      max_position_embeddings=256),
 }
 
 

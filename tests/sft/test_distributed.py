@@ -149,3 +149,20 @@ def test_rank_0_only_work_is_waited_for_past_the_collective_timeout(sft_files, t
                    "--slow-publish", 6, ranks=2, timeout=TORCHRUN_TIMEOUT)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     assert latest_checkpoint(tmp_path / "run").name == "step-00000002"
+
+
+def test_qwen3_moe_two_ranks_match_one_process(sft_files, tmp_path):
+    """The tiny Qwen3-MoE preset (softmax routing, a dense first layer, the Switch balance loss on):
+    2 FSDP2 ranks give one process's per-step losses and weights."""
+    flags = ("--preset", "tiny-qwen3-moe", "--max-steps", "3")
+    p = run_worker(sft_flags(sft_files, tmp_path / "one", *flags), ranks=1, timeout=TORCHRUN_TIMEOUT)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    assert "model qwen3_moe: 3 layers" in p.stdout
+    q = run_worker(sft_flags(sft_files, tmp_path / "two", *flags), ranks=2, timeout=TORCHRUN_TIMEOUT)
+    assert q.returncode == 0, q.stdout[-2000:] + q.stderr[-3000:]
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    for step in a:
+        assert abs(b[step] / a[step] - 1) <= 1e-5, f"step {step}: 2 ranks {b[step]}, 1 process {a[step]}"
+    assert a[3] < a[1]
+    assert max_rel_diff(final_weights(tmp_path / "two", 3), final_weights(tmp_path / "one", 3)) <= 1e-4
