@@ -67,7 +67,7 @@ def test_real_scale_recipes_use_only_train_py_flags():
 
     section = README[README.index("## Real-scale recipes"):README.index("## Tests")]
     commands = [" ".join(b.replace("\\\n", " ").split()) for b in re.findall(r"```\n(.*?)```", section, re.S)]
-    assert len(commands) == 4
+    assert len(commands) == 5
     parser = build_parser()
     known = {s for a in parser._actions for s in a.option_strings}
     torchrun = {"--nproc_per_node", "--nnodes"}

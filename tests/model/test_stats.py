@@ -78,14 +78,8 @@ def test_deepseek_v3_published_sizes():
 
 
 def test_qwen3_30b_a3b_published_sizes():
-    """Qwen3-30B-A3B's config.json (the keys that decide its size): "30.5B total, 3.3B activated"."""
-    q = ModelConfig.from_hf_config(dict(
-        architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", vocab_size=151936, hidden_size=2048,
-        intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=48, num_attention_heads=32,
-        num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True,
-        decoder_sparse_step=1, mlp_only_layers=[], tie_word_embeddings=False, max_position_embeddings=40960,
-        rope_theta=1000000.0, rms_norm_eps=1e-6, router_aux_loss_coef=0.001, output_router_logits=False,
-        use_sliding_window=False, sliding_window=None, hidden_act="silu", torch_dtype="bfloat16"))
+    """Qwen3-30B-A3B's config.json (PUBLISHED below): "30.5B total, 3.3B activated"."""
+    q = published("Qwen3-30B-A3B-Base")
     assert q.num_moe_layers == 48 and q.head_dim == 128 and q.scoring_func == "softmax"
     n = count_params(q)
     assert n.total == pytest.approx(30.5e9, rel=0.005)
@@ -123,6 +117,14 @@ PUBLISHED = {
                         scoring_func="sigmoid", routed_scaling_factor=2.5, norm_topk_prob=True, topk_method="noaux_tc",
                         tie_word_embeddings=False, hidden_act="silu", rms_norm_eps=1e-6,
                         quantization_config=dict(quant_method="fp8", weight_block_size=[128, 128])),
+    "Qwen3-30B-A3B-Base": dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", vocab_size=151936,
+                               hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+                               num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                               num_experts=128, num_experts_per_tok=8, norm_topk_prob=True, decoder_sparse_step=1,
+                               mlp_only_layers=[], tie_word_embeddings=False, max_position_embeddings=32768,
+                               rope_theta=1000000.0, rms_norm_eps=1e-6, router_aux_loss_coef=0.001,
+                               output_router_logits=False, use_sliding_window=False, sliding_window=None,
+                               hidden_act="silu", torch_dtype="bfloat16"),
 }
 
 
@@ -396,7 +398,7 @@ def test_readme_planner_figures_are_the_planners(tmp_path, capsys):
     text = README.read_text()
     section = text[text.index("## Real-scale recipes"):text.index("## Tests")]
     found = re.findall(r"`python -m model\.stats plan ([^`]+)`:\s+([\d.]+) GiB per GPU,\s+(fits|does not fit)", section)
-    assert len(found) == 5   # one per recipe, and recipe 3 without --rollout-tp
+    assert len(found) == 6   # one per recipe, and recipe 3 without --rollout-tp
     for flags, gib, verdict in found:
         argv = flags.split()
         name = argv[argv.index("--model") + 1]
