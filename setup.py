@@ -24,12 +24,17 @@ setup(
         "numpy>=1.26",
         "sympy>=1.13",
         "jinja2>=3.1",  # checkpoints' own chat templates
+        "pyyaml>=6",    # --config recipe files
     ],
     extras_require={
         # transformers is a test oracle only: no package code imports it
         # matplotlib: the recipe test checks its plots; openai: the server's tests use the real client
         # peft: the LoRA tests' oracle
-        "test": ["pytest>=8", "transformers>=4.50", "matplotlib>=3.8", "openai>=1.40", "peft>=0.13"],
+        # wandb, tensorboard: the trackers' tests read back what --report-to writes
+        "test": ["pytest>=8", "transformers>=4.50", "matplotlib>=3.8", "openai>=1.40", "peft>=0.13", "wandb>=0.17",
+                 "tensorboard>=2.14"],
+        # --report-to wandb,tensorboard
+        "track": ["wandb>=0.17", "tensorboard>=2.14"],
         # side-by-side comparisons in bench/
         "bench": ["transformers>=4.50", "trl>=0.20"],
         "plot": ["matplotlib>=3.8"],

@@ -21,6 +21,7 @@ import time
 from typing import Callable
 
 from recipes import stages
+from recipes.config_file import parse_args
 from recipes.flags import RECIPES, build_parser
 from runtime.distributed import init_distributed, print0, teardown
 from runtime.rundir import prepare_run_dir, write_run_config
@@ -53,7 +54,11 @@ def job_name(args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = parse_args(build_parser(), argv)   # --config FILE.yaml under the command line's flags
+    except ValueError as e:
+        print(f"train.py: {e}", file=sys.stderr)
+        return 2
     if args.seed < 0:
         print(f"train.py: --seed {args.seed}: expected a non-negative integer", file=sys.stderr)
         return 2

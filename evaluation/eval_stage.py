@@ -36,7 +36,7 @@ Outputs in the run directory:
   eval.json               {set: {num_problems, n, kinds, pass@1, pass@k: {k: ...}, maj@k: {k: ...} or
                            null, mean_length (completion tokens), truncated (share that hit
                            --eval-max-new-tokens), wall_s, scoring_timeouts}}; rewritten after each set
-  samples-<set>.jsonl     one row per sample: id, sample, completion, answer (math: the extracted
+  samples-<set>.jsonl     one row per sample: id, sample, prompt, completion, answer (math: the extracted
                            answer or null; code: the program run), score (the check's value),
                            correct, num_tokens, finish_reason
   summary.json            the same figures flattened: "<set>/pass@1", "<set>/maj@16", ...
@@ -285,9 +285,12 @@ def sample_and_score(rows: list[dict], tok, pool, *, n: int, sampler=None, model
         if own:
             sampler.release()
     records = score_samples(pool, rows, [[completion_text(tok, c) for c in comps] for comps in outs], where)
-    for r, c in zip(records, [c for comps in outs for c in comps]):
-        r.update(num_tokens=len(c.token_ids), finish_reason=c.finish_reason, token_ids=list(c.token_ids),
-                 logprobs=list(c.logprobs))
+    per_row = [len(comps) for comps in outs]
+    texts = [next((row[k] for k in ("prompt", "problem", "question", "text") if isinstance(row.get(k), str)), None)
+             for row, m in zip(rows, per_row) for _ in range(m)]
+    for r, c, text in zip(records, [c for comps in outs for c in comps], texts):
+        r.update(prompt=text, num_tokens=len(c.token_ids), finish_reason=c.finish_reason,
+                 token_ids=list(c.token_ids), logprobs=list(c.logprobs))
     if calls is not None:
         for r, c, k in zip(records, [c for comps in outs for c in comps], [k for ks in calls for k in ks]):
             r.update(tool_calls=k, sampled_mask=c.sampled_mask or [1] * len(c.token_ids))
@@ -467,7 +470,8 @@ def run_eval(args, run, info) -> int:
             entry["rollout_tp"] = args.rollout_tp
             entry["weight_bytes_per_rank"] = held
             results[label] = entry
-            keys = ("id", "sample", "completion", "answer", "score", "correct", "num_tokens", "finish_reason") + \
+            keys = ("id", "sample", "prompt", "completion", "answer", "score", "correct", "num_tokens",
+                    "finish_reason") + \
                 (("tool_calls",) if env is not None else ()) + \
                 (("token_ids", "logprobs") + (("sampled_mask",) if env is not None else ())
                  if args.eval_save_logprobs else ())

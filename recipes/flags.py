@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     # what to run
     g = p.add_argument_group("what to run")
+    g.add_argument("--config", default=None,
+                   help="a YAML file of flags (keys: the long flags' names; recipes/*.yaml); flags on the command "
+                   "line override it (recipes/config_file.py)")
     g.add_argument("--stage", choices=STAGES, default=None,
                    help="run one stage; without it the --recipe runs")
     g.add_argument("--recipe", choices=RECIPES, default="r1-tiny",
@@ -55,6 +58,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue the run in --out from its last checkpoint instead of starting anew")
     g.add_argument("--dry-run", action="store_true",
                    help="prepare the run directory, write config.json, print the flags and exit")
+
+    # experiment tracking (runtime/trackers.py)
+    g = p.add_argument_group("experiment tracking")
+    g.add_argument("--report-to", default="none",
+                   help="mirror metrics.jsonl (sft, pretrain, grpo) to none or a comma-separated list of wandb, "
+                   "tensorboard (event files under <run>/tensorboard/); WANDB_MODE=offline works without a network")
+    g.add_argument("--wandb-project", default="r1-recipe", help="the wandb project of --report-to wandb")
+    g.add_argument("--log-rollouts-every", type=int, default=0,
+                   help="grpo: every K steps, write --log-rollouts-n rollouts (prompt, completion, each reward, "
+                   "advantage, finish reason) to <run>/rollouts.jsonl, and a wandb table (0: never)")
+    g.add_argument("--log-rollouts-n", type=int, default=8, help="rollouts per --log-rollouts-every step (rank 0's first)")
 
     # reproducibility
     g = p.add_argument_group("reproducibility")

@@ -52,11 +52,12 @@ from rl.advantage import group_advantages, group_reward_stats
 from rl.distill import check_teacher, distill_advantages, reverse_kl_sums
 from rl.loss import VARIANTS, all_reduce_metrics, combine_metrics, policy_loss
 from rl.rollout import (RewardScorer, RolloutBatch, encode_prompt, generate_rollouts, rollout_environment,
-                        select_for_dynamic_sampling)
+                        rollout_records, select_for_dynamic_sampling)
 from runtime.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from runtime.distributed import all_reduce_floats, print0, subgroup
 from runtime.memory import peak_bytes, reset_peak, training_state_sizes
 from runtime.metrics import MetricsWriter, Progress
+from runtime.trackers import log_table, make_trackers
 from runtime.optim import build_optimizer, check_training_flags, lr_schedule
 from runtime.rundir import check_rank_multiple, update_run_config, write_json_atomic
 from runtime.train_step import NonFiniteGuard, optimizer_step
@@ -197,6 +198,9 @@ def check_flags(args, world_size: int) -> list[str]:
     check_rollout_tp(args, world_size)
     rollout_environment(args)   # --tools, --tool-format, --max-tool-calls, --max-rollout-tokens
     need(args.max_sampling_tries >= 1, f"--max-sampling-tries {args.max_sampling_tries}: expected >= 1")
+    need(args.log_rollouts_every >= 0 and args.log_rollouts_n >= 1,
+         f"--log-rollouts-every {args.log_rollouts_every} / --log-rollouts-n {args.log_rollouts_n}: expected >= 0 "
+         f"(0: never) and >= 1")
     need(args.ref_refresh_every >= 0, f"--ref-refresh-every {args.ref_refresh_every}: expected >= 0 (0: never)")
     need(not (args.ref_refresh_every and (args.lora_rank or args.lora_init)),
          f"--ref-refresh-every {args.ref_refresh_every} with LoRA: a LoRA policy's reference is its frozen base "
@@ -276,7 +280,11 @@ def train_grpo(args, run, info) -> int:
         if ref_model is not None and state.get("ref_from_step", 0) != 0:
             print0("note: the reference model restarts from the resumed policy (refreshed references are not saved)")
         print0(f"resumed from {ckpt} at step {step}")
-    metrics = MetricsWriter(run.path / "metrics.jsonl", resume_step=step if run.resumed else None)
+    metrics = MetricsWriter(run.path / "metrics.jsonl", resume_step=step if run.resumed else None,
+                            trackers=make_trackers(args, run.path))   # --report-to: wandb, tensorboard
+    # --log-rollouts-every: a sample of each K-th step's rollouts, one line each (rl.rollout.rollout_records)
+    rollout_log = (MetricsWriter(run.path / "rollouts.jsonl", resume_step=step if run.resumed else None)
+                   if args.log_rollouts_every else None)
     progress = Progress(args.max_steps, desc="grpo", start=step, every_s=args.log_every_s)
     eval_rows = read_jsonl(args.eval_data)[:args.eval_problems] if args.eval_data else []
     eval_task = heldout_task(args, eval_rows)
@@ -496,11 +504,18 @@ def train_grpo(args, run, info) -> int:
             print0(f"warning: step {step}: mean reward is 0; every advantage is 0 and nothing is learned "
                    f"(learning rate too high? format collapsed?)")
         metrics.log(step, **row)
+        if rollout_log is not None and step % args.log_rollouts_every == 0:
+            table = rollout_records(batch, args.log_rollouts_n)
+            for record in table:
+                rollout_log.log(step, **record)
+            log_table(metrics.trackers, step, "rollouts", table)
         progress.update(1, reward=row.get("reward/mean"), acc=row.get("accuracy"),
                         len=row.get("response_length/mean"), kl=row.get("kl"))
         if args.save_every and step % args.save_every == 0 and step < args.max_steps:
             checkpoint(step)
     scorer.close()
+    if rollout_log is not None:
+        rollout_log.close()
     checkpoint(step)
     summary = {**training_state_sizes(model, optimizer), "peak_memory_gib": run_peak or None,
                "stage": "grpo", "steps": step, "wall_s": time.perf_counter() - t_start,

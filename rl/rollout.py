@@ -138,6 +138,25 @@ def generate_rollouts(sampler, tok, rows: list[dict], *, group_size: int, params
     )
 
 
+def rollout_records(batch: RolloutBatch, n: int) -> list[dict]:
+    """The first n completions of a scored batch as rows of rollouts.jsonl (a table people read):
+    the problem's id, the sample's index in its group, prompt and completion text, each reward
+    function's value, the weighted total, the group advantage, the completion's length in tokens
+    and finish reason. The field names are those of the eval stage's samples-<set>.jsonl where the
+    two overlap (id, sample, prompt, completion, num_tokens, finish_reason)."""
+    out = []
+    for i in range(min(n, len(batch))):
+        total = float(batch.rewards[i]) if batch.rewards is not None else None
+        advantage = float(batch.advantages[i]) if batch.advantages is not None else None
+        out.append({"id": batch.rows[i].get("id"), "sample": i % batch.group_size, "prompt": batch.prompts[i],
+                    "completion": batch.texts[i],
+                    "rewards": {name: values[i] for name, values in batch.reward_columns.items()},
+                    "reward": None if total is None or math.isnan(total) else total,
+                    "advantage": advantage, "num_tokens": len(batch.completion_ids[i]),
+                    "finish_reason": batch.finish_reasons[i]})
+    return out
+
+
 def rollout_environment(args):
     """(the envs.ToolEnvironment of --tools, the rollout's token budget) from the flags, checked
     (ValueError naming the flag); (None, --max-new-tokens) without tools."""

@@ -6,6 +6,9 @@ or numpy scalars; non-finite floats are written as null (JSON has no NaN), with 
 under "nonfinite" so the fact is not lost. On resume the writer drops the lines of steps after
 the checkpoint, so the file shows each step once.
 
+With `trackers` (runtime/trackers.py, `--report-to`), every line written is also sent to each
+tracker, as written.
+
 `Progress` prints `desc  step/total (pct) | rate | elapsed | ETA | metrics` at most every
 `every_s` seconds (and at the end).
 """
@@ -41,8 +44,10 @@ class MetricsWriter:
     dropped (they belong to work that is being redone).
     """
 
-    def __init__(self, path: str | os.PathLike, resume_step: int | None = None, rank: int | None = None):
+    def __init__(self, path: str | os.PathLike, resume_step: int | None = None, rank: int | None = None,
+                 trackers=None):
         self.path = Path(path)
+        self.trackers = trackers   # runtime.trackers.Trackers: each line written is also sent there
         self.enabled = (get_rank() if rank is None else rank) == 0
         self._file = None
         if not self.enabled:
@@ -70,12 +75,17 @@ class MetricsWriter:
         if self._file is not None:
             self._file.write(json.dumps(record) + "\n")
             self._file.flush()
+            if self.trackers is not None:
+                self.trackers.log(record["step"], record)
         return record
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
+        if self.trackers is not None:
+            self.trackers.close()
+            self.trackers = None
 
     def __enter__(self):
         return self

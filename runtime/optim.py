@@ -126,7 +126,7 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 def check_training_flags(args) -> list[str]:
     """The optimisation and cadence flags both training loops read (--max-steps, --warmup-steps,
     --lr, --min-lr-ratio, --weight-decay, --max-grad-norm, --max-nonfinite, --save-every,
-    --keep-last, --eval-every): ValueError naming the flag and what was expected. An unset
+    --keep-last, --eval-every, --report-to): ValueError naming the flag and what was expected. An unset
     --warmup-steps becomes a tenth of --max-steps, at most DEFAULT_WARMUP_STEPS (a default fits
     any run); returns the console lines of the values so chosen."""
     def need(ok: bool, message: str):
@@ -148,5 +148,7 @@ def check_training_flags(args) -> list[str]:
     need(args.save_every >= 0, f"--save-every {args.save_every}: expected >= 0 (0: only at the end)")
     need(args.keep_last >= 1, f"--keep-last {args.keep_last}: expected >= 1")
     need(args.eval_every >= 0, f"--eval-every {args.eval_every}: expected >= 0 (0: only at the end)")
+    from runtime.trackers import parse_report_to
+    parse_report_to(getattr(args, "report_to", "none"))   # known names, their packages installed
     return notes
 

@@ -42,6 +42,7 @@ from runtime.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoi
 from runtime.distributed import all_gather_object, all_reduce_floats, print0
 from runtime.memory import peak_bytes, training_state_sizes
 from runtime.metrics import MetricsWriter, Progress
+from runtime.trackers import make_trackers
 from runtime.optim import build_optimizer, check_training_flags, lr_schedule
 from runtime.rundir import check_rank_multiple, update_run_config, write_json_atomic
 from runtime.train_step import NonFiniteError, NonFiniteGuard, optimizer_step
@@ -155,7 +156,8 @@ def train_sft(args, run, info) -> int:
         sampler.load_state_dict(state["sampler"])
         guard.load_state_dict(state["guard"])
         print0(f"resumed from {ckpt} at step {step}")
-    metrics = MetricsWriter(run.path / "metrics.jsonl", resume_step=step if run.resumed else None)
+    metrics = MetricsWriter(run.path / "metrics.jsonl", resume_step=step if run.resumed else None,
+                            trackers=make_trackers(args, run.path))   # --report-to: wandb, tensorboard
     progress = Progress(args.max_steps, desc=stage, start=step, every_s=args.log_every_s)
     pad_id = tok.pad_id if tok.pad_id is not None else 0
 

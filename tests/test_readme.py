@@ -59,26 +59,29 @@ def test_main_command_runs_the_recipe_chain(tmp_path):
 STAGES = ["base", "r1_zero", "cold_start_sft", "reasoning_rl", "rejection_sft", "final_rl", "student"]
 
 
-def test_real_scale_recipes_use_only_train_py_flags():
-    """Every --flag in the README's real-scale recipe commands is one train.py accepts (torchrun's own
-    flags aside), and each --stage / --variant / --reward value is one it knows."""
+def test_real_scale_recipes_are_recipe_files_of_train_py_flags(monkeypatch):
+    """Each command of the README's real-scale section runs train.py with --config recipes/<name>.yaml
+    (torchrun's own flags aside), every recipe file there is one the README shows, and each parses into
+    the parser's flags (recipes/config_file.py checks every key and type) with a --stage, --variant and
+    --reward that train.py knows."""
+    from recipes.config_file import parse_args
     from recipes.flags import build_parser
     from verify.rewards import REWARDS
 
+    monkeypatch.chdir(ROOT)   # the commands name recipes/ relative to the checkout
     section = README[README.index("## Real-scale recipes"):README.index("## Tests")]
-    commands = [" ".join(b.replace("\\\n", " ").split()) for b in re.findall(r"```\n(.*?)```", section, re.S)]
-    assert len(commands) == 5
-    parser = build_parser()
-    known = {s for a in parser._actions for s in a.option_strings}
-    torchrun = {"--nproc_per_node", "--nnodes"}
+    commands = [line.split("#")[0].split() for b in re.findall(r"```\n(.*?)```", section, re.S)
+                for line in b.replace("\\\n", " ").splitlines() if line.startswith("torchrun")]
+    assert len(commands) == 6
+    shown = []
     for cmd in commands:
-        for line in cmd.split("torchrun")[1:]:
-            flags = re.findall(r"(?<!\S)(--[a-z][a-z0-9_-]*)", line)
-            unknown = [f for f in flags if f not in known | torchrun]
-            assert not unknown, (unknown, line)
-            stage = re.search(r"--stage (\S+)", line).group(1)
-            assert stage in ("sft", "grpo", "eval", "generate", "pretrain")
-            variant = re.search(r"--variant (\S+)", line)
-            assert variant is None or variant.group(1) in ("grpo", "dapo", "dr_grpo", "gspo")
-            reward = re.search(r"--reward (\S+)", line)
-            assert reward is None or all(r.split(":")[0] in REWARDS for r in reward.group(1).split(","))
+        argv = cmd[cmd.index("train.py") + 1:]
+        assert {f for f in cmd[1:cmd.index("train.py")] if f.startswith("--")} <= {"--nproc_per_node", "--nnodes"}
+        assert argv[0] == "--config" and len(argv) == 2, cmd
+        shown.append(argv[1])
+        args = parse_args(build_parser(), argv)
+        assert args.stage in ("sft", "grpo", "eval", "generate", "pretrain")
+        assert args.variant in (None, "grpo", "dapo", "dr_grpo", "gspo")
+        assert all(r.split(":")[0] in REWARDS for r in args.reward.split(","))
+        assert args.out.startswith("runs/") and (args.model is not None)
+    assert sorted(shown) == sorted(f"recipes/{p.name}" for p in (ROOT / "recipes").glob("*.yaml"))
