@@ -15,7 +15,8 @@ OUT, then renamed). A summary of what was dropped and why is printed and written
   off as words of its own. Words are then runs of letters and digits, or single other characters.
 - decontaminate: a row is dropped when its problem shares a word n-gram (`--ngram`, default 8,
   as Open-R1's decontamination) with a problem of any `--against` set (benchmark names, found as
-  the eval stage finds them: --data-dir / R1_DATA_DIR / ../shared/data; or files). A problem
+  the eval stage finds them: --data-dir / R1_DATA_DIR / ../shared/data; or files; all-math,
+  all-code and all stand for their sets). A problem
   shorter than n words is matched whole. The summary lists, per eval set, which of its items were
   hit and by how many rows.
 - dedup: a row is dropped when its problem equals an earlier row's exactly, or after normalisation;
@@ -31,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-from data.datasets import _iter_located, load_eval_set
+from data.datasets import EVAL_GROUPS, _iter_located, load_eval_set
 from runtime.metrics import Progress
 
 PROBLEM_COLUMNS = ("problem", "question", "prompt")
@@ -131,8 +132,8 @@ def write_rows(rows: list[dict], out: Path) -> None:
 
 def _eval_sets(names: str, data_dir: str | None) -> dict[str, list[dict]]:
     out = {}
-    for name in (s.strip() for s in names.split(",")):
-        if name:
+    for part in (s.strip() for s in names.split(",")):
+        for name in EVAL_GROUPS.get(part, (part,) if part else ()):   # all-math, all-code, all
             out[Path(name).stem if Path(name).suffix else name] = load_eval_set(name, data_dir)
     if not out:
         raise ValueError(f"--against {names!r}: expected eval set names or files, comma-separated")

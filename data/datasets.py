@@ -249,10 +249,29 @@ def load_conversations(path) -> list[dict]:
 EVAL_SETS = {
     "math500": ("math500.jsonl", 500, "math"),
     "aime24": ("aime24.jsonl", 30, "math"),
+    "aime25": ("aime25.jsonl", 30, "math"),
+    "amc23": ("amc23.jsonl", 40, "math"),
+    "minerva": ("minerva_math.jsonl", 272, "math"),
+    "olympiadbench": ("olympiadbench.jsonl", 675, "math"),
     "gsm8k": ("gsm8k_test.jsonl", 1319, "math"),
     "gsm8k_test": ("gsm8k_test.jsonl", 1319, "math"),
     "humaneval": ("humaneval.jsonl", 164, "code"),
+    "mbpp": ("mbpp_test.jsonl", 500, "code"),   # MBPP's test split (task ids 11-510); its test_list asserts
 }
+# --eval-sets all-math / all-code / all: the benchmarks of a kind (gsm8k once)
+EVAL_GROUPS = {"all-math": ("math500", "aime24", "aime25", "amc23", "minerva", "olympiadbench", "gsm8k"),
+               "all-code": ("humaneval", "mbpp")}
+EVAL_GROUPS["all"] = EVAL_GROUPS["all-math"] + EVAL_GROUPS["all-code"]
+
+
+def _mbpp_problem(row: dict) -> str:
+    """MBPP's task as the model sees it: the text and its three asserts (they name the function),
+    as MBPP's own prompt shows them."""
+    tests = row.get("test_list") or []
+    return f"{row['text']}\nYour code should pass these tests:\n\n" + "\n".join(tests)
+
+
+_PROBLEM_BUILDERS = {"mbpp": _mbpp_problem}
 
 # Where each source keeps its id and its problem text, first match wins:
 # MATH-500 unique_id, AIME id, GSM8K idx, HumanEval task_id; MATH/AIME problem, GSM8K question,
@@ -310,28 +329,31 @@ def _normalise_eval_row(row: dict, where: str, kind: str | None, fallback_id: st
             raise ValueError(f"{where}: column 'answer' must be a non-empty string (or an integer), "
                              f"got {_describe(answer)}")
         out["answer"] = answer
-    else:
+    elif not isinstance(row.get("test_list"), list) or not row["test_list"]:   # MBPP: its asserts
         test = row.get("test")
         if not isinstance(test, str) or not test.strip():
             raise ValueError(f"{where}: a code problem needs column 'test' (a non-empty string of test "
-                             f"code), got {_describe(test)}")
+                             f"code) or 'test_list' (assert statements), got {_describe(test)}")
     return out
 
 
 def load_eval_set(name_or_path, data_dir=None) -> list[dict]:
     """An evaluation set as normalised rows, in file order.
 
-    `name_or_path` is a benchmark name (math500, aime24, gsm8k / gsm8k_test, humaneval), looked up
-    in `data_dir`, else in `eval_data_dir()`; or the path of a user's JSONL/Parquet file.
+    `name_or_path` is a benchmark name (EVAL_SETS: math500, aime24, aime25, amc23, minerva,
+    olympiadbench, gsm8k / gsm8k_test, humaneval, mbpp), looked up in `data_dir`, else in
+    `eval_data_dir()`; or the path of a user's JSONL/Parquet file.
 
     Every row gets, on top of all its own columns:
       id       str: the source's id (id, unique_id, task_id or idx), else "<file stem>/<row number>"
-      problem  str: MATH/AIME `problem`, GSM8K `question`, HumanEval `prompt` (first present)
+      problem  str: MATH/AIME `problem`, GSM8K `question`, HumanEval `prompt` (first present);
+               MBPP: its `text` and its asserts, as MBPP's prompt shows them
       kind     "math" or "code": fixed per benchmark; in a user's file its own `kind` column when
                present (kept as written, e.g. a synthetic task's name, since it routes the
                checker), else "code" when the row has `test` and no `answer`, else "math"
       answer   str gold, on every row whose kind is not "code"; code rows are judged by their
-               `test` column instead (HumanEval also keeps `entry_point` and `canonical_solution`)
+               `test` column (HumanEval also keeps `entry_point` and `canonical_solution`) or their
+               `test_list` asserts (MBPP, with `test_setup_code`), in the sandbox
     Ids must be unique (pass@k and maj@k group samples by id). A benchmark's row count is checked
     against the published one.
     """
@@ -353,7 +375,10 @@ def load_eval_set(name_or_path, data_dir=None) -> list[dict]:
                                     f"{', '.join(EVAL_SETS)})")
 
     rows, first_seen = [], {}
+    build = _PROBLEM_BUILDERS.get(name)
     for i, (where, row) in enumerate(_iter_located(path), start=1):
+        if build is not None:
+            row = {**row, "problem": build(row)}
         out = _normalise_eval_row(row, where, kind, fallback_id=f"{path.stem}/{i}")
         if out["id"] in first_seen:
             raise ValueError(f"{where}: duplicate id {out['id']!r} (first at {first_seen[out['id']]})")

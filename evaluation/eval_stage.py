@@ -40,6 +40,7 @@ Outputs in the run directory:
                            answer or null; code: the program run), score (the check's value),
                            correct, num_tokens, finish_reason
   summary.json            the same figures flattened: "<set>/pass@1", "<set>/maj@16", ...
+  eval.md                 one markdown table across the sets (results_table; printed at the end too)
 With torchrun, each rank samples and scores every world_size-th problem; rank 0 gathers and writes.
 
 This module imports torch (and the sampler and model) only inside the functions that need them,
@@ -405,14 +406,20 @@ def check_rollout_tp(args, world_size: int) -> None:
 
 
 def set_names(text: str) -> list[str]:
-    """--eval-sets "math500,mine.jsonl" -> its names, each a benchmark name or an existing file."""
-    from data.datasets import EVAL_SETS
-    names = [s.strip() for s in text.split(",") if s.strip()]
+    """--eval-sets "math500,mine.jsonl" -> its names, each a benchmark name or an existing file; the
+    groups all-math, all-code and all stand for their benchmarks (data.datasets.EVAL_GROUPS)."""
+    from data.datasets import EVAL_GROUPS, EVAL_SETS
+    names = []
+    for s in (s.strip() for s in text.split(",")):
+        for name in EVAL_GROUPS.get(s, (s,) if s else ()):
+            if name not in names:
+                names.append(name)
     if not names:
         raise ValueError(f"--eval-sets {text!r}: expected benchmark names or files, comma-separated")
     for name in names:
         if name not in EVAL_SETS and not Path(name).is_file():
-            raise ValueError(f"--eval-sets: {name!r} is neither a benchmark ({', '.join(EVAL_SETS)}) nor a file")
+            raise ValueError(f"--eval-sets: {name!r} is neither a benchmark ({', '.join(EVAL_SETS)}), a group "
+                             f"({', '.join(EVAL_GROUPS)}) nor a file")
     return names
 
 
@@ -487,5 +494,26 @@ def run_eval(args, run, info) -> int:
                    f"{entry['mean_length']:.1f} tokens | {entry['wall_s']:.1f} s")
     if info.rank == 0:
         write_json_atomic(run.path / "summary.json", summary)
-        print0(f"eval: wrote {run.path / 'eval.json'} and samples-<set>.jsonl")
+        table = results_table(results)
+        (run.path / "eval.md").write_text(table + "\n")
+        print0(table)
+        print0(f"eval: wrote {run.path / 'eval.json'}, eval.md (the table) and samples-<set>.jsonl")
     return 0
+
+
+def results_table(results: dict) -> str:
+    """One markdown table across the sets of an eval.json: a row per set, with its problems, samples,
+    pass@1 over the n samples, each maj@k and pass@k for k > 1, and the mean completion length."""
+    ks = sorted({int(k) for e in results.values() for k in e["pass@k"]})
+    majs = sorted({int(k) for e in results.values() for k in (e["maj@k"] or {}) if int(k) > 1})
+    head = ["set", "problems", "n", "pass@1"] + [f"maj@{k}" for k in majs] + [f"pass@{k}" for k in ks if k > 1] \
+        + ["mean length"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, e in results.items():
+        cells = [label, str(e["num_problems"]), str(e["n"]), f"{e['pass@1']:.4f}"]
+        cells += [f"{(e['maj@k'] or {}).get(str(k)):.4f}" if (e["maj@k"] or {}).get(str(k)) is not None else "-"
+                  for k in majs]
+        cells += [f"{e['pass@k'][str(k)]:.4f}" if str(k) in e["pass@k"] else "-" for k in ks if k > 1]
+        cells.append(f"{e['mean_length']:.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

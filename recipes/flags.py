@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import argparse
 
-STAGES = ("pretrain", "sft", "grpo", "generate", "eval", "serve")
+STAGES = ("pretrain", "sft", "grpo", "generate", "eval", "serve", "compare")
 RECIPES = ("r1-tiny", "tool-tiny", "opd-tiny")
 
 
@@ -231,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("eval and generate")
     g.add_argument("--eval-sets", default="math500",
                    help="comma-separated benchmark names (math500, aime24, gsm8k, humaneval) or JSONL/Parquet files")
+    g.add_argument("--models", default=None,
+                   help="--stage compare: model folders (evaluated with these eval flags) or finished eval run "
+                   "directories, comma-separated: one table and bar chart across them and the sets")
     g.add_argument("--eval-n", type=int, default=4, help="samples per problem (pass@1 is their mean)")
     g.add_argument("--eval-k", default="", help="k values of pass@k and maj@k, e.g. 1,4,16 (each <= --eval-n; "
                    "default: 1 and --eval-n)")

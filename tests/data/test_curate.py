@@ -58,10 +58,11 @@ def test_a_math500_problem_is_found_by_its_benchmark_name(tmp_path):
     train = _write(tmp_path / "t.jsonl", [{"question": "Unrelated: what is 1 + 1?"},
                                           {"question": "Solve this. " + item["problem"].upper()}])
     out = tmp_path / "o.jsonl"
-    assert main(["decontaminate", "--data", str(train), "--out", str(out), "--against", "math500,aime24"]) == 0
+    assert main(["decontaminate", "--data", str(train), "--out", str(out), "--against", "all-math"]) == 0
     report = json.loads((tmp_path / "o.jsonl.curate.json").read_text())
     assert report["kept"] == 1 and item["id"] in report["against"]["math500"]["hit"]
     assert report["against"]["math500"]["items"] == 500 and report["against"]["aime24"]["items"] == 30
+    assert list(report["against"]) == ["math500", "aime24", "aime25", "amc23", "minerva", "olympiadbench", "gsm8k"]
 
 
 def test_dedup_drops_exact_and_normalised_repeats(tmp_path, capsys):
