@@ -200,6 +200,42 @@ def generate_batch(sampler, tok, pool, rows: list[dict], indices: list[int], pro
     Returns (the rows to write, counts as select's plus "samples" and "tokens" (completion tokens of
     all samples), per-reward score lists over all samples). sampler: anything with generate(prompt_ids, [SamplingParams]) -> [[Completion]].
     """
+    batch = sample_scored(sampler, tok, pool, rows, indices, prompts, conversations, cfg)
+    written, counts = [], Counter()
+    if batch.refused:
+        counts["teacher_failed"] += batch.refused
+    for row, index, conv, comps, ts, js, scores in zip(rows, indices, conversations, batch.outs, batch.texts,
+                                                       batch.samples, batch.scores):
+        kept, why = select(ts, scores, list(cfg.conditions), cfg.max_per_prompt)
+        counts.update(why)
+        counts["samples"] += len(ts)
+        counts["tokens"] += sum(num_tokens(c) for c in comps)
+        for j in kept:
+            turns = (trace_messages(tok, comps[j], getattr(cfg.env, "format", None)) if cfg.env is not None
+                     else [{"role": "assistant", "content": ts[j]}])
+            written.append({"messages": conv + turns,
+                            "prompt_id": row.get("id", index), "sample": js[j], "scores": scores[j],
+                            "num_tokens": num_tokens(comps[j]), "finish_reason": comps[j].finish_reason})
+    return written, counts, batch.scored
+
+
+@dataclass
+class ScoredBatch:
+    """A batch's samples, per prompt: completions, their texts, their indices among the n (a teacher's
+    refused ones are left out), each sample's {reward spec: score}; and every spec's scores in one
+    flat list, and how many samples a teacher refused."""
+    outs: list
+    texts: list[list[str]]
+    samples: list[list[int]]
+    scores: list[list[dict]]
+    scored: dict
+    refused: int
+
+
+def sample_scored(sampler, tok, pool, rows: list[dict], indices: list[int], prompts: list[list[int]],
+                  conversations: list[list[dict]], cfg: GenerateConfig) -> ScoredBatch:
+    """Sample cfg.n completions per prompt (prompt i with seed cfg.seed * 1_000_003 + i) and score
+    each with every reward of cfg.rewards: the generate and pass-rate stages' shared first half."""
     from sampling.sampler import SamplingParams
 
     params = [SamplingParams(n=cfg.n, temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
@@ -238,23 +274,11 @@ def generate_batch(sampler, tok, pool, rows: list[dict], indices: list[int], pro
     from evaluation.reward_model import route   # rows' reward_kind: rule rewards or reward models
     scored = {spec: route(spec, values, flat_rows) for spec, values in scored.items()}
 
-    written, counts, pos = [], Counter(), 0
-    if refused:
-        counts["teacher_failed"] += refused
-    for row, index, conv, comps, ts, js in zip(rows, indices, conversations, outs, texts, samples):
-        scores = [{spec: scored[spec][pos + j] for spec in cfg.rewards} for j in range(len(ts))]
+    per_prompt, pos = [], 0
+    for ts in texts:
+        per_prompt.append([{spec: scored[spec][pos + j] for spec in cfg.rewards} for j in range(len(ts))])
         pos += len(ts)
-        kept, why = select(ts, scores, list(cfg.conditions), cfg.max_per_prompt)
-        counts.update(why)
-        counts["samples"] += len(ts)
-        counts["tokens"] += sum(num_tokens(c) for c in comps)
-        for j in kept:
-            turns = (trace_messages(tok, comps[j], getattr(cfg.env, "format", None)) if cfg.env is not None
-                     else [{"role": "assistant", "content": ts[j]}])
-            written.append({"messages": conv + turns,
-                            "prompt_id": row.get("id", index), "sample": js[j], "scores": scores[j],
-                            "num_tokens": num_tokens(comps[j]), "finish_reason": comps[j].finish_reason})
-    return written, counts, scored
+    return ScoredBatch(outs, texts, samples, per_prompt, scored, refused)
 
 
 def num_tokens(completion) -> int:
@@ -294,10 +318,10 @@ class GeneratedFile:
     `settings` must equal the recorded ones (ValueError naming the differences).
     """
 
-    def __init__(self, run_dir, settings: dict):
+    def __init__(self, run_dir, settings: dict, filename: str = OUTPUT_FILE):
         from runtime.rundir import write_json_atomic
         self._write_json = write_json_atomic
-        self.path = Path(run_dir) / OUTPUT_FILE
+        self.path = Path(run_dir) / filename
         self.progress_path = Path(run_dir) / PROGRESS_FILE
         fresh = {"prompts_done": 0, "rows": 0, "bytes": 0, "counts": {}, "settings": settings}
         self.state = json.loads(self.progress_path.read_text()) if self.progress_path.exists() else fresh

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import argparse
 
-STAGES = ("pretrain", "sft", "grpo", "generate", "eval", "serve", "compare")
+STAGES = ("pretrain", "sft", "grpo", "generate", "eval", "serve", "compare", "pass-rate")
 RECIPES = ("r1-tiny", "tool-tiny", "opd-tiny")
 
 
@@ -257,6 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="conditions a completion must meet to be kept, e.g. accuracy>=1,format>=1,language>=0.95 "
                    "(names from --reward); 'none' keeps every completion (default: full marks on each verifiable "
                    "reward of --reward: accuracy, format, think_format, task, arithmetic, countdown, code)")
+    g.add_argument("--pass-rate-min", type=float, default=0.0,
+                   help="--stage pass-rate: keep prompts whose pass rate (samples meeting --keep-if / --gen-n) is at "
+                   "least this")
+    g.add_argument("--pass-rate-max", type=float, default=1.0, help="--stage pass-rate: ... and at most this")
     g.add_argument("--max-per-prompt", type=int, default=0, help="keep at most this many completions per prompt "
                    "(0: no cap); a prompt's identical completions are kept at most once")
     g.add_argument("--sampler-batch-size", type=int, default=64, help="sequences decoded at once (rows of a decode step)")

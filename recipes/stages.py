@@ -1,4 +1,5 @@
-"""The stage runner: one stage of the recipe (pretrain, sft, grpo, generate, eval, serve, compare) from its flags.
+"""The stage runner: one stage of the recipe (pretrain, sft, grpo, generate, eval, serve, compare,
+pass-rate) from its flags.
 
     from recipes.stages import check_stage, run_stage
     check_stage(args, info)          # defaults that fit the run, then the stage's own flag checks
@@ -59,6 +60,16 @@ def _check_compare(args, info):
     return check_flags(args, info.world_size)
 
 
+def _pass_rate(args, run, info):
+    from evaluation.pass_rate_stage import run_pass_rate
+    return run_pass_rate(args, run, info)
+
+
+def _check_pass_rate(args, info):
+    from evaluation.pass_rate_stage import check_flags
+    return check_flags(args, info.world_size)
+
+
 def _check_sft(args, info):
     from sft.loop import check_flags
     return check_flags(args, info.world_size)
@@ -86,12 +97,12 @@ def _check_serve(args, info):
 
 # name -> function(args, run_dir, dist_info) returning an exit status; a name absent here is not built yet
 RUNNERS: dict[str, Callable] = {"pretrain": _sft, "sft": _sft, "grpo": _grpo, "generate": _generate, "eval": _eval,
-                               "serve": _serve, "compare": _compare}
+                               "serve": _serve, "compare": _compare, "pass-rate": _pass_rate}
 # name -> function(args, dist_info) raising ValueError on bad flags; it fills the unset run-dependent
 # flags (recipes/flags.py lists them) and returns the console lines of the values it chose
 CHECKS: dict[str, Callable] = {"pretrain": _check_sft, "sft": _check_sft, "grpo": _check_grpo,
                                "generate": _check_generate, "eval": _check_eval, "serve": _check_serve,
-                               "compare": _check_compare}
+                               "compare": _check_compare, "pass-rate": _check_pass_rate}
 assert set(RUNNERS) <= set(STAGES) and set(CHECKS) <= set(STAGES)
 
 
