@@ -440,9 +440,25 @@ def _decode_with_group(args, info) -> int:
     return 0
 
 
+def prompt_rows(args) -> tuple[list[dict], list[list[dict]]]:
+    """--data's prompt rows and each one's chat messages (the generate and pass-rate stages')."""
+    from data.datasets import load_prompts
+    rows = load_prompts(args.data, args.prompt_column)
+    return rows, [prompt_messages(row, f"{args.data} row {i + 1}") for i, row in enumerate(rows)]
+
+
+def sampling_settings(args, rows: list[dict], rewards: list[str]) -> dict:
+    """What a resumed run of the generate or pass-rate stage must share with the run it continues
+    (GeneratedFile refuses a resume that changes any of it)."""
+    return {"data": str(Path(args.data).resolve()), "num_prompts": len(rows), "model": args.model,
+            "preset": args.preset, "tokenizer": args.tokenizer, "chat_template": args.chat_template,
+            "gen_n": args.gen_n, "gen_temperature": args.gen_temperature, "gen_top_p": args.gen_top_p,
+            "gen_max_new_tokens": args.gen_max_new_tokens, "gen_batch_prompts": args.gen_batch_prompts,
+            "reward": rewards, "keep_if": args.keep_if, "seed": args.seed}
+
+
 def run_generate(args, run, info) -> int:
     """--stage generate: rejection sampling over --data into <run>/generated.jsonl (module docstring)."""
-    from data.datasets import load_prompts
     from evaluation.eval_stage import load_model_and_tokenizer, template_source
     from runtime.distributed import print0
     from runtime.metrics import MetricsWriter, Progress
@@ -475,13 +491,8 @@ def run_generate(args, run, info) -> int:
                          max_new_tokens=args.gen_max_new_tokens, seed=args.seed, rewards=tuple(rewards),
                          conditions=tuple(parse_keep_if(args.keep_if, rewards)), max_per_prompt=args.max_per_prompt,
                          env=env, max_total_tokens=budget, judges={**judges, **rms})
-    rows = load_prompts(args.data, args.prompt_column)
-    conversations = [prompt_messages(row, f"{args.data} row {i + 1}") for i, row in enumerate(rows)]
-    settings = {"data": str(Path(args.data).resolve()), "num_prompts": len(rows), "model": args.model,
-                "preset": args.preset, "tokenizer": args.tokenizer, "chat_template": args.chat_template,
-                "gen_n": args.gen_n, "gen_temperature": args.gen_temperature, "gen_top_p": args.gen_top_p,
-                "gen_max_new_tokens": args.gen_max_new_tokens, "gen_batch_prompts": args.gen_batch_prompts,
-                "reward": rewards, "keep_if": args.keep_if, "max_per_prompt": args.max_per_prompt, "seed": args.seed}
+    rows, conversations = prompt_rows(args)
+    settings = {**sampling_settings(args, rows, rewards), "max_per_prompt": args.max_per_prompt}
     if teacher is not None:   # the endpoint may move between a run and its resume; its model may not
         settings.update(teacher_model=teacher.model)
     if env is not None:   # a run with tools resumes only with the same tools

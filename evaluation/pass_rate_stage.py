@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from pathlib import Path
 
 OUTPUT_FILE = "pass_rates.jsonl"
 KEPT_FILE = "kept.jsonl"
@@ -62,10 +61,11 @@ def pass_record(row: dict, scores: list[dict], conditions) -> dict:
 
 
 def run_pass_rate(args, run, info) -> int:
-    from data.datasets import load_prompts, read_jsonl
+    from data.datasets import read_jsonl
     from evaluation.eval_stage import load_model_and_tokenizer, template_source
     from evaluation.generate_stage import (GenerateConfig, GeneratedFile, _decode_with_group, parse_keep_if,
-                                           parse_rewards, prompt_messages, render_prompts, sample_scored)
+                                           parse_rewards, prompt_rows, render_prompts, sample_scored,
+                                           sampling_settings)
     from runtime.distributed import print0
     from runtime.metrics import MetricsWriter, Progress
     from runtime.rundir import write_json_atomic
@@ -80,14 +80,8 @@ def run_pass_rate(args, run, info) -> int:
     cfg = GenerateConfig(n=args.gen_n, temperature=args.gen_temperature, top_p=args.gen_top_p,
                          max_new_tokens=args.gen_max_new_tokens, seed=args.seed, rewards=tuple(rewards),
                          conditions=conditions, max_per_prompt=0, env=None, max_total_tokens=None, judges={})
-    rows = load_prompts(args.data, args.prompt_column)
-    conversations = [prompt_messages(row, f"{args.data} row {i + 1}") for i, row in enumerate(rows)]
-    settings = {"data": str(Path(args.data).resolve()), "num_prompts": len(rows), "model": args.model,
-                "preset": args.preset, "tokenizer": args.tokenizer, "chat_template": args.chat_template,
-                "gen_n": args.gen_n, "gen_temperature": args.gen_temperature, "gen_top_p": args.gen_top_p,
-                "gen_max_new_tokens": args.gen_max_new_tokens, "gen_batch_prompts": args.gen_batch_prompts,
-                "reward": rewards, "keep_if": args.keep_if, "seed": args.seed}
-    out = GeneratedFile(run.path, settings, filename=OUTPUT_FILE)
+    rows, conversations = prompt_rows(args)
+    out = GeneratedFile(run.path, sampling_settings(args, rows, rewards), filename=OUTPUT_FILE)
     start = out.prompts_done
     if info.world_size > 1:   # the group's other ranks decode as many batches with rank 0 (_decode_with_group)
         from runtime.distributed import broadcast_object

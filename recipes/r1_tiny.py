@@ -236,36 +236,14 @@ def run_r1_tiny(args, run, info: DistInfo) -> int:
 
 
 def _plots(root: Path, summary: dict) -> None:
-    """Reward, accuracy and completion length against step for each RL stage; accuracy per stage."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print0("plots: matplotlib is not installed; pip install -e '.[plot]' to get them")
-        return
+    """The RL stages' curves (reward, accuracy with the held-out evaluations marked, length, KL,
+    entropy) and the held-out accuracy per stage (recipes/plots.py)."""
+    from recipes.plots import accuracy_bars, rl_curves
     from runtime.metrics import read_metrics
 
-    rl_stages = [s["name"] for s in summary["stages"] if s["name"].endswith(("rl", "zero"))]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for name in rl_stages:
-        rows = read_metrics(root / name / "metrics.jsonl")
-        steps = [r["step"] for r in rows if "reward/mean" in r]
-        for ax, key in zip(axes, ("reward/mean", "accuracy", "response_length/mean")):
-            ax.plot(steps, [r.get(key) for r in rows if "reward/mean" in r], label=name)
-            ax.set_title(key)
-            ax.set_xlabel("step")
-    axes[0].legend()
-    fig.tight_layout()
-    fig.savefig(root / "rl_curves.png", dpi=100)
-    fig, ax = plt.subplots(figsize=(8, 4))
-    names = [s["name"] for s in summary["stages"]]
-    x = range(len(names))
-    ax.bar([i - 0.2 for i in x], [s["accuracy"] for s in summary["stages"]], 0.4, label="sampled (T=1, mean of 4)")
-    ax.bar([i + 0.2 for i in x], [s["greedy_accuracy"] for s in summary["stages"]], 0.4, label="greedy")
-    ax.set_xticks(list(x), names, rotation=20)
-    ax.set_ylabel("held-out accuracy")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(root / "accuracy_per_stage.png", dpi=100)
-    print0(f"plots: {root / 'rl_curves.png'}, {root / 'accuracy_per_stage.png'}")
+    rl = [(s["name"], read_metrics(root / s["name"] / "metrics.jsonl"), s) for s in summary["stages"]
+          if s["name"].endswith(("rl", "zero"))]
+    curves = rl_curves(rl, root / "rl_curves.png")
+    bars = accuracy_bars(summary["stages"], root / "accuracy_per_stage.png")
+    if curves and bars:
+        print0(f"plots: {curves}, {bars}")
