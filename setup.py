@@ -31,8 +31,9 @@ setup(
         # matplotlib: the recipe test checks its plots; openai: the server's tests use the real client
         # peft: the LoRA tests' oracle
         # wandb, tensorboard: the trackers' tests read back what --report-to writes
+        # pyarrow: Parquet data files in and out (data/), which reading needs anyway
         "test": ["pytest>=8", "transformers>=4.50", "matplotlib>=3.8", "openai>=1.40", "peft>=0.13", "wandb>=0.17",
-                 "tensorboard>=2.14"],
+                 "tensorboard>=2.14", "pyarrow>=14"],
         # --report-to wandb,tensorboard
         "track": ["wandb>=0.17", "tensorboard>=2.14"],
         # side-by-side comparisons in bench/

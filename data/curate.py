@@ -117,8 +117,12 @@ def write_rows(rows: list[dict], out: Path) -> None:
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
         if out.suffix == ".parquet":
-            import pyarrow as pa
-            import pyarrow.parquet as pq
+            try:
+                import pyarrow as pa
+                import pyarrow.parquet as pq
+            except ImportError:
+                raise ImportError(f"{out}: writing Parquet files needs pyarrow (pip install pyarrow), or give --out "
+                                  f"a .jsonl name") from None
             pq.write_table(pa.Table.from_pylist(rows), tmp)
         else:
             with open(tmp, "w", encoding="utf-8") as f:

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from data.curate import main, normalise
-from data.datasets import eval_data_dir, read_jsonl
+from data.datasets import read_jsonl
 
 EVAL = [
     {"id": "e1", "problem": "Let $x$ be the smallest positive integer such that $x^2 + 3x$ is divisible by 17. Find $x$.",
@@ -51,14 +51,14 @@ def test_decontamination_finds_the_planted_overlaps_and_nothing_else(planted, tm
     assert [r["id"] for r in read_jsonl(out)] == ["t1", "t5"]
 
 
-@pytest.mark.skipif(eval_data_dir() is None, reason="the public eval sets are not here (R1_DATA_DIR / ../shared/data)")
-def test_a_math500_problem_is_found_by_its_benchmark_name(tmp_path):
+def test_a_math500_problem_is_found_by_its_benchmark_name(shared_data_dir, tmp_path):
     from data.datasets import load_eval_set
-    item = next(r for r in load_eval_set("math500") if "[asy]" not in r["problem"] and len(r["problem"].split()) > 30)
+    item = next(r for r in load_eval_set("math500", shared_data_dir) if "[asy]" not in r["problem"] and len(r["problem"].split()) > 30)
     train = _write(tmp_path / "t.jsonl", [{"question": "Unrelated: what is 1 + 1?"},
                                           {"question": "Solve this. " + item["problem"].upper()}])
     out = tmp_path / "o.jsonl"
-    assert main(["decontaminate", "--data", str(train), "--out", str(out), "--against", "all-math"]) == 0
+    assert main(["decontaminate", "--data", str(train), "--out", str(out), "--against", "all-math",
+                 "--data-dir", str(shared_data_dir)]) == 0
     report = json.loads((tmp_path / "o.jsonl.curate.json").read_text())
     assert report["kept"] == 1 and item["id"] in report["against"]["math500"]["hit"]
     assert report["against"]["math500"]["items"] == 500 and report["against"]["aime24"]["items"] == 30
@@ -78,8 +78,8 @@ def test_dedup_drops_exact_and_normalised_repeats(tmp_path, capsys):
 
 
 def test_parquet_in_and_out_keeps_every_column(tmp_path):
-    pq = pytest.importorskip("pyarrow.parquet")
-    import pyarrow as pa
+    import pyarrow as pa   # the test extra's
+    import pyarrow.parquet as pq
     rows = [{"problem": "A?", "answer": "1", "level": 3}, {"problem": "a ?", "answer": "1", "level": 3},
             {"problem": "B?", "answer": "2", "level": 5}]
     src = tmp_path / "in.parquet"
