@@ -32,10 +32,10 @@ import sys
 import time
 from pathlib import Path
 
+from data.datasets import _PROBLEM_COLUMNS as PROBLEM_COLUMNS
 from data.datasets import EVAL_GROUPS, _iter_located, load_eval_set
 from runtime.metrics import Progress
 
-PROBLEM_COLUMNS = ("problem", "question", "prompt")
 _LATEX_SPACING = re.compile(r"\\[,;:! ]|\\q?quad\b|\\left\b|\\right\b|~|\$")
 _WORD = re.compile(r"[^\W_]+|[^\w\s]", re.UNICODE)
 

@@ -286,9 +286,8 @@ def sample_and_score(rows: list[dict], tok, pool, *, n: int, sampler=None, model
         if own:
             sampler.release()
     records = score_samples(pool, rows, [[completion_text(tok, c) for c in comps] for comps in outs], where)
-    per_row = [len(comps) for comps in outs]
-    texts = [next((row[k] for k in ("prompt", "problem", "question", "text") if isinstance(row.get(k), str)), None)
-             for row, m in zip(rows, per_row) for _ in range(m)]
+    from evaluation.evaluate import problem_text
+    texts = [problem_text(row) for row, comps in zip(rows, outs) for _ in comps]   # what the prompt was made of
     for r, c, text in zip(records, [c for comps in outs for c in comps], texts):
         r.update(prompt=text, num_tokens=len(c.token_ids), finish_reason=c.finish_reason,
                  token_ids=list(c.token_ids), logprobs=list(c.logprobs))

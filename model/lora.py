@@ -93,10 +93,6 @@ class LoRALinear(nn.Linear):
             linear.bias.requires_grad_(False)
         return linear
 
-    def delta(self) -> torch.Tensor:
-        """s * B @ A [out, in], fp32."""
-        return self.scaling * (self.lora_B.float() @ self.lora_A.float())
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
         if self.merged:
@@ -174,7 +170,7 @@ def merged(model: nn.Module):
                                    "model.parallel.gathered(model)")
             if not transient:
                 kept.append(m.weight.detach().clone())
-            m.weight.copy_((m.weight.float() + m.delta()).to(m.weight.dtype))
+            m.weight.copy_(merge_into(m, m.weight))
             m.merged = True
         yield model
     finally:
@@ -370,7 +366,7 @@ def fold_adapters(model: nn.Module) -> nn.Module:
     nn.Linear (sampling-only stages: nothing to restore, no adapter term left in the forward).
     An unsharded model only."""
     for m in lora_layers(model).values():
-        m.weight.copy_((m.weight.float() + m.delta()).to(m.weight.dtype))
+        m.weight.copy_(merge_into(m, m.weight))
         for key in ("lora_A", "lora_B"):
             del m._parameters[key]
         del m.lora_dropout

@@ -22,7 +22,8 @@ PANELS = (("reward/mean", "rollout reward"), ("accuracy", "rollout accuracy"),
           ("entropy", "entropy (nats / token)"))
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, or None (and a line saying how to install it)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -35,7 +36,7 @@ def _pyplot():
 
 def rl_curves(stages: list[tuple[str, list[dict], dict | None]], path: Path) -> Path | None:
     """stages: (name, its metrics.jsonl rows, its held-out figures after the last step or None)."""
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None:
         return None
     fig = rl_figure(plt, stages)
@@ -91,7 +92,7 @@ def rl_figure(plt, stages: list[tuple[str, list[dict], dict | None]]):
 
 def accuracy_bars(entries: list[dict], path: Path, sampled_label: str = "sampled (T=1, mean of 4)") -> Path | None:
     """entries: {"name", "accuracy", "greedy_accuracy"} per stage."""
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(max(8.0, 1.3 * len(entries)), 4.5))

@@ -161,15 +161,12 @@ def run_tool_tiny(args, run, info: DistInfo) -> int:
 
 def _plots(root: Path) -> None:
     """Reward, accuracy and tool calls per rollout against step of the tool_rl stage."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print0("plots: matplotlib is not installed; pip install -e '.[plot]' to get them")
-        return
+    from recipes.plots import pyplot
     from runtime.metrics import read_metrics
 
+    plt = pyplot()
+    if plt is None:
+        return
     rows = [r for r in read_metrics(root / "tool_rl" / "metrics.jsonl") if "reward/mean" in r]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for ax, key in zip(axes, ("reward/mean", "accuracy", "tool/calls_per_rollout")):

@@ -397,7 +397,8 @@ def load_checkpoint(path: str | os.PathLike, *, model: nn.Module, optimizer: tor
                          f"Resume sharded (FSDP) checkpoints under torchrun with the model sharded, and "
                          f"single-process ones in a single process (the hf/ folder loads anywhere).")
 
-    model_sd = _trained_state(model, get_model_state_dict(model) if sharded else model.state_dict())
+    full_sd = get_model_state_dict(model) if sharded else model.state_dict()
+    model_sd = _trained_state(model, full_sd)
     msg = _mismatch_message(path, meta["model_keys"], _state_dict_shapes(model_sd), "model")
     if msg:
         raise ValueError(msg)
@@ -417,7 +418,7 @@ def load_checkpoint(path: str | os.PathLike, *, model: nn.Module, optimizer: tor
         log(f"checkpoint: {path.name} holds no optimizer state (saved before the first update); "
             f"the optimizer starts fresh")
 
-    partial = len(model_sd) < len(model.state_dict())   # frozen parameters: rebuilt, not saved
+    partial = len(model_sd) < len(full_sd)   # frozen parameters: rebuilt, not saved
     if sharded:
         dcp.load(model_sd, checkpoint_id=path / "model_dcp")
         set_model_state_dict(model, model_sd, options=StateDictOptions(strict=not partial))
