@@ -65,7 +65,16 @@ def test_lora_kill_9_mid_save_then_resume(sft_files, lora_one_and_two_ranks, tmp
     assert max_rel_diff(final_weights(run, 6), final_weights(one, 6)) == 0.0
 
 
-def test_bf16_lora_stores_the_base_in_bf16_and_trains_fp32_adapters(sft_files):
+@pytest.fixture
+def process_group_torn_down():
+    """build_trained_model makes a one-rank process group in this process: gone after the test, so
+    later tests can start their own."""
+    from runtime.distributed import teardown
+    yield
+    teardown()
+
+
+def test_bf16_lora_stores_the_base_in_bf16_and_trains_fp32_adapters(sft_files, process_group_torn_down):
     """One process under FSDP2's bf16 policy (a one-rank mesh, as the loop builds it): the frozen base
     (but the MoE router) in bf16, the adapters fp32 masters; a step's gradients reach the adapters alone."""
     from data.tokenizer import load_tokenizer
